@@ -1,0 +1,125 @@
+"""Block-sparse execution with FlexAttention.
+
+The BlockMask is built straight from the selection's tiles (``BlockMask.from_kv_blocks``): tiles
+whose every pair is visible run as *full* blocks with no mask evaluation, the rest (diagonal,
+window edges, padding, ragged ends) as *partial* blocks whose ``mask_mod`` applies causality,
+the layer's window and padding at token level. The kernel is compiled once with dynamic shapes
+(inductor C++ on CPU, Triton on CUDA); offsets, window and padding are tensors captured by the
+mask function, so new lengths or offsets do not trigger a recompile.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..types import AttentionContext, BlockSelection
+from .masks import BlockLayout
+
+_NO_WINDOW = 2**62
+_compiled = None
+_FROM_KV_ACCEPTS_Q_BLOCKS = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
+def compile_enabled() -> bool:
+    """Compiled kernels unless SPARSEATTN_FLEX_COMPILE=0 (eager flex: slow, for debugging)."""
+    return os.environ.get("SPARSEATTN_FLEX_COMPILE", "1") != "0"
+
+
+def _flex_fn():
+    global _compiled
+    if not compile_enabled():
+        return flex_attention
+    if _compiled is None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled = torch.compile(flex_attention, dynamic=True)
+    return _compiled
+
+
+def _ordered_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, nQ, nK) bool -> counts (B, H, nQ) int32 and indices with chosen tiles first."""
+    counts = mask.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)  # chosen first, in order
+    return counts, order.to(torch.int32)
+
+
+def build_block_mask(selection: BlockSelection, ctx: AttentionContext, layout: BlockLayout) -> BlockMask:
+    """FlexAttention BlockMask for a selection, full and partial tiles separated."""
+    sel = selection.mask  # (B, H, nQ, nK)
+    full = sel & layout.full[:, None]
+    partial = sel & ~full
+    kv_num, kv_idx = _ordered_indices(partial)
+    full_num, full_idx = _ordered_indices(full)
+
+    dev = ctx.device
+    q_off = torch.tensor(ctx.q_offset, device=dev)
+    kv_off = torch.tensor(ctx.kv_offset, device=dev)
+    window = torch.tensor(ctx.sliding_window or _NO_WINDOW, device=dev)
+    if ctx.key_valid is not None:
+        key_valid = ctx.key_valid
+    else:
+        key_valid = torch.ones(ctx.batch, ctx.kv_len, dtype=torch.bool, device=dev)
+
+    def visible(b, h, q_idx, kv_idx):
+        q_pos = q_idx + q_off
+        k_pos = kv_idx + kv_off
+        return (k_pos <= q_pos) & (q_pos - k_pos < window) & key_valid[b, kv_idx]
+
+    extra = {"compute_q_blocks": False} if _FROM_KV_ACCEPTS_Q_BLOCKS else {}
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=selection.block_size,
+        mask_mod=visible,
+        seq_lengths=(ctx.q_len, ctx.kv_len),
+        **extra,
+    )
+
+
+def flex_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: BlockSelection,
+    ctx: AttentionContext,
+    layout: BlockLayout | None = None,
+) -> torch.Tensor:
+    """Run the selected tiles with FlexAttention.
+
+    Args:
+        q: (B, Hq, Lq, D).
+        k: (B, Hkv, Lk, D).
+        v: (B, Hkv, Lk, D).
+        selection: Tiles to compute (already finalized: diagonal kept, invisible tiles dropped).
+        ctx: The call's context.
+        layout: The BlockLayout of ``selection.block_size`` if the caller already has it.
+
+    Returns:
+        (B, Lq, Hq, D). Rows with no visible key are zero.
+    """
+    layout = layout or BlockLayout(ctx, selection.block_size)
+    block_mask = build_block_mask(selection, ctx, layout)
+    score_mod = None
+    if ctx.softcap is not None:
+        cap = torch.tensor(ctx.softcap, device=ctx.device, dtype=torch.float32)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / cap) * cap
+
+    out = _flex_fn()(
+        q,
+        k,
+        v,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=ctx.scaling,
+        enable_gqa=ctx.groups > 1,
+    )  # (B, Hq, Lq, D)
+    return out.transpose(1, 2)

@@ -1,0 +1,1 @@
+"""Connects sparseattn to transformers: the attention hook, per-call dispatch, stats."""

@@ -1,0 +1,100 @@
+"""Base class of every method: knobs as validated dataclass fields, one ``select`` function."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..backends.masks import BlockLayout
+from ..types import AttentionContext, BlockSelection, Phase
+
+PREFILL_PHASES = frozenset({Phase.PREFILL, Phase.CHUNKED_PREFILL})
+ALL_PHASES = frozenset(Phase)
+
+
+def knob(
+    default: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple | None = None,
+    help: str = "",
+) -> Any:
+    """A method knob: a dataclass field with its allowed range and a one-line help."""
+    return field(
+        default=default, metadata={"min": low, "max": high, "choices": choices, "help": help}
+    )
+
+
+def validate_knobs(obj: Any) -> None:
+    """ValueError naming the knob, its value and the allowed range for every violation."""
+    owner = getattr(obj, "name", type(obj).__name__)
+    for f in dataclasses.fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if meta.get("choices") is not None:
+            if value not in meta["choices"]:
+                raise ValueError(
+                    f"{owner}: knob {f.name}={value!r} is not allowed; choose one of {list(meta['choices'])}"
+                )
+            continue
+        if meta.get("min") is None and meta.get("max") is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{owner}: knob {f.name}={value!r} must be a number")
+        low = -math.inf if meta["min"] is None else meta["min"]
+        high = math.inf if meta["max"] is None else meta["max"]
+        if not low <= value <= high:
+            raise ValueError(
+                f"{owner}: knob {f.name}={value!r} is out of range; allowed: [{low}, {high}]"
+            )
+
+
+@dataclass
+class Method(ABC):
+    """A sparse attention method: chooses which tiles (or tokens) each query attends to.
+
+    Subclasses are dataclasses whose fields are the knobs, registered with
+    ``@register_method``; they implement ``select``.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    phases: ClassVar[frozenset[Phase]] = ALL_PHASES
+    is_speedup: ClassVar[bool] = True  # False for analysis methods such as the oracle
+    dense_limit: ClassVar[dict[str, Any]] = {}  # knob values at which the method equals dense
+
+    block_size: int = knob(128, choices=(16, 32, 64, 128, 256), help="tile size b in tokens")
+
+    def __post_init__(self) -> None:
+        validate_knobs(self)
+
+    def supports(self, phase: Phase) -> bool:
+        return phase in self.phases
+
+    def knobs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @abstractmethod
+    def select(
+        self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, layout: BlockLayout
+    ) -> BlockSelection:
+        """Choose tiles.
+
+        Args:
+            q: (B, Hq, Lq, D) queries.
+            k: (B, Hkv, Lk, D) keys.
+            ctx: The call's context.
+            layout: Block view of the base mask at ``self.block_size``.
+
+        Returns:
+            A finalized BlockSelection (``layout.finalize``): diagonal kept, invisible tiles dropped.
+        """
+
+    def max_tiles_per_row(self, layout: BlockLayout) -> int | None:
+        """Upper bound on tiles kept per query-tile row, or None for mass-threshold methods."""
+        return None

@@ -1,0 +1,116 @@
+"""Static patterns: dense, A-shape (StreamingLLM), tri-shape, strided (S2-Attention/LongGen)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..backends.masks import BlockLayout, num_blocks
+from ..registry import register_method
+from ..types import AttentionContext, BlockSelection
+from .base import PREFILL_PHASES, Method, knob
+from .common import per_head, sink_tiles, tile_ranges, window_tiles
+
+_BIG = 2**31 - 1
+
+
+@register_method
+@dataclass
+class Dense(Method):
+    """Full causal attention (the model's own mask): the reference every method is compared to."""
+
+    name: ClassVar[str] = "dense"
+    paper: ClassVar[str] = "baseline"
+
+    def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
+        every = torch.ones(layout.n_q_blocks, layout.n_kv_blocks, dtype=torch.bool, device=ctx.device)
+        return layout.finalize(per_head(every, layout, ctx.num_q_heads))
+
+
+@register_method
+@dataclass
+class Streaming(Method):
+    """A-shape: attention sink plus a local window (StreamingLLM, Xiao et al., ICLR 2024).
+
+    Choices: sink and window are counted in tokens and rounded out to whole tiles, so a query
+    may see up to one extra tile on each edge; the layer's causal mask stays exact. Applied to
+    both phases without evicting the cache (eviction lives in the cache, not here).
+    """
+
+    name: ClassVar[str] = "streaming"
+    paper: ClassVar[str] = "Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)"
+    dense_limit: ClassVar[dict] = {"window": _BIG}
+
+    sink: int = knob(128, low=0, high=_BIG, help="first tokens every query keeps (attention sink)")
+    window: int = knob(1024, low=1, high=_BIG, help="most recent tokens every query keeps")
+
+    def tiles(self, layout: BlockLayout) -> torch.Tensor:
+        """(nQ, nK) bool pattern shared by all heads."""
+        return sink_tiles(layout, self.sink) | window_tiles(layout, self.window)
+
+    def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
+        return layout.finalize(per_head(self.tiles(layout), layout, ctx.num_q_heads))
+
+    def max_tiles_per_row(self, layout: BlockLayout) -> int:
+        b = layout.block_size
+        return num_blocks(self.sink, b) + num_blocks(self.window + b - 1, b) + 1
+
+
+@register_method
+@dataclass
+class TriShape(Streaming):
+    """Tri-shape: A-shape plus the last queries attending to every key (MInference/SCBench).
+
+    Choices: the dense rows are the query tiles holding the last ``last_queries`` positions of
+    the prompt chunk; decode runs dense, as the last query of a prompt would.
+    """
+
+    name: ClassVar[str] = "tri_shape"
+    paper: ClassVar[str] = "SCBench: A KV Cache-Centric Analysis of Long-Context Methods (arXiv:2412.10319)"
+    phases: ClassVar = PREFILL_PHASES
+
+    last_queries: int = knob(64, low=1, high=_BIG, help="final prompt queries that attend densely")
+
+    def tiles(self, layout: BlockLayout) -> torch.Tensor:
+        _, q_last, _, _ = tile_ranges(layout)
+        final = layout.ctx.q_offset + layout.ctx.q_len - 1
+        dense_rows = q_last > final - self.last_queries  # (nQ,)
+        return super().tiles(layout) | dense_rows[:, None]
+
+    def max_tiles_per_row(self, layout: BlockLayout) -> int | None:
+        return None  # the last rows are dense by design
+
+
+@register_method
+@dataclass
+class Strided(Method):
+    """Strided shards plus a local window (S2-Attention; LongGen's strided layers).
+
+    Head h keeps the key tiles j with j % stride == h % stride, so the heads of a stride group
+    together cover the whole context, plus the sink and a local window. Choices: the shards are
+    tiles (not single tokens) so the kernel stays block-sparse; with GQA the shard follows the
+    query head.
+    """
+
+    name: ClassVar[str] = "strided"
+    paper: ClassVar[str] = "S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (arXiv:2407.17678)"
+    dense_limit: ClassVar[dict] = {"stride": 1}
+
+    stride: int = knob(4, low=1, high=1024, help="number of shards G; head h reads shard h mod G")
+    sink: int = knob(64, low=0, high=_BIG, help="first tokens every head keeps")
+    window: int = knob(512, low=1, high=_BIG, help="most recent tokens every head keeps")
+
+    def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
+        shared = sink_tiles(layout, self.sink) | window_tiles(layout, self.window)  # (nQ, nK)
+        key_tile = torch.arange(layout.n_kv_blocks, device=ctx.device)
+        head = torch.arange(ctx.num_q_heads, device=ctx.device)
+        shard = (key_tile[None, :] % self.stride) == (head[:, None] % self.stride)  # (Hq, nK)
+        mask = shared[None] | shard[:, None, :]  # (Hq, nQ, nK)
+        return layout.finalize(mask[None].expand(ctx.batch, -1, -1, -1))
+
+    def max_tiles_per_row(self, layout: BlockLayout) -> int:
+        b = layout.block_size
+        shard = num_blocks(layout.n_kv_blocks, self.stride)
+        return num_blocks(self.sink, b) + num_blocks(self.window + b - 1, b) + 1 + shard

@@ -1,0 +1,72 @@
+"""Method registry: a plain dict from name to method class, filled by a decorator."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` buildable by its ``name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is already registered by {METHODS[cls.name]}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _ensure_loaded() -> None:
+    from . import methods  # noqa: F401  (importing registers the built-in methods)
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    _ensure_loaded()
+    return sorted(METHODS)
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; ValueError listing the known names otherwise."""
+    _ensure_loaded()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def build_method(name: str, **knobs: Any) -> Method:
+    """Instantiate method ``name`` with ``knobs`` (validated by the method itself).
+
+    Raises:
+        ValueError: unknown method, unknown knob, or a knob value outside its allowed range.
+    """
+    cls = get_method_class(name)
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(knobs) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown knob(s) {', '.join(map(repr, unknown))} for method {name!r}; "
+            f"allowed knobs: {', '.join(sorted(allowed)) or '(none)'}"
+        )
+    return cls(**knobs)
+
+
+def method_info(name: str) -> dict[str, Any]:
+    """Name, phases, paper and knobs (default, range, help) of a method, JSON-ready."""
+    cls = get_method_class(name)
+    knobs = []
+    for f in dataclasses.fields(cls):
+        spec = {"name": f.name, "default": f.default, "type": getattr(f.type, "__name__", str(f.type))}
+        spec.update({k: v for k, v in f.metadata.items() if v is not None})
+        knobs.append(spec)
+    return {
+        "name": cls.name,
+        "phases": sorted(p.value for p in cls.phases),
+        "paper": cls.paper,
+        "speedup": cls.is_speedup,
+        "summary": (cls.__doc__ or "").strip().splitlines()[0],
+        "knobs": knobs,
+    }

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..methods.base import Method
 from ..registry import build_method
 from ..types import Phase
 from .plan import SparsePlan, run_layer
@@ -165,13 +166,21 @@ def _configs(model: nn.Module) -> list[PretrainedConfig]:
     return list(seen.values())
 
 
+def _as_method(method: str | Method, knobs: dict[str, Any]) -> Method:
+    if isinstance(method, Method):
+        if knobs:
+            raise ValueError(f"knobs {sorted(knobs)} given with a method instance; set them on the instance")
+        return method
+    return build_method(method, **knobs)
+
+
 @contextmanager
 def sparse_attention(
     model: nn.Module,
-    method: str | None = None,
+    method: str | Method | None = None,
     *,
-    prefill: str | None = None,
-    decode: str | None = None,
+    prefill: str | Method | None = None,
+    decode: str | Method | None = None,
     prefill_knobs: dict[str, Any] | None = None,
     decode_knobs: dict[str, Any] | None = None,
     dense_layers: Sequence[int] = (),
@@ -188,7 +197,7 @@ def sparse_attention(
 
     Args:
         model: A transformers causal LM whose attention goes through AttentionInterface.
-        method: Registered method name used for every phase it supports.
+        method: Registered method name (or a Method instance) used for every phase it supports.
         prefill: Method for prefill and chunked prefill (two-phase form).
         decode: Method for decode steps (two-phase form).
         prefill_knobs: Knobs of the prefill method.
@@ -207,10 +216,10 @@ def sparse_attention(
     if method is None and knobs:
         raise ValueError(f"knobs {sorted(knobs)} given without `method`; use prefill_knobs/decode_knobs")
     if method is not None:
-        prefill_method = decode_method = build_method(method, **knobs)
+        prefill_method = decode_method = _as_method(method, knobs)
     else:
-        prefill_method = build_method(prefill or "dense", **(prefill_knobs or {}))
-        decode_method = build_method(decode or "dense", **(decode_knobs or {}))
+        prefill_method = _as_method(prefill or "dense", prefill_knobs or {})
+        decode_method = _as_method(decode or "dense", decode_knobs or {})
     if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
         raise ValueError(f"min_length={min_length!r} must be an integer >= 0")
     layers = attention_layers(model)

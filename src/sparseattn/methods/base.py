@@ -67,6 +67,7 @@ class Method(ABC):
     phases: ClassVar[frozenset[Phase]] = ALL_PHASES
     is_speedup: ClassVar[bool] = True  # False for analysis methods such as the oracle
     dense_limit: ClassVar[dict[str, Any]] = {}  # knob values at which the method equals dense
+    default_grid: ClassVar[dict[str, list[Any]]] = {}  # knob values the frontier sweeps by default
 
     block_size: int = knob(128, choices=(16, 32, 64, 128, 256), help="tile size b in tokens")
 

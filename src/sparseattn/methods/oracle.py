@@ -52,6 +52,7 @@ class Oracle(Method):
     paper: ClassVar[str] = "The Sparse Frontier: Sparse Attention Trade-offs in Transformer LLMs (arXiv:2504.17768)"
     is_speedup: ClassVar[bool] = False
     dense_limit: ClassVar[dict] = {"top_p": 1.0}
+    default_grid: ClassVar[dict] = {"top_p": [0.8, 0.9, 0.95]}
 
     top_p: float = knob(0.95, low=0.01, high=1.0, help="share of each row's true attention mass to keep")
 

@@ -42,6 +42,7 @@ class Streaming(Method):
     name: ClassVar[str] = "streaming"
     paper: ClassVar[str] = "Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)"
     dense_limit: ClassVar[dict] = {"window": _BIG}
+    default_grid: ClassVar[dict] = {"window": [256, 512, 1024]}
 
     sink: int = knob(128, low=0, high=_BIG, help="first tokens every query keeps (attention sink)")
     window: int = knob(1024, low=1, high=_BIG, help="most recent tokens every query keeps")
@@ -70,6 +71,7 @@ class TriShape(Streaming):
     name: ClassVar[str] = "tri_shape"
     paper: ClassVar[str] = "SCBench: A KV Cache-Centric Analysis of Long-Context Methods (arXiv:2412.10319)"
     phases: ClassVar = PREFILL_PHASES
+    default_grid: ClassVar[dict] = {"window": [256, 1024]}
 
     last_queries: int = knob(64, low=1, high=_BIG, help="final prompt queries that attend densely")
 
@@ -97,6 +99,7 @@ class Strided(Method):
     name: ClassVar[str] = "strided"
     paper: ClassVar[str] = "S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (arXiv:2407.17678)"
     dense_limit: ClassVar[dict] = {"stride": 1}
+    default_grid: ClassVar[dict] = {"stride": [2, 4, 8]}
 
     stride: int = knob(4, low=1, high=1024, help="number of shards G; head h reads shard h mod G")
     sink: int = knob(64, low=0, high=_BIG, help="first tokens every head keeps")

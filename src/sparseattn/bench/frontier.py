@@ -1,0 +1,173 @@
+"""The frontier sweep: every (setting x task x length x sample), one JSON record each, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..registry import get_method_class
+from ..types import Phase
+from .runner import SampleRunner, Setting, versions
+from .sweep import TaskSpec
+
+RESULTS = "results.jsonl"
+CONFIG = "config.json"
+
+
+@dataclass
+class FrontierConfig:
+    """Everything that defines a run; a DIR holds the records of exactly one configuration."""
+
+    model: str
+    settings: list[Setting]
+    tasks: list[TaskSpec]
+    lengths: list[int]
+    samples: int
+    seed: int = 0
+    hook_options: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "settings": [{"method": s.method, "knobs": s.knobs} for s in self.settings],
+            "tasks": [{"name": t.name, "knobs": t.knobs} for t in self.tasks],
+            "lengths": self.lengths,
+            "samples": self.samples,
+            "seed": self.seed,
+            "hook_options": self.hook_options,
+            "dtype": self.dtype,
+        }
+
+    def total(self) -> int:
+        return len(self.settings) * len(self.tasks) * len(self.lengths) * self.samples
+
+
+def prepare_out_dir(out_dir: Path, config: FrontierConfig, resume_anyway: bool) -> None:
+    """Create DIR, check it is writable, refuse a different configuration already there."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write to output directory {out_dir}: {err.strerror or err}") from err
+    path = out_dir / CONFIG
+    wanted = config.to_json()
+    if path.exists():
+        existing = json.loads(path.read_text())
+        differing = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
+        if differing and not resume_anyway:
+            raise ValueError(
+                f"{out_dir} already holds a run with a different configuration (differs in: "
+                f"{', '.join(differing)}); use a new --out DIR, or --resume-anyway to add to it"
+            )
+    path.write_text(json.dumps(wanted, indent=2, default=str))
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a results file; a line cut short by an interrupted run is dropped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def repair_tail(path: Path) -> None:
+    """Cut a partial last line (no newline) so the next record starts on its own line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def record_key(task: str, length: int, sample: int, setting: str) -> tuple:
+    return (task, length, sample, setting)
+
+
+def phase_policy(setting: Setting) -> dict[str, str]:
+    cls = get_method_class(setting.method)
+    return {
+        "prefill": setting.method if Phase.PREFILL in cls.phases else "dense",
+        "decode": setting.method if Phase.DECODE in cls.phases else "dense",
+    }
+
+
+def check_lengths(config: FrontierConfig, tokenizer) -> None:
+    """ValueError before any compute when a length is below what a task needs."""
+    for spec in config.tasks:
+        minimum = spec.build().min_length(tokenizer)
+        short = [n for n in config.lengths if n < minimum]
+        if short:
+            raise ValueError(f"length(s) {short} are below what task {spec.label} needs (minimum {minimum} tokens)")
+
+
+def run_frontier(
+    config: FrontierConfig,
+    out_dir: str | Path,
+    model,
+    tokenizer,
+    *,
+    resume_anyway: bool = False,
+    progress: bool = True,
+) -> int:
+    """Run every missing record of ``config`` into DIR/results.jsonl; return how many were added.
+
+    Records are appended and flushed one by one, so an interrupted run loses nothing written;
+    rerunning the same command skips every (task, length, sample, setting) already present.
+    """
+    out_dir = Path(out_dir)
+    check_lengths(config, tokenizer)
+    prepare_out_dir(out_dir, config, resume_anyway)
+    results = out_dir / RESULTS
+    repair_tail(results)
+    done = {record_key(r["task"], r["length"], r["sample"], r["setting"]) for r in read_records(results)}
+    common = {"model": config.model, "versions": versions(), "seed": config.seed}
+    added = 0
+    bar = tqdm(total=config.total(), initial=len(done), disable=not progress, desc="frontier", unit="rec")
+    with results.open("a") as sink:
+        for length in config.lengths:
+            for spec in config.tasks:
+                task = spec.build()
+                for index in range(config.samples):
+                    todo = [s for s in config.settings if record_key(spec.label, length, index, s.label) not in done]
+                    if not todo:
+                        continue
+                    sample = task.generate(tokenizer, length, config.seed, index)
+                    runner = SampleRunner(model, tokenizer, sample, config.hook_options)
+                    for setting in todo:
+                        bar.set_postfix_str(f"{spec.label} {length} #{index} {setting.label}", refresh=False)
+                        measured = runner.run(setting, task)
+                        record = {
+                            "task": spec.label,
+                            "length": length,
+                            "sample": index,
+                            "method": setting.method,
+                            "setting": setting.label,
+                            "knobs": setting.knobs,
+                            "phase_policy": phase_policy(setting),
+                            **measured,
+                            "references": list(sample.references),
+                            "n_input_tokens": len(sample.input_ids),
+                            **common,
+                        }
+                        sink.write(json.dumps(record, default=str) + "\n")
+                        sink.flush()
+                        os.fsync(sink.fileno())
+                        done.add(record_key(spec.label, length, index, setting.label))
+                        added += 1
+                        bar.update(1)
+    bar.close()
+    return added

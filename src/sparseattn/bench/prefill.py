@@ -1,0 +1,90 @@
+"""End-to-end prefill benchmark: one model, dense (the model's own sdpa) vs a method, same run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..integration.hf import sparse_attention
+
+
+def benchmark_input(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
+    """(1, length) token ids: the label-free fidelity text when the task suite is installed."""
+    try:
+        from .tasks import build_task
+
+        ids = build_task("fidelity").generate(tokenizer, length, seed, 0).input_ids
+        return torch.tensor([ids])
+    except (ImportError, ValueError):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(10, len(tokenizer), (1, length), generator=g)
+
+
+def _time_forward(model, ids: torch.Tensor, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def run_prefill_bench(
+    model,
+    tokenizer,
+    method: str,
+    knobs: dict[str, Any],
+    lengths: list[int],
+    *,
+    repeats: int = 1,
+    warmup_length: int = 1024,
+    hook_options: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> Iterator[dict]:
+    """Yield one record per length: dense_s, sparse_s, speedup, measured density, time shares.
+
+    ``dense_s`` is the model's own sdpa path outside the hook. ``dense_attention_s`` is the time
+    spent in attention by a dense pass through the hook, so ``select_share`` (estimation time
+    over dense attention time) can be judged against the attention budget.
+    """
+    options = {"min_length": 0, **(hook_options or {})}
+    device = next(model.parameters()).device
+    warm = benchmark_input(tokenizer, warmup_length, seed).to(device)
+    model(input_ids=warm, use_cache=False)
+    with sparse_attention(model, method, **knobs, **options):
+        model(input_ids=warm, use_cache=False)  # compiles the kernel once (dynamic shapes)
+    for length in lengths:
+        ids = benchmark_input(tokenizer, length, seed).to(device)
+        dense_s = _time_forward(model, ids, repeats)
+        with sparse_attention(model, "dense", min_length=0) as dense_stats:
+            model(input_ids=ids, use_cache=False)
+        with sparse_attention(model, method, **knobs, **options) as stats:
+            sparse_s = _time_forward(model, ids, repeats)
+        seconds = stats.seconds("prefill")  # of the last repeat: a new prompt resets the stats
+        dense_attention_s = dense_stats.seconds("prefill")["attend_s"]
+        yield {
+            "model": str(model.config._name_or_path),
+            "method": method,
+            "knobs": knobs,
+            "length": length,
+            "dense_s": round(dense_s, 4),
+            "sparse_s": round(sparse_s, 4),
+            "speedup": round(dense_s / sparse_s, 3),
+            "density": round(stats.density("prefill"), 4),
+            "select_s": round(seconds["select_s"], 4),
+            "attend_s": round(seconds["attend_s"], 4),
+            "dense_attention_s": round(dense_attention_s, 4),
+            "select_share": round(seconds["select_s"] / max(dense_attention_s, 1e-9), 4),
+            "attention_share_of_dense_prefill": round(dense_attention_s / dense_s, 4),
+            "repeats": repeats,
+            "device": str(device),
+        }

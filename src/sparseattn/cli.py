@@ -1,0 +1,270 @@
+"""The ``sparseattn`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .models import DEFAULT_MODEL, builtin_models
+
+
+def parse_value(text: str) -> Any:
+    """'12' -> 12, '0.9' -> 0.9, 'true' -> True, 'none' -> None, else the string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_knobs(pairs: list[str]) -> dict[str, Any]:
+    knobs = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"error: --knob expects name=value, got {pair!r}")
+        name, value = pair.split("=", 1)
+        knobs[name.strip()] = parse_value(value.strip())
+    return knobs
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'4k,8k,1000' -> [4096, 8192, 1000]."""
+    lengths = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            lengths.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+        except ValueError:
+            raise SystemExit(f"error: bad length {part!r}; use integers or NNk, e.g. 4k,8k") from None
+    return lengths
+
+
+def cmd_methods(args) -> int:
+    from .registry import list_methods, method_info
+
+    infos = [method_info(name) for name in list_methods()]
+    if args.json:
+        print(json.dumps(infos, indent=2, default=str))
+        return 0
+    for info in infos:
+        flag = "" if info["speedup"] else "  [analysis only, not a speedup]"
+        print(f"{info['name']:<16} phases: {', '.join(info['phases'])}{flag}")
+        print(f"    {info['summary']}")
+        print(f"    paper: {info['paper']}")
+        for knob in info["knobs"]:
+            allowed = knob.get("choices") or [knob.get("min"), knob.get("max")]
+            print(f"    --knob {knob['name']}={knob['default']}  allowed {allowed}  {knob.get('help', '')}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import load_model, sparse_attention
+
+    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    if prompt is None:
+        raise SystemExit("error: give --prompt-file FILE or --prompt TEXT")
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    if tok.chat_template and not args.no_chat_template:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt").input_ids
+    ids = ids.to(args.device)
+    knobs = parse_knobs(args.knob)
+    with torch.inference_mode(), sparse_attention(model, args.method, min_length=args.min_length, **knobs) as stats:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    summary = {"prompt_tokens": ids.shape[1], **{p: {k: v for k, v in s.items() if k != "layer_density"} for p, s in stats.summary().items()}}
+    print(json.dumps(summary), file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    records = []
+    if args.kind == "kernel":
+        from .bench.kernel import KernelShape, compile_report, run_kernel_bench
+
+        shape = KernelShape(block_size=args.block_size, device=args.device)
+        lengths = parse_lengths(args.lengths or "4k,8k,16k,32k")
+        densities = [float(x) for x in (args.densities or "0.05,0.1,0.25,0.5").split(",")]
+        records.append(compile_report(parse_lengths(args.compile_lengths), shape))
+        _emit(records[-1], args.json)
+        for record in run_kernel_bench(lengths, densities, shape, repeats=args.repeats):
+            records.append(record)
+            _emit(record, args.json)
+    else:
+        from . import load_model
+        from .bench.prefill import run_prefill_bench
+
+        model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+        torch.set_grad_enabled(False)
+        knobs = parse_knobs(args.knob)
+        hook = {"dense_layers": args.dense_layers}
+        for record in run_prefill_bench(model, tok, args.method, knobs, parse_lengths(args.lengths or "8k"), repeats=args.repeats, hook_options=hook):
+            records.append(record)
+            _emit(record, args.json)
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return 0
+
+
+QUICK = {
+    "methods": ["dense", "streaming", "tri_shape", "strided"],
+    "tasks": ["niah_single:haystack=noise", "variable_tracking", "qa"],
+    "lengths": "1k,2k",
+    "samples": 2,
+    "grid": ["streaming.window=256", "tri_shape.window=256", "strided.stride=4", "strided.window=256"],
+}
+
+
+def cmd_frontier(args) -> int:
+    import torch
+
+    from . import load_model
+    from .bench.frontier import FrontierConfig, run_frontier
+    from .bench.report import write_report
+    from .bench.sweep import default_task_specs, expand_settings, load_grid_file, parse_grid_args, parse_task_list
+    from .registry import list_methods
+
+    if args.quick:
+        args.methods = args.methods or ",".join(QUICK["methods"])
+        args.tasks = args.tasks or ",".join(QUICK["tasks"])
+        args.lengths = args.lengths or QUICK["lengths"]
+        args.samples = args.samples or QUICK["samples"]
+        args.grid = args.grid or QUICK["grid"]
+    methods = args.methods.split(",") if args.methods else list_methods()
+    grids = load_grid_file(args.grid_file) if args.grid_file else {}
+    for method, knobs in parse_grid_args(args.grid).items():
+        grids.setdefault(method, {}).update(knobs)
+    settings = expand_settings(methods, grids)
+    tasks = parse_task_list(args.tasks) if args.tasks else default_task_specs()
+    config = FrontierConfig(
+        model=args.model,
+        settings=settings,
+        tasks=tasks,
+        lengths=parse_lengths(args.lengths or "4k,8k"),
+        samples=args.samples or 20,
+        seed=args.seed,
+        hook_options={"min_length": args.min_length, "dense_layers": args.dense_layers},
+        dtype=args.dtype,
+    )
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    torch.set_grad_enabled(False)
+    print(f"frontier: {len(settings)} settings x {len(tasks)} tasks x {len(config.lengths)} lengths x "
+          f"{config.samples} samples = {config.total()} records -> {args.out}", file=sys.stderr)
+    try:
+        run_frontier(config, args.out, model, tok, resume_anyway=args.resume_anyway, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every finished record is in {args.out}/results.jsonl; rerun the same command to resume", file=sys.stderr)
+        return 130
+    write_report(args.out)
+    print(f"report: {args.out}/report.md, {args.out}/report.html, {args.out}/summary.csv", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .bench.report import write_report
+
+    if not (Path(args.dir) / "results.jsonl").exists():
+        raise ValueError(f"{args.dir}/results.jsonl not found; run `sparseattn frontier --out {args.dir}` first")
+    write_report(args.dir)
+    print(f"report: {args.dir}/report.md, {args.dir}/report.html, {args.dir}/summary.csv", file=sys.stderr)
+    return 0
+
+
+def _emit(record: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record), flush=True)
+    else:
+        print("  ".join(f"{k}={v}" for k, v in record.items()), flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparseattn", description=__doc__ or "sparseattn")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list every method with its knobs, defaults and paper")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_methods)
+
+    model_help = f"built-in name ({', '.join(builtin_models())}), local folder, .gguf file or cached HF id"
+    p = sub.add_parser("generate", help="generate from a prompt with a sparse method")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--method", default="dense", help="registered method (see `sparseattn methods`)")
+    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable")
+    p.add_argument("--prompt-file", help="file holding the prompt")
+    p.add_argument("--prompt", help="prompt text (instead of --prompt-file)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-length", type=int, default=1024, help="calls shorter than this stay dense")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="speed vs dense, measured in the same run")
+    p.add_argument("kind", choices=["kernel", "prefill"], help="kernel: attention alone; prefill: whole model")
+    p.add_argument("--json", action="store_true", help="one JSON record per line")
+    p.add_argument("--lengths", help="comma list, e.g. 4k,8k,16k,32k (kernel default; prefill default 8k)")
+    p.add_argument("--densities", help="kernel: target block densities, default 0.05,0.1,0.25,0.5")
+    p.add_argument("--block-size", type=int, default=128, help="kernel: tile size")
+    p.add_argument("--compile-lengths", default="1000,3000,5000,7000", help="kernel: varied lengths for the compile count")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"prefill: {model_help}")
+    p.add_argument("--method", default="streaming", help="prefill: method to compare with dense")
+    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="prefill: method knob, repeatable")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="prefill: layers kept dense")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="also write the records to this JSONL file")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("frontier", help="the sweep: accuracy, measured density and speed of every setting")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--methods", help="comma list of methods (default: every registered method)")
+    p.add_argument("--tasks", help="comma list of task specs, e.g. niah_single:haystack=kv,qa (default: all)")
+    p.add_argument("--lengths", help="comma list of token lengths, e.g. 4k,8k (default 4k,8k)")
+    p.add_argument("--samples", type=int, help="samples per (task, length) (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", action="append", metavar="METHOD.KNOB=V1,V2", help="knob values to sweep, repeatable")
+    p.add_argument("--grid-file", help="TOML file: one [method] table with knob = [values]")
+    p.add_argument("--quick", action="store_true", help="small set that finishes in minutes on a CPU")
+    p.add_argument("--min-length", type=int, default=0, help="calls shorter than this stay dense")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layers kept dense")
+    p.add_argument("--resume-anyway", action="store_true", help="add to a DIR made with another configuration")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output directory (results.jsonl, summary.csv, report.*)")
+    p.set_defaults(func=cmd_frontier)
+
+    p = sub.add_parser("report", help="rewrite summary.csv, report.md, report.html and plots from DIR")
+    p.add_argument("dir", help="a frontier output directory")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

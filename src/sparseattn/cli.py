@@ -108,13 +108,19 @@ def cmd_bench(args) -> int:
             _emit(record, args.json)
     else:
         from . import load_model
+        from .bench.decode import run_decode_bench
         from .bench.prefill import run_prefill_bench
 
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
         torch.set_grad_enabled(False)
         knobs = parse_knobs(args.knob)
         hook = {"dense_layers": args.dense_layers}
-        for record in run_prefill_bench(model, tok, args.method, knobs, parse_lengths(args.lengths or "8k"), repeats=args.repeats, hook_options=hook):
+        lengths = parse_lengths(args.lengths or "8k")
+        if args.kind == "prefill":
+            runs = run_prefill_bench(model, tok, args.method, knobs, lengths, repeats=args.repeats, hook_options=hook)
+        else:
+            runs = run_decode_bench(model, tok, args.method, knobs, lengths, steps=args.steps, hook_options=hook)
+        for record in runs:
             records.append(record)
             _emit(record, args.json)
     if args.out:
@@ -216,17 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="speed vs dense, measured in the same run")
-    p.add_argument("kind", choices=["kernel", "prefill"], help="kernel: attention alone; prefill: whole model")
+    p.add_argument("kind", choices=["kernel", "prefill", "decode"],
+                   help="kernel: attention alone; prefill / decode: the whole model")
     p.add_argument("--json", action="store_true", help="one JSON record per line")
     p.add_argument("--lengths", help="comma list, e.g. 4k,8k,16k,32k (kernel default; prefill default 8k)")
     p.add_argument("--densities", help="kernel: target block densities, default 0.05,0.1,0.25,0.5")
     p.add_argument("--block-size", type=int, default=128, help="kernel: tile size")
     p.add_argument("--compile-lengths", default="1000,3000,5000,7000", help="kernel: varied lengths for the compile count")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"prefill: {model_help}")
-    p.add_argument("--method", default="streaming", help="prefill: method to compare with dense")
-    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="prefill: method knob, repeatable")
-    p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="prefill: layers kept dense")
+    p.add_argument("--steps", type=int, default=32, help="decode: tokens timed per length")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"prefill/decode: {model_help}")
+    p.add_argument("--method", default="streaming", help="prefill/decode: method to compare with dense")
+    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="prefill/decode: method knob, repeatable")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="prefill/decode: layers kept dense")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the records to this JSONL file")

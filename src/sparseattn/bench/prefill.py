@@ -30,7 +30,7 @@ def _time_forward(model, ids: torch.Tensor, repeats: int) -> float:
         if ids.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
         if ids.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -52,6 +52,8 @@ def run_prefill_bench(
 ) -> Iterator[dict]:
     """Yield one record per length: dense_s, sparse_s, speedup, measured density, time shares.
 
+    Every forward keeps the logits of the last position only, as generation does.
+
     ``dense_s`` is the model's own sdpa path outside the hook. ``dense_attention_s`` is the time
     spent in attention by a dense pass through the hook, so ``select_share`` (estimation time
     over dense attention time) can be judged against the attention budget.
@@ -59,14 +61,14 @@ def run_prefill_bench(
     options = {"min_length": 0, **(hook_options or {})}
     device = next(model.parameters()).device
     warm = benchmark_input(tokenizer, warmup_length, seed).to(device)
-    model(input_ids=warm, use_cache=False)
+    model(input_ids=warm, use_cache=False, logits_to_keep=1)
     with sparse_attention(model, method, **knobs, **options):
-        model(input_ids=warm, use_cache=False)  # compiles the kernel once (dynamic shapes)
+        model(input_ids=warm, use_cache=False, logits_to_keep=1)  # compiles the kernel once (dynamic shapes)
     for length in lengths:
         ids = benchmark_input(tokenizer, length, seed).to(device)
         dense_s = _time_forward(model, ids, repeats)
         with sparse_attention(model, "dense", min_length=0) as dense_stats:
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
         with sparse_attention(model, method, **knobs, **options) as stats:
             sparse_s = _time_forward(model, ids, repeats)
         seconds = stats.seconds("prefill")  # of the last repeat: a new prompt resets the stats

@@ -1,0 +1,122 @@
+"""The frontier on a tiny random model: valid records, resume, refusal of bad input, report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+import torch
+
+from sparseattn.bench.frontier import FrontierConfig, read_records, run_frontier
+from sparseattn.bench.report import write_report
+from sparseattn.bench.runner import Setting
+from sparseattn.bench.sweep import TaskSpec, expand_settings, parse_grid_args, parse_task_list
+from sparseattn.cli import main
+from sparseattn.models import load_model
+
+torch.set_grad_enabled(False)
+LENGTH = 700
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-random-llama")
+
+
+def make_config(**changes) -> FrontierConfig:
+    base = dict(
+        model="tiny-random-llama",
+        settings=[Setting("dense"), Setting("streaming", {"sink": 16, "window": 64, "block_size": 32})],
+        tasks=[TaskSpec("niah_single", {"haystack": "noise"}), TaskSpec("fidelity")],
+        lengths=[LENGTH],
+        samples=2,
+        seed=3,
+        hook_options={"min_length": 0},
+    )
+    return FrontierConfig(**{**base, **changes})
+
+
+def test_records_resume_and_report(tiny, tmp_path):
+    model, tok = tiny
+    config = make_config()
+    assert run_frontier(config, tmp_path, model, tok, progress=False) == config.total() == 8
+    records = read_records(tmp_path / "results.jsonl")
+    assert len(records) == 8
+    for r in records:
+        assert r["length"] == r["n_input_tokens"] == LENGTH
+        assert 0.0 <= r["score"] <= 1.0
+        for key in ("task", "sample", "method", "knobs", "phase_policy", "prefill_s", "peak_memory_mb", "model", "versions", "seed"):
+            assert key in r
+    dense = [r for r in records if r["setting"] == "dense"]
+    sparse = [r for r in records if r["method"] == "streaming"]
+    assert all(r["prefill_density"] == 1.0 for r in dense)
+    assert all(0 < r["prefill_density"] < 0.5 for r in sparse)
+    fid_dense = [r for r in dense if r["task"] == "fidelity"]
+    assert all(r["extra"]["kl"] < 1e-6 and r["score"] == pytest.approx(1.0, abs=1e-6) for r in fid_dense)
+    assert all(r["extra"]["kl"] > 0 for r in sparse if r["task"] == "fidelity")
+
+    # rerunning skips everything; a line cut short by an interrupt is redone, nothing else
+    assert run_frontier(config, tmp_path, model, tok, progress=False) == 0
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:25])
+    assert run_frontier(config, tmp_path, model, tok, progress=False) == 1
+    assert len(read_records(path)) == 8
+
+    write_report(tmp_path)
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    row = next(r for r in rows if r["task"] == "fidelity" and r["setting"] == sparse[0]["setting"])
+    expected = statistics.mean(r["score"] for r in sparse if r["task"] == "fidelity")
+    assert float(row["score_mean"]) == pytest.approx(expected, rel=1e-6)
+    assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
+
+
+def test_changed_configuration_is_refused(tiny, tmp_path):
+    model, tok = tiny
+    run_frontier(make_config(samples=1, tasks=[TaskSpec("fidelity")]), tmp_path, model, tok, progress=False)
+    with pytest.raises(ValueError, match="different configuration.*samples"):
+        run_frontier(make_config(samples=2, tasks=[TaskSpec("fidelity")]), tmp_path, model, tok, progress=False)
+
+
+def test_bad_input_fails_before_compute(tiny, tmp_path):
+    model, tok = tiny
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot write to output directory"):
+        run_frontier(make_config(), blocker / "out", model, tok, progress=False)
+    with pytest.raises(ValueError, match=r"below what task niah_single\[haystack=noise\] needs"):
+        run_frontier(make_config(lengths=[20]), tmp_path / "short", model, tok, progress=False)
+    assert not (tmp_path / "short" / "results.jsonl").exists()
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        expand_settings(["dense", "nope"], {})
+    with pytest.raises(ValueError, match="unknown knob"):
+        expand_settings(["streaming"], parse_grid_args(["streaming.windw=3"]))
+    with pytest.raises(ValueError, match="not in --methods"):
+        expand_settings(["dense"], parse_grid_args(["streaming.window=3"]))
+    with pytest.raises(ValueError, match="nope"):
+        parse_task_list("nope")
+
+
+def test_task_list_and_grid_parsing():
+    specs = parse_task_list("niah_single:haystack=kv,qa")
+    assert [s.label for s in specs] == ["niah_single[haystack=kv]", "qa"]
+    settings = expand_settings(["streaming"], parse_grid_args(["streaming.window=64,128", "streaming.sink=0"]))
+    assert [s.label for s in settings] == ["dense", "streaming[sink=0,window=64]", "streaming[sink=0,window=128]"]
+
+
+def test_cli_frontier_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["frontier", "--model", "tiny-random-llama", "--methods", "dense,strided", "--grid", "strided.stride=2",
+            "--grid", "strided.block_size=32", "--tasks", "fidelity", "--lengths", "600", "--samples", "1",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert len(read_records(out / "results.jsonl")) == 2
+    assert {"summary.csv", "report.md", "report.html", "config.json"} <= {p.name for p in out.iterdir()}
+    assert main(args) == 0  # the same command again resumes: nothing new
+    assert len(read_records(out / "results.jsonl")) == 2
+    bad = [a if a != "fidelity" else "fidelity:nope=1" for a in args]
+    assert main(bad) == 2
+    assert "nope" in capsys.readouterr().err

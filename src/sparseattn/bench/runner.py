@@ -134,6 +134,11 @@ class SampleRunner:
             self._dense_logprobs, _ = last_logprobs(self.model, self.ids, self._positions())
         return self._dense_logprobs
 
+    def _eos_ids(self) -> set[int]:
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = configured if isinstance(configured, list) else [configured]
+        return {i for i in [self.tokenizer.eos_token_id, *ids] if i is not None}
+
     def _positions(self) -> int:
         return min(FIDELITY_POSITIONS, self.ids.shape[1] - 1)
 
@@ -146,8 +151,7 @@ class SampleRunner:
                 logprobs, prefill_s = last_logprobs(self.model, self.ids, self._positions())
                 result = {"tokens": [], "prefill_s": prefill_s, "decode_s_per_token": None, "kv_cache_mb": None}
             else:
-                eos = {self.tokenizer.eos_token_id} | set(getattr(self.model.generation_config, "eos_token_id", None) or [])
-                result = generate_answer(self.model, self.ids, self.sample.max_new_tokens, {e for e in eos if e is not None})
+                result = generate_answer(self.model, self.ids, self.sample.max_new_tokens, self._eos_ids())
         answer = self.tokenizer.decode(result["tokens"], skip_special_tokens=True)
         extra: dict[str, Any] = {"kv_cache_mb": result["kv_cache_mb"]}
         if self.is_fidelity:

@@ -1,0 +1,76 @@
+"""PNG plots of the frontier: score vs density, score vs prefill speedup, method x length heatmap."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .summary import SummaryRow  # noqa: E402
+
+
+def _overall(rows: list[SummaryRow]) -> list[SummaryRow]:
+    return [r for r in rows if r.task == "ALL"]
+
+
+def score_vs(rows: list[SummaryRow], x_field: str, xlabel: str, path: Path) -> None:
+    """One subplot per length; one line per method through its settings; dense as a star."""
+    overall = _overall(rows)
+    lengths = sorted({r.length for r in overall})
+    fig, axes = plt.subplots(1, max(len(lengths), 1), figsize=(5 * max(len(lengths), 1), 4), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        by_method: dict[str, list[SummaryRow]] = defaultdict(list)
+        for r in overall:
+            if r.length == length and getattr(r, x_field) is not None:
+                by_method[r.method].append(r)
+        for method, group in sorted(by_method.items()):
+            group.sort(key=lambda r: getattr(r, x_field))
+            xs, ys = [getattr(r, x_field) for r in group], [r.score_mean for r in group]
+            if method == "dense":
+                ax.scatter(xs, ys, marker="*", s=180, color="black", label="dense", zorder=3)
+            else:
+                ax.plot(xs, ys, marker="o", label=method)
+        ax.set_title(f"{length} tokens")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean score over tasks")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def heatmap(rows: list[SummaryRow], path: Path) -> None:
+    """Setting x length, colour = mean score over tasks, values written in the cells."""
+    overall = _overall(rows)
+    settings = sorted({r.setting for r in overall}, key=lambda s: (s != "dense", s))
+    lengths = sorted({r.length for r in overall})
+    grid = [[float("nan")] * len(lengths) for _ in settings]
+    for r in overall:
+        grid[settings.index(r.setting)][lengths.index(r.length)] = r.score_mean
+    fig, ax = plt.subplots(figsize=(2 + 1.5 * len(lengths), 1 + 0.45 * len(settings)))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(settings)), settings, fontsize=8)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+    ax.set_xlabel("length (tokens)")
+    fig.colorbar(image, ax=ax, label="mean score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(rows: list[SummaryRow], out_dir: Path) -> list[Path]:
+    paths = [out_dir / "score_vs_density.png", out_dir / "score_vs_speedup.png", out_dir / "heatmap.png"]
+    score_vs(rows, "prefill_density_mean", "measured prefill density", paths[0])
+    score_vs(rows, "prefill_speedup", "prefill speedup vs dense (same run)", paths[1])
+    heatmap(rows, paths[2])
+    return paths

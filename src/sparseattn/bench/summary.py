@@ -1,0 +1,112 @@
+"""Aggregate frontier records into one row per (task, length, setting)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class SummaryRow:
+    """Mean and spread of one setting on one task at one length; speedups against dense."""
+
+    task: str
+    length: int
+    setting: str
+    method: str
+    n_samples: int
+    score_mean: float
+    score_std: float
+    prefill_density_mean: float | None
+    decode_density_mean: float | None
+    prefill_speedup: float | None
+    decode_speedup: float | None
+    peak_memory_mb_mean: float | None
+    pareto: bool = False
+    informative: bool = True
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _speedup(dense: dict[int, dict], mine: dict[int, dict], key: str) -> float | None:
+    """mean dense time / mean setting time over the samples both have."""
+    shared = [s for s in mine if s in dense and mine[s].get(key) and dense[s].get(key)]
+    if not shared:
+        return None
+    return statistics.fmean(dense[s][key] for s in shared) / statistics.fmean(mine[s][key] for s in shared)
+
+
+def pareto_flags(rows: list[SummaryRow]) -> None:
+    """Mark rows not dominated in (higher score, lower prefill density); dense counts as density 1."""
+    points = [(r.score_mean, 1.0 if r.prefill_density_mean is None else r.prefill_density_mean) for r in rows]
+    for row, (score, density) in zip(rows, points):
+        row.pareto = not any(
+            s >= score and d <= density and (s > score or d < density) for s, d in points
+        )
+
+
+def summarize(records: list[dict[str, Any]]) -> list[SummaryRow]:
+    """One SummaryRow per (task, length, setting), plus task "ALL" means per (length, setting)."""
+    cells: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    methods: dict[str, str] = {}
+    for r in records:
+        cells[(r["task"], r["length"], r["setting"])][r["sample"]] = r
+        methods[r["setting"]] = r["method"]
+    rows: list[SummaryRow] = []
+    for (task, length, setting), by_sample in sorted(cells.items()):
+        recs = list(by_sample.values())
+        scores = [r["score"] for r in recs]
+        dense = cells.get((task, length, "dense"), {})
+        rows.append(SummaryRow(
+            task=task, length=length, setting=setting, method=methods[setting], n_samples=len(recs),
+            score_mean=statistics.fmean(scores), score_std=statistics.pstdev(scores),
+            prefill_density_mean=_mean([r.get("prefill_density") for r in recs]),
+            decode_density_mean=_mean([r.get("decode_density") for r in recs]),
+            prefill_speedup=_speedup(dense, by_sample, "prefill_s") if dense else None,
+            decode_speedup=_speedup(dense, by_sample, "decode_s_per_token") if dense else None,
+            peak_memory_mb_mean=_mean([r.get("peak_memory_mb") for r in recs]),
+        ))
+    groups: dict[tuple, list[SummaryRow]] = defaultdict(list)
+    for row in rows:
+        groups[(row.task, row.length)].append(row)
+    for (task, length), group in groups.items():
+        dense_row = next((r for r in group if r.setting == "dense"), None)
+        for row in group:
+            row.informative = dense_row is None or dense_row.score_mean >= 0.3
+        pareto_flags(group)
+    rows += _aggregate_all(rows)
+    return rows
+
+
+def _aggregate_all(rows: list[SummaryRow]) -> list[SummaryRow]:
+    by_setting: dict[tuple, list[SummaryRow]] = defaultdict(list)
+    for row in rows:
+        by_setting[(row.length, row.setting)].append(row)
+    out = []
+    for (length, setting), group in sorted(by_setting.items()):
+        out.append(SummaryRow(
+            task="ALL", length=length, setting=setting, method=group[0].method,
+            n_samples=sum(r.n_samples for r in group),
+            score_mean=statistics.fmean(r.score_mean for r in group),
+            score_std=statistics.pstdev([r.score_mean for r in group]),
+            prefill_density_mean=_mean([r.prefill_density_mean for r in group]),
+            decode_density_mean=_mean([r.decode_density_mean for r in group]),
+            prefill_speedup=_mean([r.prefill_speedup for r in group]),
+            decode_speedup=_mean([r.decode_speedup for r in group]),
+            peak_memory_mb_mean=_mean([r.peak_memory_mb_mean for r in group]),
+        ))
+    by_length: dict[int, list[SummaryRow]] = defaultdict(list)
+    for row in out:
+        by_length[row.length].append(row)
+    for group in by_length.values():
+        pareto_flags(group)
+    return out

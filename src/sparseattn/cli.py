@@ -130,7 +130,7 @@ def cmd_bench(args) -> int:
 
 QUICK = {
     "methods": ["dense", "streaming", "tri_shape", "strided"],
-    "tasks": ["niah_single:haystack=noise", "variable_tracking", "qa"],
+    "tasks": ["niah_single:haystack=noise", "niah_multivalue", "variable_tracking", "fidelity"],
     "lengths": "1k,2k",
     "samples": 2,
     "grid": ["streaming.window=256", "tri_shape.window=256", "strided.stride=4", "strided.window=256"],
@@ -141,7 +141,7 @@ def cmd_frontier(args) -> int:
     import torch
 
     from . import load_model
-    from .bench.frontier import FrontierConfig, run_frontier
+    from .bench.frontier import FrontierConfig, prepare_out_dir, run_frontier
     from .bench.report import write_report
     from .bench.sweep import default_task_specs, expand_settings, load_grid_file, parse_grid_args, parse_task_list
     from .registry import list_methods
@@ -168,6 +168,7 @@ def cmd_frontier(args) -> int:
         hook_options={"min_length": args.min_length, "dense_layers": args.dense_layers},
         dtype=args.dtype,
     )
+    prepare_out_dir(Path(args.out), config, args.resume_anyway)  # before loading anything
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     torch.set_grad_enabled(False)
     print(f"frontier: {len(settings)} settings x {len(tasks)} tasks x {len(config.lengths)} lengths x "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,23 @@ class SparsePlan:
     prefill_backend: str
     decode_backend: str
     stats: RunStats
+    _layouts: dict = field(default_factory=dict, repr=False)
+
+    def layout_for(self, ctx: AttentionContext, block_size: int) -> BlockLayout:
+        """The BlockLayout of this call, shared by every layer of one forward pass.
+
+        Layers of one forward see the same lengths, offsets and padding tensor; only the window
+        differs between sliding and full layers. The padding tensor is held by the cache entry
+        and compared by identity, so a later forward never reuses a stale layout.
+        """
+        key = (ctx.q_len, ctx.kv_len, ctx.q_offset, ctx.kv_offset, ctx.sliding_window, ctx.batch, block_size)
+        cached = self._layouts.get(key)
+        if cached is not None and cached.ctx.key_valid is ctx.key_valid:
+            return cached
+        if len(self._layouts) > 8:
+            self._layouts.clear()
+        layout = self._layouts[key] = BlockLayout(ctx, block_size)
+        return layout
 
     def __post_init__(self) -> None:
         if self.prefill_backend not in PREFILL_BACKENDS:
@@ -112,12 +129,12 @@ def run_layer(
     if method is _DENSE and not window_matters(ctx) and softcap is None:
         start = clock.now()
         out = dense_sdpa(query, key, value, ctx)
-        visible = BlockLayout(ctx, _STATS_BLOCK).counts.sum((-1, -2)).double()[:, None].expand(B, Hq)
+        visible = plan.layout_for(ctx, _STATS_BLOCK).counts.sum((-1, -2)).double()[:, None].expand(B, Hq)
         plan.stats.record(layer_idx, ctx.phase, method.name, visible, visible, 0.0, clock.now() - start)
         return out
 
     start = clock.now()
-    layout = BlockLayout(ctx, method.block_size)
+    layout = plan.layout_for(ctx, method.block_size)
     selection = method.select(query, key, ctx, layout)
     selected = clock.now()
     backend = plan.prefill_backend if ctx.phase.is_prefill else plan.decode_backend

@@ -1,0 +1,98 @@
+"""XAttention: block importance from strided antidiagonal sums, cumulative-threshold selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..backends.masks import BlockLayout
+from ..registry import register_method
+from ..types import AttentionContext, BlockSelection
+from .base import PREFILL_PHASES, Method, knob
+from .common import keep_cumulative_mass
+
+_GROUP_CHUNK = 1024  # query groups scored at once: bounds memory at O(chunk x Lk / S)
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim -2 of (B, H, L, D) to ``length``."""
+    return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[-2]))
+
+
+def antidiagonal_tile_scores(
+    q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, layout: BlockLayout, stride: int
+) -> torch.Tensor:
+    """(B, Hq, nQ, nK) float32 estimated attention mass per tile, rows summing to 1.
+
+    Each group of ``stride`` queries, taken in reverse order, is dotted with each group of
+    ``stride`` keys: the sum of one antidiagonal of every stride x stride sub-tile. A softmax
+    over key groups (causal, window and padding applied at group level) turns these into a
+    (L/S) x (L/S) attention estimate, summed inside each tile.
+    """
+    b, S, dev = layout.block_size, stride, ctx.device
+    nQ, nK = layout.n_q_blocks, layout.n_kv_blocks
+    B, Hq, _, D = q.shape
+    qp = _pad_to(q.float(), nQ * b).view(B, Hq, nQ * b // S, S, D).flip(-2).reshape(B, Hq, -1, S * D)
+    kf = k.float().repeat_interleave(ctx.groups, dim=1)  # (B, Hq, Lk, D)
+    kp = _pad_to(kf, nK * b).reshape(B, Hq, nK * b // S, S * D)  # (B, Hq, nGk, S*D)
+    n_gq, n_gk = qp.shape[2], kp.shape[2]
+    # group-level visibility from absolute positions of each group's first/last token
+    q_last = (torch.arange(n_gq, device=dev) * S + S - 1).clamp(max=ctx.q_len - 1) + ctx.q_offset
+    k_first = torch.arange(n_gk, device=dev) * S + ctx.kv_offset
+    visible = k_first[None, :] <= q_last[:, None]  # (nGq, nGk)
+    visible &= (torch.arange(n_gk, device=dev) * S < ctx.kv_len)[None, :]
+    if ctx.sliding_window is not None:
+        k_last = k_first + S - 1
+        visible &= q_last[:, None] - k_last[None, :] < ctx.sliding_window + S
+    visible = visible[None, None].expand(B, 1, -1, -1)
+    if ctx.key_valid is not None:
+        valid = _pad_to(ctx.key_valid[:, None, :, None].float(), nK * b)
+        group_valid = valid.view(B, 1, n_gk, S).amax(-1) > 0  # (B, 1, nGk)
+        visible = visible & group_valid[:, :, None, :]
+    scale = ctx.scaling / S
+    tiles = torch.zeros(B, Hq, nQ, nK, device=dev)
+    per_tile = b // S
+    for start in range(0, n_gq, _GROUP_CHUNK):
+        stop = min(start + _GROUP_CHUNK, n_gq)
+        scores = torch.matmul(qp[:, :, start:stop], kp.transpose(-1, -2)) * scale  # (B, Hq, c, nGk)
+        scores = scores.masked_fill(~visible[:, :, start:stop], float("-inf"))
+        probs = torch.softmax(scores, -1).nan_to_num(0.0)
+        probs = probs.view(B, Hq, stop - start, nK, per_tile).sum(-1)  # (B, Hq, c, nK)
+        q_tile = torch.arange(start, stop, device=dev) // per_tile
+        tiles.index_add_(2, q_tile, probs)
+    return tiles / tiles.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+@register_method
+@dataclass
+class XAttention(Method):
+    """XAttention (Xu et al., 2025, arXiv:2503.16428): antidiagonal scoring, threshold selection.
+
+    Per query tile, keep the fewest key tiles whose estimated mass reaches ``threshold``; the
+    first (sink) tile and the diagonal are always kept. Choices where the paper is open: the
+    group-level softmax is scaled by 1/(sqrt(D) * stride); groups are formed on the query and key
+    tensors as given (in chunked prefill they need not align with the prefix); GQA scores each
+    query head against its KV head; no per-head thresholds yet (one threshold for all heads).
+    """
+
+    name: ClassVar[str] = "xattention"
+    paper: ClassVar[str] = "XAttention: Block Sparse Attention with Antidiagonal Scoring (arXiv:2503.16428)"
+    phases: ClassVar = PREFILL_PHASES
+    dense_limit: ClassVar[dict] = {"threshold": 1.0}
+    default_grid: ClassVar[dict] = {"threshold": [0.8, 0.9, 0.95]}
+
+    threshold: float = knob(0.9, low=0.01, high=1.0, help="estimated mass each query tile keeps")
+    stride: int = knob(8, choices=(4, 8, 16), help="antidiagonal stride S (cost ~1/S of dense QK); divides every block size")
+    keep_sink: bool = knob(True, choices=(True, False), help="always keep the first key tile")
+
+    def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
+        if self.threshold >= 1.0:
+            every = torch.ones_like(layout.visible)[:, None].expand(-1, ctx.num_q_heads, -1, -1)
+            return layout.finalize(every)
+        scores = antidiagonal_tile_scores(q, k, ctx, layout, self.stride)
+        mask = keep_cumulative_mass(scores, self.threshold)
+        if self.keep_sink:
+            mask[..., 0] = True
+        return layout.finalize(mask)

@@ -33,7 +33,9 @@ def tiny_config(family: str):
     if family == "llama":
         return LlamaConfig(**COMMON)
     if family == "qwen2":
-        return Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+        return Qwen2Config(
+            **COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
+        )
     if family == "mistral":
         return MistralConfig(**COMMON, sliding_window=WINDOW)
     if family == "gemma3":

@@ -7,10 +7,23 @@ import torch
 
 from sparseattn.backends import BlockLayout, flex_attend, gather_attend, reference_attend
 from sparseattn.backends.masks import base_token_mask, expand_blocks
-from sparseattn.types import AttentionContext, BlockSelection, Phase
+from sparseattn.types import AttentionContext, Phase
 
 
-def make_call(q_len, kv_len, *, batch=2, hq=4, hkv=2, d=16, q_offset=None, window=None, pad=(0, 0), softcap=None, seed=0):
+def make_call(
+    q_len,
+    kv_len,
+    *,
+    batch=2,
+    hq=4,
+    hkv=2,
+    d=16,
+    q_offset=None,
+    window=None,
+    pad=(0, 0),
+    softcap=None,
+    seed=0,
+):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, hq, q_len, d, generator=g)
     k = torch.randn(batch, hkv, kv_len, d, generator=g)
@@ -42,7 +55,10 @@ def make_call(q_len, kv_len, *, batch=2, hq=4, hkv=2, d=16, q_offset=None, windo
 def random_selection(ctx, block_size, density=0.4, seed=1):
     layout = BlockLayout(ctx, block_size)
     g = torch.Generator().manual_seed(seed)
-    raw = torch.rand(ctx.batch, ctx.num_q_heads, layout.n_q_blocks, layout.n_kv_blocks, generator=g) < density
+    raw = (
+        torch.rand(ctx.batch, ctx.num_q_heads, layout.n_q_blocks, layout.n_kv_blocks, generator=g)
+        < density
+    )
     return layout, layout.finalize(raw)
 
 
@@ -78,7 +94,9 @@ def test_flex_equals_reference(case, block_size):
 def test_gather_equals_reference_for_decode(case):
     q, k, v, ctx = make_call(**case)
     _, sel = random_selection(ctx, 16)
-    torch.testing.assert_close(gather_attend(q, k, v, sel, ctx), reference_attend(q, k, v, sel, ctx), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        gather_attend(q, k, v, sel, ctx), reference_attend(q, k, v, sel, ctx), atol=2e-5, rtol=1e-4
+    )
 
 
 def test_reference_full_selection_equals_sdpa():
@@ -97,7 +115,10 @@ def test_layout_counts_match_token_mask(case):
     layout = BlockLayout(ctx, 32)
     full = torch.ones(ctx.batch, 1, layout.n_q_blocks, layout.n_kv_blocks, dtype=torch.bool)
     tokens = base_token_mask(ctx) & expand_blocks(full, 32, ctx.q_len, ctx.kv_len)
-    per_tile = torch.nn.functional.pad(tokens[:, 0].float(), (0, layout.n_kv_blocks * 32 - ctx.kv_len, 0, layout.n_q_blocks * 32 - ctx.q_len))
+    per_tile = torch.nn.functional.pad(
+        tokens[:, 0].float(),
+        (0, layout.n_kv_blocks * 32 - ctx.kv_len, 0, layout.n_q_blocks * 32 - ctx.q_len),
+    )
     per_tile = per_tile.view(ctx.batch, layout.n_q_blocks, 32, layout.n_kv_blocks, 32).sum((2, 4))
     assert torch.equal(layout.counts.float(), per_tile)
 

@@ -31,7 +31,11 @@ def test_methods_text(capsys):
 def test_parsers():
     assert parse_lengths("4k,8k,1000") == [4096, 8192, 1000]
     assert parse_knobs(["window=512", "top_p=0.9", "profile=none", "name=x"]) == {
-        "window": 512, "top_p": 0.9, "profile": None, "name": "x"}
+        "window": 512,
+        "top_p": 0.9,
+        "profile": None,
+        "name": "x",
+    }
     with pytest.raises(SystemExit):
         parse_lengths("4q")
 
@@ -39,8 +43,27 @@ def test_parsers():
 def test_generate_with_tiny_model(tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    code = main(["generate", "--model", "tiny-random-llama", "--method", "streaming", "--knob", "window=32", "--knob", "sink=0",
-                 "--knob", "block_size=32", "--min-length", "0", "--prompt-file", str(prompt), "--max-new-tokens", "3"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            "tiny-random-llama",
+            "--method",
+            "streaming",
+            "--knob",
+            "window=32",
+            "--knob",
+            "sink=0",
+            "--knob",
+            "block_size=32",
+            "--min-length",
+            "0",
+            "--prompt-file",
+            str(prompt),
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     summary = json.loads(err.strip().splitlines()[-1])
@@ -51,13 +74,44 @@ def test_generate_with_tiny_model(tmp_path, capsys):
 def test_generate_bad_method_is_a_clear_error(tmp_path, capsys):
     prompt = tmp_path / "p.txt"
     prompt.write_text("hello")
-    assert main(["generate", "--model", "tiny-random-llama", "--method", "nope", "--prompt-file", str(prompt)]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-random-llama",
+                "--method",
+                "nope",
+                "--prompt-file",
+                str(prompt),
+            ]
+        )
+        == 2
+    )
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
 def test_bench_kernel_records(capsys):
-    assert main(["bench", "kernel", "--json", "--lengths", "512", "--densities", "0.3",
-                 "--repeats", "1", "--compile-lengths", "300,400", "--block-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "kernel",
+                "--json",
+                "--lengths",
+                "512",
+                "--densities",
+                "0.3",
+                "--repeats",
+                "1",
+                "--compile-lengths",
+                "300,400",
+                "--block-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     compile_info, record = lines
     assert compile_info["kind"] == "compile" and compile_info["compiled_graphs"] <= 1
@@ -69,9 +123,32 @@ def test_bench_kernel_records(capsys):
 
 
 def test_bench_decode_records(capsys):
-    assert main(["bench", "decode", "--json", "--model", "tiny-random-llama", "--method", "streaming",
-                 "--knob", "sink=0", "--knob", "window=64", "--knob", "block_size=32",
-                 "--lengths", "600", "--steps", "3"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "decode",
+                "--json",
+                "--model",
+                "tiny-random-llama",
+                "--method",
+                "streaming",
+                "--knob",
+                "sink=0",
+                "--knob",
+                "window=64",
+                "--knob",
+                "block_size=32",
+                "--lengths",
+                "600",
+                "--steps",
+                "3",
+            ]
+        )
+        == 0
+    )
     record = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert record["speedup"] == pytest.approx(record["dense_s_per_token"] / record["sparse_s_per_token"], rel=0.01)
+    assert record["speedup"] == pytest.approx(
+        record["dense_s_per_token"] / record["sparse_s_per_token"], rel=0.01
+    )
     assert 0 < record["decode_density"] < 0.3  # ~96 of ~600 keys per step

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_backends import make_call
 
 import sparseattn
 from sparseattn.backends import BlockLayout, reference_attend
 from sparseattn.registry import METHODS, build_method
-from test_backends import make_call
 
 ALL = sparseattn.list_methods()
 PREFILL_CALLS = {
@@ -31,7 +31,9 @@ def test_selection_shape_causal_diagonal_and_density(name, call):
     method, layout, sel, (q, k, v, ctx) = select(name, PREFILL_CALLS[call])
     assert sel.mask.shape == (ctx.batch, ctx.num_q_heads, layout.n_q_blocks, layout.n_kv_blocks)
     assert sel.block_size == method.block_size
-    assert not (sel.mask & ~layout.visible[:, None]).any(), "a tile with no visible pair was selected"
+    assert not (sel.mask & ~layout.visible[:, None]).any(), (
+        "a tile with no visible pair was selected"
+    )
     diag = layout.diagonal[None, None] & layout.visible[:, None]
     assert (sel.mask | ~diag).all(), "the diagonal tile must always be kept"
     computed, visible = layout.density(sel)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_model
 from torch import nn
 
 import sparseattn
-from conftest import make_model
 
 
 def test_unknown_method_lists_known_ones():
@@ -25,7 +25,11 @@ def test_unknown_knob_lists_allowed_knobs():
     [
         ("streaming", {"window": 0}, r"window=0 is out of range; allowed: \[1,"),
         ("oracle", {"top_p": 1.5}, r"top_p=1.5 is out of range; allowed: \[0.01, 1.0\]"),
-        ("dense", {"block_size": 100}, r"block_size=100 is not allowed; choose one of \[16, 32, 64, 128, 256\]"),
+        (
+            "dense",
+            {"block_size": 100},
+            r"block_size=100 is not allowed; choose one of \[16, 32, 64, 128, 256\]",
+        ),
         ("strided", {"stride": "4"}, r"stride='4' must be a number"),
     ],
 )
@@ -74,10 +78,14 @@ def test_uncached_hub_id_is_not_downloaded():
 
 def test_bad_backend_and_dense_layers():
     model = make_model("llama")
-    with pytest.raises(ValueError, match=r"prefill_backend='cuda'; allowed: \['flex', 'reference'\]"):
+    with pytest.raises(
+        ValueError, match=r"prefill_backend='cuda'; allowed: \['flex', 'reference'\]"
+    ):
         with sparseattn.sparse_attention(model, "dense", prefill_backend="cuda"):
             pass
-    with pytest.raises(ValueError, match=r"dense_layers \[5\] out of range; the model has layers 0..1"):
+    with pytest.raises(
+        ValueError, match=r"dense_layers \[5\] out of range; the model has layers 0..1"
+    ):
         with sparseattn.sparse_attention(model, "dense", dense_layers=[5]):
             pass
 

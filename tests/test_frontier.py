@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 
 import pytest
@@ -28,7 +27,10 @@ def tiny():
 def make_config(**changes) -> FrontierConfig:
     base = dict(
         model="tiny-random-llama",
-        settings=[Setting("dense"), Setting("streaming", {"sink": 16, "window": 64, "block_size": 32})],
+        settings=[
+            Setting("dense"),
+            Setting("streaming", {"sink": 16, "window": 64, "block_size": 32}),
+        ],
         tasks=[TaskSpec("niah_single", {"haystack": "noise"}), TaskSpec("fidelity")],
         lengths=[LENGTH],
         samples=2,
@@ -47,14 +49,27 @@ def test_records_resume_and_report(tiny, tmp_path):
     for r in records:
         assert r["length"] == r["n_input_tokens"] == LENGTH
         assert 0.0 <= r["score"] <= 1.0
-        for key in ("task", "sample", "method", "knobs", "phase_policy", "prefill_s", "peak_memory_mb", "model", "versions", "seed"):
+        for key in (
+            "task",
+            "sample",
+            "method",
+            "knobs",
+            "phase_policy",
+            "prefill_s",
+            "peak_memory_mb",
+            "model",
+            "versions",
+            "seed",
+        ):
             assert key in r
     dense = [r for r in records if r["setting"] == "dense"]
     sparse = [r for r in records if r["method"] == "streaming"]
     assert all(r["prefill_density"] == 1.0 for r in dense)
     assert all(0 < r["prefill_density"] < 0.5 for r in sparse)
     fid_dense = [r for r in dense if r["task"] == "fidelity"]
-    assert all(r["extra"]["kl"] < 1e-6 and r["score"] == pytest.approx(1.0, abs=1e-6) for r in fid_dense)
+    assert all(
+        r["extra"]["kl"] < 1e-6 and r["score"] == pytest.approx(1.0, abs=1e-6) for r in fid_dense
+    )
     assert all(r["extra"]["kl"] > 0 for r in sparse if r["task"] == "fidelity")
 
     # rerunning skips everything; a line cut short by an interrupt is redone, nothing else
@@ -76,9 +91,17 @@ def test_records_resume_and_report(tiny, tmp_path):
 
 def test_changed_configuration_is_refused(tiny, tmp_path):
     model, tok = tiny
-    run_frontier(make_config(samples=1, tasks=[TaskSpec("fidelity")]), tmp_path, model, tok, progress=False)
+    run_frontier(
+        make_config(samples=1, tasks=[TaskSpec("fidelity")]), tmp_path, model, tok, progress=False
+    )
     with pytest.raises(ValueError, match="different configuration.*samples"):
-        run_frontier(make_config(samples=2, tasks=[TaskSpec("fidelity")]), tmp_path, model, tok, progress=False)
+        run_frontier(
+            make_config(samples=2, tasks=[TaskSpec("fidelity")]),
+            tmp_path,
+            model,
+            tok,
+            progress=False,
+        )
 
 
 def test_bad_input_fails_before_compute(tiny, tmp_path):
@@ -103,18 +126,43 @@ def test_bad_input_fails_before_compute(tiny, tmp_path):
 def test_task_list_and_grid_parsing():
     specs = parse_task_list("niah_single:haystack=kv,qa")
     assert [s.label for s in specs] == ["niah_single[haystack=kv]", "qa"]
-    settings = expand_settings(["streaming"], parse_grid_args(["streaming.window=64,128", "streaming.sink=0"]))
-    assert [s.label for s in settings] == ["dense", "streaming[sink=0,window=64]", "streaming[sink=0,window=128]"]
+    settings = expand_settings(
+        ["streaming"], parse_grid_args(["streaming.window=64,128", "streaming.sink=0"])
+    )
+    assert [s.label for s in settings] == [
+        "dense",
+        "streaming[sink=0,window=64]",
+        "streaming[sink=0,window=128]",
+    ]
 
 
 def test_cli_frontier_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["frontier", "--model", "tiny-random-llama", "--methods", "dense,strided", "--grid", "strided.stride=2",
-            "--grid", "strided.block_size=32", "--tasks", "fidelity", "--lengths", "600", "--samples", "1",
-            "--no-progress", "--out", str(out)]
+    args = [
+        "frontier",
+        "--model",
+        "tiny-random-llama",
+        "--methods",
+        "dense,strided",
+        "--grid",
+        "strided.stride=2",
+        "--grid",
+        "strided.block_size=32",
+        "--tasks",
+        "fidelity",
+        "--lengths",
+        "600",
+        "--samples",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert len(read_records(out / "results.jsonl")) == 2
-    assert {"summary.csv", "report.md", "report.html", "config.json"} <= {p.name for p in out.iterdir()}
+    assert {"summary.csv", "report.md", "report.html", "config.json"} <= {
+        p.name for p in out.iterdir()
+    }
     assert main(args) == 0  # the same command again resumes: nothing new
     assert len(read_records(out / "results.jsonl")) == 2
     bad = [a if a != "fidelity" else "fidelity:nope=1" for a in args]

@@ -25,10 +25,22 @@ def test_dense_hook_matches_sdpa_on_real_model(name):
 
 def test_streaming_keeps_smollm2_answer_on_short_needle():
     model, tok = sparseattn.load_model("smollm2-135m")
-    prompt = "Remember: the code word is PELICAN. " + "Nothing else matters here. " * 400 + "What is the code word?"
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
-    with sparseattn.sparse_attention(model, "streaming", sink=128, window=256, min_length=0) as stats:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    prompt = (
+        "Remember: the code word is PELICAN. "
+        + "Nothing else matters here. " * 400
+        + "What is the code word?"
+    )
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    with sparseattn.sparse_attention(
+        model, "streaming", sink=128, window=256, min_length=0
+    ) as stats:
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+        )
     assert stats.density("prefill") < 0.8
-    assert "PELICAN" in tok.decode(out[0, ids.shape[1]:]).upper()
+    assert "PELICAN" in tok.decode(out[0, ids.shape[1] :]).upper()

@@ -15,30 +15,55 @@ from sparseattn.bench.report import write_report
 def synthetic_records():
     rng = random.Random(0)
     records = []
-    settings = {"dense": ("dense", 1.0, 10.0), "streaming[window=64]": ("streaming", 0.3, 4.0),
-                "streaming[window=256]": ("streaming", 0.6, 7.0), "oracle[top_p=0.9]": ("oracle", 0.2, 12.0)}
+    settings = {
+        "dense": ("dense", 1.0, 10.0),
+        "streaming[window=64]": ("streaming", 0.3, 4.0),
+        "streaming[window=256]": ("streaming", 0.6, 7.0),
+        "oracle[top_p=0.9]": ("oracle", 0.2, 12.0),
+    }
     for task in ("niah", "qa"):
         for length in (1000, 2000):
             for setting, (method, density, seconds) in settings.items():
                 for sample in range(3):
-                    base = 0.1 if (task == "qa" and length == 2000) else 0.9  # qa@2000: dense below 0.3
-                    score = min(1.0, max(0.0, base * (0.5 + density / 2) + rng.choice([-0.1, 0, 0.1])))
-                    records.append({
-                        "task": task, "length": length, "sample": sample, "seed": 0, "method": method,
-                        "setting": setting, "knobs": {}, "phase_policy": {}, "score": score,
-                        "prefill_density": density, "decode_density": density,
-                        "prefill_s": seconds * length / 1000 * (1 + 0.1 * sample),
-                        "decode_s_per_token": 0.1 * density + 0.05, "peak_memory_mb": 100.0,
-                        "model": "m", "versions": {"torch": "x"}, "answer": "", "references": [],
-                        "n_input_tokens": length, "extra": {},
-                    })
+                    base = (
+                        0.1 if (task == "qa" and length == 2000) else 0.9
+                    )  # qa@2000: dense below 0.3
+                    score = min(
+                        1.0, max(0.0, base * (0.5 + density / 2) + rng.choice([-0.1, 0, 0.1]))
+                    )
+                    records.append(
+                        {
+                            "task": task,
+                            "length": length,
+                            "sample": sample,
+                            "seed": 0,
+                            "method": method,
+                            "setting": setting,
+                            "knobs": {},
+                            "phase_policy": {},
+                            "score": score,
+                            "prefill_density": density,
+                            "decode_density": density,
+                            "prefill_s": seconds * length / 1000 * (1 + 0.1 * sample),
+                            "decode_s_per_token": 0.1 * density + 0.05,
+                            "peak_memory_mb": 100.0,
+                            "model": "m",
+                            "versions": {"torch": "x"},
+                            "answer": "",
+                            "references": [],
+                            "n_input_tokens": length,
+                            "extra": {},
+                        }
+                    )
     return records
 
 
 @pytest.fixture
 def report_dir(tmp_path):
     records = synthetic_records()
-    text = "".join(json.dumps(r) + "\n" for r in records) + '{"task": "niah", "len'  # cut-off last line
+    text = (
+        "".join(json.dumps(r) + "\n" for r in records) + '{"task": "niah", "len'
+    )  # cut-off last line
     (tmp_path / "results.jsonl").write_text(text)
     write_report(tmp_path)
     return tmp_path, records
@@ -52,12 +77,21 @@ def load_summary(path):
 def test_summary_matches_independent_recomputation(report_dir):
     path, records = report_dir
     summary = load_summary(path)
-    for task, length, setting in [("niah", 1000, "streaming[window=64]"), ("qa", 2000, "oracle[top_p=0.9]")]:
-        mine = [r for r in records if (r["task"], r["length"], r["setting"]) == (task, length, setting)]
-        dense = [r for r in records if (r["task"], r["length"], r["setting"]) == (task, length, "dense")]
+    for task, length, setting in [
+        ("niah", 1000, "streaming[window=64]"),
+        ("qa", 2000, "oracle[top_p=0.9]"),
+    ]:
+        mine = [
+            r for r in records if (r["task"], r["length"], r["setting"]) == (task, length, setting)
+        ]
+        dense = [
+            r for r in records if (r["task"], r["length"], r["setting"]) == (task, length, "dense")
+        ]
         row = summary[(task, length, setting)]
         assert float(row["score_mean"]) == pytest.approx(sum(r["score"] for r in mine) / len(mine))
-        assert float(row["score_std"]) == pytest.approx(statistics.pstdev([r["score"] for r in mine]))
+        assert float(row["score_std"]) == pytest.approx(
+            statistics.pstdev([r["score"] for r in mine])
+        )
         assert float(row["prefill_density_mean"]) == pytest.approx(mine[0]["prefill_density"])
         speedup = (sum(r["prefill_s"] for r in dense) / 3) / (sum(r["prefill_s"] for r in mine) / 3)
         assert float(row["prefill_speedup"]) == pytest.approx(speedup)
@@ -73,10 +107,19 @@ def test_pareto_and_informative_flags(report_dir):
     means = {s: float(v["score_mean"]) for s, v in cell.items()}
     density = {s: float(v["prefill_density_mean"]) for s, v in cell.items()}
     for s in cell:
-        dominated = any(means[o] >= means[s] and density[o] <= density[s] and (means[o] > means[s] or density[o] < density[s]) for o in cell)
+        dominated = any(
+            means[o] >= means[s]
+            and density[o] <= density[s]
+            and (means[o] > means[s] or density[o] < density[s])
+            for o in cell
+        )
         assert (cell[s]["pareto"] == "True") == (not dominated)
-    assert all(v["informative"] == "False" for (t, n, s), v in summary.items() if (t, n) == ("qa", 2000))
-    assert all(v["informative"] == "True" for (t, n, s), v in summary.items() if (t, n) == ("niah", 2000))
+    assert all(
+        v["informative"] == "False" for (t, n, s), v in summary.items() if (t, n) == ("qa", 2000)
+    )
+    assert all(
+        v["informative"] == "True" for (t, n, s), v in summary.items() if (t, n) == ("niah", 2000)
+    )
     overall = summary[("ALL", 1000, "dense")]
     per_task = [float(summary[(t, 1000, "dense")]["score_mean"]) for t in ("niah", "qa")]
     assert float(overall["score_mean"]) == pytest.approx(sum(per_task) / 2)

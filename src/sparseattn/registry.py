@@ -43,15 +43,9 @@ def build_method(name: str, **knobs: Any) -> Method:
     Raises:
         ValueError: unknown method, unknown knob, or a knob value outside its allowed range.
     """
-    cls = get_method_class(name)
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(knobs) - allowed)
-    if unknown:
-        raise ValueError(
-            f"unknown knob(s) {', '.join(map(repr, unknown))} for method {name!r}; "
-            f"allowed knobs: {', '.join(sorted(allowed)) or '(none)'}"
-        )
-    return cls(**knobs)
+    from .methods.base import build_checked
+
+    return build_checked(get_method_class(name), "method", name, knobs)
 
 
 def method_info(name: str) -> dict[str, Any]:
@@ -59,7 +53,11 @@ def method_info(name: str) -> dict[str, Any]:
     cls = get_method_class(name)
     knobs = []
     for f in dataclasses.fields(cls):
-        spec = {"name": f.name, "default": f.default, "type": getattr(f.type, "__name__", str(f.type))}
+        spec = {
+            "name": f.name,
+            "default": f.default,
+            "type": getattr(f.type, "__name__", str(f.type)),
+        }
         spec.update({k: v for k, v in f.metadata.items() if v is not None})
         knobs.append(spec)
     return {

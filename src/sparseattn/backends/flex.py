@@ -21,7 +21,9 @@ from .masks import BlockLayout
 
 _NO_WINDOW = 2**62
 _compiled = None
-_FROM_KV_ACCEPTS_Q_BLOCKS = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+_FROM_KV_ACCEPTS_Q_BLOCKS = (
+    "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+)
 
 
 def compile_enabled() -> bool:
@@ -48,7 +50,9 @@ def _ordered_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, order.to(torch.int32)
 
 
-def build_block_mask(selection: BlockSelection, ctx: AttentionContext, layout: BlockLayout) -> BlockMask:
+def build_block_mask(
+    selection: BlockSelection, ctx: AttentionContext, layout: BlockLayout
+) -> BlockMask:
     """FlexAttention BlockMask for a selection, full and partial tiles separated."""
     sel = selection.mask  # (B, H, nQ, nK)
     full = sel & layout.full[:, None]

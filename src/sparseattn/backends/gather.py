@@ -13,7 +13,9 @@ def blocks_to_tokens(selection: BlockSelection, ctx: AttentionContext) -> KVSele
     """Turn a one-query block selection into per-head token indices (visible keys only)."""
     if ctx.q_len != 1:
         raise ValueError(f"gather backend runs decode calls (q_len=1), got q_len={ctx.q_len}")
-    chosen = expand_blocks(selection.mask, selection.block_size, 1, ctx.kv_len)[:, :, 0]  # (B, Hq, Lk)
+    chosen = expand_blocks(selection.mask, selection.block_size, 1, ctx.kv_len)[
+        :, :, 0
+    ]  # (B, Hq, Lk)
     chosen = chosen & base_token_mask(ctx)[:, :, 0]
     return mask_to_kv_selection(chosen)
 

@@ -45,7 +45,9 @@ def base_token_mask(ctx: AttentionContext) -> torch.Tensor:
     return mask
 
 
-def expand_blocks(block_mask: torch.Tensor, block_size: int, q_len: int, kv_len: int) -> torch.Tensor:
+def expand_blocks(
+    block_mask: torch.Tensor, block_size: int, q_len: int, kv_len: int
+) -> torch.Tensor:
     """(B, H, nQ, nK) bool -> (B, H, Lq, Lk) bool, every tile broadcast to its tokens."""
     tokens = block_mask.repeat_interleave(block_size, dim=-2).repeat_interleave(block_size, dim=-1)
     return tokens[..., :q_len, :kv_len]
@@ -93,7 +95,9 @@ class BlockLayout:
             csum[:, 1:] = ctx.key_valid.long().cumsum(-1)  # (B, Lk + 1)
             flat_z = z.reshape(1, -1).expand(ctx.batch, -1)
             flat_a = a.reshape(1, -1).expand(ctx.batch, -1)
-            per_query = (csum.gather(1, flat_z) - csum.gather(1, flat_a)).view(ctx.batch, ctx.q_len, -1)
+            per_query = (csum.gather(1, flat_z) - csum.gather(1, flat_a)).view(
+                ctx.batch, ctx.q_len, -1
+            )
         pad = self.n_q_blocks * b - ctx.q_len
         per_query = torch.nn.functional.pad(per_query, (0, 0, 0, pad))
         return per_query.view(ctx.batch, self.n_q_blocks, b, -1).sum(2)  # (B, nQ, nK)

@@ -56,12 +56,16 @@ def prepare_out_dir(out_dir: Path, config: FrontierConfig, resume_anyway: bool) 
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise ValueError(f"cannot write to output directory {out_dir}: {err.strerror or err}") from err
+        raise ValueError(
+            f"cannot write to output directory {out_dir}: {err.strerror or err}"
+        ) from err
     path = out_dir / CONFIG
     wanted = config.to_json()
     if path.exists():
         existing = json.loads(path.read_text())
-        differing = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
+        differing = sorted(
+            k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k)
+        )
         if differing and not resume_anyway:
             raise ValueError(
                 f"{out_dir} already holds a run with a different configuration (differs in: "
@@ -111,7 +115,9 @@ def check_lengths(config: FrontierConfig, tokenizer) -> None:
         minimum = spec.build().min_length(tokenizer)
         short = [n for n in config.lengths if n < minimum]
         if short:
-            raise ValueError(f"length(s) {short} are below what task {spec.label} needs (minimum {minimum} tokens)")
+            raise ValueError(
+                f"length(s) {short} are below what task {spec.label} needs (minimum {minimum} tokens)"
+            )
 
 
 def run_frontier(
@@ -133,22 +139,32 @@ def run_frontier(
     prepare_out_dir(out_dir, config, resume_anyway)
     results = out_dir / RESULTS
     repair_tail(results)
-    done = {record_key(r["task"], r["length"], r["sample"], r["setting"]) for r in read_records(results)}
+    done = {
+        record_key(r["task"], r["length"], r["sample"], r["setting"]) for r in read_records(results)
+    }
     common = {"model": config.model, "versions": versions(), "seed": config.seed}
     added = 0
-    bar = tqdm(total=config.total(), initial=len(done), disable=not progress, desc="frontier", unit="rec")
+    bar = tqdm(
+        total=config.total(), initial=len(done), disable=not progress, desc="frontier", unit="rec"
+    )
     with results.open("a") as sink:
         for length in config.lengths:
             for spec in config.tasks:
                 task = spec.build()
                 for index in range(config.samples):
-                    todo = [s for s in config.settings if record_key(spec.label, length, index, s.label) not in done]
+                    todo = [
+                        s
+                        for s in config.settings
+                        if record_key(spec.label, length, index, s.label) not in done
+                    ]
                     if not todo:
                         continue
                     sample = task.generate(tokenizer, length, config.seed, index)
                     runner = SampleRunner(model, tokenizer, sample, config.hook_options)
                     for setting in todo:
-                        bar.set_postfix_str(f"{spec.label} {length} #{index} {setting.label}", refresh=False)
+                        bar.set_postfix_str(
+                            f"{spec.label} {length} #{index} {setting.label}", refresh=False
+                        )
                         measured = runner.run(setting, task)
                         record = {
                             "task": spec.label,

@@ -83,20 +83,32 @@ def run_kernel_bench(
     g = torch.Generator().manual_seed(seed)
     for length in lengths:
         ctx = prefill_context(length, shape)
-        q = torch.randn(1, shape.num_q_heads, length, shape.head_dim, generator=g).to(shape.device, shape.dtype)
-        k = torch.randn(1, shape.num_kv_heads, length, shape.head_dim, generator=g).to(shape.device, shape.dtype)
+        q = torch.randn(1, shape.num_q_heads, length, shape.head_dim, generator=g).to(
+            shape.device, shape.dtype
+        )
+        k = torch.randn(1, shape.num_kv_heads, length, shape.head_dim, generator=g).to(
+            shape.device, shape.dtype
+        )
         v = torch.randn_like(k)
         layout = BlockLayout(ctx, shape.block_size)
-        every = layout.finalize(torch.ones_like(layout.visible)[:, None].expand(-1, shape.num_q_heads, -1, -1))
-        dense_sdpa_s = _timed(
-            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), repeats, shape.device
+        every = layout.finalize(
+            torch.ones_like(layout.visible)[:, None].expand(-1, shape.num_q_heads, -1, -1)
         )
-        dense_flex_s = _timed(lambda: flex_attend(q, k, v, every, ctx, layout), repeats, shape.device)
+        dense_sdpa_s = _timed(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            repeats,
+            shape.device,
+        )
+        dense_flex_s = _timed(
+            lambda: flex_attend(q, k, v, every, ctx, layout), repeats, shape.device
+        )
         for density in densities:
             selection = layout.finalize(random_tiles(layout, density, seed))
             computed, visible = layout.density(selection)
             measured = float(computed.sum() / visible.sum())
-            sparse_s = _timed(lambda: flex_attend(q, k, v, selection, ctx, layout), repeats, shape.device)
+            sparse_s = _timed(
+                lambda: flex_attend(q, k, v, selection, ctx, layout), repeats, shape.device
+            )
             yield {
                 "length": length,
                 "target_density": density,

@@ -21,7 +21,9 @@ def score_vs(rows: list[SummaryRow], x_field: str, xlabel: str, path: Path) -> N
     """One subplot per length; one line per method through its settings; dense as a star."""
     overall = _overall(rows)
     lengths = sorted({r.length for r in overall})
-    fig, axes = plt.subplots(1, max(len(lengths), 1), figsize=(5 * max(len(lengths), 1), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(lengths), 1), figsize=(5 * max(len(lengths), 1), 4), squeeze=False
+    )
     for ax, length in zip(axes[0], lengths):
         by_method: dict[str, list[SummaryRow]] = defaultdict(list)
         for r in overall:
@@ -60,7 +62,15 @@ def heatmap(rows: list[SummaryRow], path: Path) -> None:
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             if value == value:  # not NaN
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if value < 0.6 else "black",
+                    fontsize=8,
+                )
     ax.set_xlabel("length (tokens)")
     fig.colorbar(image, ax=ax, label="mean score")
     fig.tight_layout()
@@ -69,7 +79,11 @@ def heatmap(rows: list[SummaryRow], path: Path) -> None:
 
 
 def write_plots(rows: list[SummaryRow], out_dir: Path) -> list[Path]:
-    paths = [out_dir / "score_vs_density.png", out_dir / "score_vs_speedup.png", out_dir / "heatmap.png"]
+    paths = [
+        out_dir / "score_vs_density.png",
+        out_dir / "score_vs_speedup.png",
+        out_dir / "heatmap.png",
+    ]
     score_vs(rows, "prefill_density_mean", "measured prefill density", paths[0])
     score_vs(rows, "prefill_speedup", "prefill speedup vs dense (same run)", paths[1])
     heatmap(rows, paths[2])

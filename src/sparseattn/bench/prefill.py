@@ -63,7 +63,9 @@ def run_prefill_bench(
     warm = benchmark_input(tokenizer, warmup_length, seed).to(device)
     model(input_ids=warm, use_cache=False, logits_to_keep=1)
     with sparse_attention(model, method, **knobs, **options):
-        model(input_ids=warm, use_cache=False, logits_to_keep=1)  # compiles the kernel once (dynamic shapes)
+        model(
+            input_ids=warm, use_cache=False, logits_to_keep=1
+        )  # compiles the kernel once (dynamic shapes)
     for length in lengths:
         ids = benchmark_input(tokenizer, length, seed).to(device)
         dense_s = _time_forward(model, ids, repeats)

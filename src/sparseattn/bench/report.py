@@ -24,7 +24,9 @@ def write_csv(rows: list[SummaryRow], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(SummaryRow.columns())
         for r in rows:
-            writer.writerow(["" if getattr(r, c) is None else getattr(r, c) for c in SummaryRow.columns()])
+            writer.writerow(
+                ["" if getattr(r, c) is None else getattr(r, c) for c in SummaryRow.columns()]
+            )
 
 
 def tables(rows: list[SummaryRow]) -> list[tuple[int, list[str], list[list[str]]]]:
@@ -47,7 +49,11 @@ def tables(rows: list[SummaryRow]) -> list[tuple[int, list[str], list[list[str]]
                 text = f"{r.score_mean:.2f} ± {r.score_std:.2f}" + (" *" if r.pareto else "")
                 line.append(text + ("" if r.informative else " (uninformative)"))
             overall = cell[("ALL", setting)]
-            line += [_fmt(overall.prefill_density_mean, 3), _fmt(overall.prefill_speedup), _fmt(overall.decode_speedup)]
+            line += [
+                _fmt(overall.prefill_density_mean, 3),
+                _fmt(overall.prefill_speedup),
+                _fmt(overall.decode_speedup),
+            ]
             body.append(line)
         out.append((length, header, body))
     return out
@@ -56,16 +62,24 @@ def tables(rows: list[SummaryRow]) -> list[tuple[int, list[str], list[list[str]]
 def write_markdown(rows, records, images, path: Path) -> None:
     first = records[0]
     lines = [
-        "# sparseattn frontier report", "",
+        "# sparseattn frontier report",
+        "",
         f"Model: `{first.get('model')}`; seed {first.get('seed')}; {len(records)} records; "
-        f"versions: {json.dumps(first.get('versions', {}))}", "",
+        f"versions: {json.dumps(first.get('versions', {}))}",
+        "",
         "Cells: mean score ± spread over samples; `*` = Pareto-optimal in (score, measured prefill "
         "density) for that task and length; `(uninformative)` = dense scores below 0.3 there, so "
         "the cell says little about sparsity. Density is measured (fraction of causal pairs "
-        "computed); speedups are dense time / setting time from the same run.", "",
+        "computed); speedups are dense time / setting time from the same run.",
+        "",
     ]
     for length, header, body in tables(rows):
-        lines += [f"## {length} tokens", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += [
+            f"## {length} tokens",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         lines += ["| " + " | ".join(line) + " |" for line in body]
         lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in images]
@@ -86,7 +100,11 @@ def write_html(rows, records, images, path: Path) -> None:
         "grey = uninformative (dense below 0.3). Speedups: dense time / setting time, same run.</p>",
     ]
     for length, header, body in tables(rows):
-        parts.append(f"<h2>{length} tokens</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts.append(
+            f"<h2>{length} tokens</h2><table><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            + "</tr>"
+        )
         for line in body:
             cells = []
             for value in line:
@@ -96,7 +114,9 @@ def write_html(rows, records, images, path: Path) -> None:
         parts.append("</table>")
     for image in images:
         data = base64.b64encode(image.read_bytes()).decode()
-        parts.append(f"<h3>{image.stem}</h3><img alt='{image.stem}' src='data:image/png;base64,{data}'>")
+        parts.append(
+            f"<h3>{image.stem}</h3><img alt='{image.stem}' src='data:image/png;base64,{data}'>"
+        )
     parts.append("</body></html>")
     path.write_text("\n".join(parts))
 

@@ -16,6 +16,13 @@ from ..integration.hf import sparse_attention
 FIDELITY_POSITIONS = 256  # next-token distributions compared over the last positions of the text
 
 
+def labelled(name: str, knobs: dict[str, Any]) -> str:
+    """'streaming' or 'streaming[sink=64,window=512]': how records and reports name a setting."""
+    if not knobs:
+        return name
+    return f"{name}[{','.join(f'{k}={v}' for k, v in sorted(knobs.items()))}]"
+
+
 @dataclass(frozen=True)
 class Setting:
     """One point of the sweep: a method with fixed knobs, applied to every phase it supports."""
@@ -25,10 +32,7 @@ class Setting:
 
     @property
     def label(self) -> str:
-        if not self.knobs:
-            return self.method
-        inner = ",".join(f"{k}={v}" for k, v in sorted(self.knobs.items()))
-        return f"{self.method}[{inner}]"
+        return labelled(self.method, self.knobs)
 
 
 def versions() -> dict[str, str]:
@@ -66,7 +70,9 @@ def kv_cache_mb(cache: DynamicCache) -> float:
 
 
 @torch.inference_mode()
-def generate_answer(model, ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int]) -> dict[str, Any]:
+def generate_answer(
+    model, ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int]
+) -> dict[str, Any]:
     """Greedy decode with separate prefill and per-token timing. ``ids``: (1, L)."""
     device = ids.device
     cache = DynamicCache(config=model.config)
@@ -106,13 +112,23 @@ def last_logprobs(model, ids: torch.Tensor, positions: int) -> tuple[torch.Tenso
     return torch.log_softmax(logits.float(), -1), time.perf_counter() - start
 
 
-def fidelity_scores(dense: torch.Tensor, sparse: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+def fidelity_scores(
+    dense: torch.Tensor, sparse: torch.Tensor, targets: torch.Tensor
+) -> dict[str, float]:
     """KL(dense || sparse) per position (mean), perplexity of each on the actual next tokens."""
     kl = (dense.exp() * (dense - sparse)).sum(-1).mean().item()
     nll_dense = -dense.gather(-1, targets[:, None]).mean().item()
     nll_sparse = -sparse.gather(-1, targets[:, None]).mean().item()
-    ppl_dense, ppl_sparse = float(torch.tensor(nll_dense).exp()), float(torch.tensor(nll_sparse).exp())
-    return {"kl": max(kl, 0.0), "ppl_dense": ppl_dense, "ppl": ppl_sparse, "ppl_ratio": ppl_sparse / ppl_dense}
+    ppl_dense, ppl_sparse = (
+        float(torch.tensor(nll_dense).exp()),
+        float(torch.tensor(nll_sparse).exp()),
+    )
+    return {
+        "kl": max(kl, 0.0),
+        "ppl_dense": ppl_dense,
+        "ppl": ppl_sparse,
+        "ppl_ratio": ppl_sparse / ppl_dense,
+    }
 
 
 class SampleRunner:
@@ -146,16 +162,25 @@ class SampleRunner:
         """Record fields measured for ``setting`` (everything but the identifying ones)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        with sparse_attention(self.model, setting.method, **setting.knobs, **self.hook_options) as stats:
+        with sparse_attention(
+            self.model, setting.method, **setting.knobs, **self.hook_options
+        ) as stats:
             if self.is_fidelity:
                 logprobs, prefill_s = last_logprobs(self.model, self.ids, self._positions())
-                result = {"tokens": [], "prefill_s": prefill_s, "decode_s_per_token": None, "kv_cache_mb": None}
+                result = {
+                    "tokens": [],
+                    "prefill_s": prefill_s,
+                    "decode_s_per_token": None,
+                    "kv_cache_mb": None,
+                }
             else:
-                result = generate_answer(self.model, self.ids, self.sample.max_new_tokens, self._eos_ids())
+                result = generate_answer(
+                    self.model, self.ids, self.sample.max_new_tokens, self._eos_ids()
+                )
         answer = self.tokenizer.decode(result["tokens"], skip_special_tokens=True)
         extra: dict[str, Any] = {"kv_cache_mb": result["kv_cache_mb"]}
         if self.is_fidelity:
-            targets = self.ids[0, -self._positions():]
+            targets = self.ids[0, -self._positions() :]
             extra.update(fidelity_scores(self._dense_reference(), logprobs, targets))
             score = float(torch.tensor(-extra["kl"]).exp())
         else:

@@ -42,12 +42,17 @@ def _speedup(dense: dict[int, dict], mine: dict[int, dict], key: str) -> float |
     shared = [s for s in mine if s in dense and mine[s].get(key) and dense[s].get(key)]
     if not shared:
         return None
-    return statistics.fmean(dense[s][key] for s in shared) / statistics.fmean(mine[s][key] for s in shared)
+    return statistics.fmean(dense[s][key] for s in shared) / statistics.fmean(
+        mine[s][key] for s in shared
+    )
 
 
 def pareto_flags(rows: list[SummaryRow]) -> None:
     """Mark rows not dominated in (higher score, lower prefill density); dense counts as density 1."""
-    points = [(r.score_mean, 1.0 if r.prefill_density_mean is None else r.prefill_density_mean) for r in rows]
+    points = [
+        (r.score_mean, 1.0 if r.prefill_density_mean is None else r.prefill_density_mean)
+        for r in rows
+    ]
     for row, (score, density) in zip(rows, points):
         row.pareto = not any(
             s >= score and d <= density and (s > score or d < density) for s, d in points
@@ -66,19 +71,26 @@ def summarize(records: list[dict[str, Any]]) -> list[SummaryRow]:
         recs = list(by_sample.values())
         scores = [r["score"] for r in recs]
         dense = cells.get((task, length, "dense"), {})
-        rows.append(SummaryRow(
-            task=task, length=length, setting=setting, method=methods[setting], n_samples=len(recs),
-            score_mean=statistics.fmean(scores), score_std=statistics.pstdev(scores),
-            prefill_density_mean=_mean([r.get("prefill_density") for r in recs]),
-            decode_density_mean=_mean([r.get("decode_density") for r in recs]),
-            prefill_speedup=_speedup(dense, by_sample, "prefill_s") if dense else None,
-            decode_speedup=_speedup(dense, by_sample, "decode_s_per_token") if dense else None,
-            peak_memory_mb_mean=_mean([r.get("peak_memory_mb") for r in recs]),
-        ))
+        rows.append(
+            SummaryRow(
+                task=task,
+                length=length,
+                setting=setting,
+                method=methods[setting],
+                n_samples=len(recs),
+                score_mean=statistics.fmean(scores),
+                score_std=statistics.pstdev(scores),
+                prefill_density_mean=_mean([r.get("prefill_density") for r in recs]),
+                decode_density_mean=_mean([r.get("decode_density") for r in recs]),
+                prefill_speedup=_speedup(dense, by_sample, "prefill_s") if dense else None,
+                decode_speedup=_speedup(dense, by_sample, "decode_s_per_token") if dense else None,
+                peak_memory_mb_mean=_mean([r.get("peak_memory_mb") for r in recs]),
+            )
+        )
     groups: dict[tuple, list[SummaryRow]] = defaultdict(list)
     for row in rows:
         groups[(row.task, row.length)].append(row)
-    for (task, length), group in groups.items():
+    for group in groups.values():
         dense_row = next((r for r in group if r.setting == "dense"), None)
         for row in group:
             row.informative = dense_row is None or dense_row.score_mean >= 0.3
@@ -93,17 +105,22 @@ def _aggregate_all(rows: list[SummaryRow]) -> list[SummaryRow]:
         by_setting[(row.length, row.setting)].append(row)
     out = []
     for (length, setting), group in sorted(by_setting.items()):
-        out.append(SummaryRow(
-            task="ALL", length=length, setting=setting, method=group[0].method,
-            n_samples=sum(r.n_samples for r in group),
-            score_mean=statistics.fmean(r.score_mean for r in group),
-            score_std=statistics.pstdev([r.score_mean for r in group]),
-            prefill_density_mean=_mean([r.prefill_density_mean for r in group]),
-            decode_density_mean=_mean([r.decode_density_mean for r in group]),
-            prefill_speedup=_mean([r.prefill_speedup for r in group]),
-            decode_speedup=_mean([r.decode_speedup for r in group]),
-            peak_memory_mb_mean=_mean([r.peak_memory_mb_mean for r in group]),
-        ))
+        out.append(
+            SummaryRow(
+                task="ALL",
+                length=length,
+                setting=setting,
+                method=group[0].method,
+                n_samples=sum(r.n_samples for r in group),
+                score_mean=statistics.fmean(r.score_mean for r in group),
+                score_std=statistics.pstdev([r.score_mean for r in group]),
+                prefill_density_mean=_mean([r.prefill_density_mean for r in group]),
+                decode_density_mean=_mean([r.decode_density_mean for r in group]),
+                prefill_speedup=_mean([r.prefill_speedup for r in group]),
+                decode_speedup=_mean([r.decode_speedup for r in group]),
+                peak_memory_mb_mean=_mean([r.peak_memory_mb_mean for r in group]),
+            )
+        )
     by_length: dict[int, list[SummaryRow]] = defaultdict(list)
     for row in out:
         by_length[row.length].append(row)

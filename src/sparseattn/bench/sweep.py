@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from ..registry import build_method, get_method_class, list_methods
-from .runner import Setting
+from .runner import Setting, labelled
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,7 @@ class TaskSpec:
 
     @property
     def label(self) -> str:
-        if not self.knobs:
-            return self.name
-        return f"{self.name}[{','.join(f'{k}={v}' for k, v in sorted(self.knobs.items()))}]"
+        return labelled(self.name, self.knobs)
 
     def build(self):
         from .tasks import build_task
@@ -39,7 +38,9 @@ def parse_task_spec(text: str) -> TaskSpec:
     knobs = {}
     for pair in filter(None, rest.split(",")):
         if "=" not in pair:
-            raise ValueError(f"bad task spec {text!r}: knobs are name=value, e.g. niah_single:haystack=kv")
+            raise ValueError(
+                f"bad task spec {text!r}: knobs are name=value, e.g. niah_single:haystack=kv"
+            )
         key, value = pair.split("=", 1)
         knobs[key.strip()] = parse_value(value.strip())
     spec = TaskSpec(name.strip(), knobs)
@@ -91,7 +92,10 @@ def load_grid_file(path: str | Path) -> dict[str, dict[str, list[Any]]]:
     if not path.is_file():
         raise ValueError(f"grid file not found: {path}")
     data = tomllib.loads(path.read_text())
-    return {m: {k: v if isinstance(v, list) else [v] for k, v in knobs.items()} for m, knobs in data.items()}
+    return {
+        m: {k: v if isinstance(v, list) else [v] for k, v in knobs.items()}
+        for m, knobs in data.items()
+    }
 
 
 def expand_settings(methods: list[str], grids: dict[str, dict[str, list[Any]]]) -> list[Setting]:
@@ -101,7 +105,9 @@ def expand_settings(methods: list[str], grids: dict[str, dict[str, list[Any]]]) 
     """
     unknown_grid = sorted(set(grids) - set(methods))
     if unknown_grid:
-        raise ValueError(f"--grid names method(s) {unknown_grid} that are not in --methods {methods}")
+        raise ValueError(
+            f"--grid names method(s) {unknown_grid} that are not in --methods {methods}"
+        )
     ordered = ["dense"] + [m for m in methods if m != "dense"]
     settings: list[Setting] = []
     for method in ordered:

@@ -63,7 +63,9 @@ def sparse_mask(
     if attention_mask is not None:
         padding = attention_mask.bool()
         if padding.shape[-1] < kv_offset + kv_length:  # static caches: pad with "valid"
-            padding = nn.functional.pad(padding, (0, kv_offset + kv_length - padding.shape[-1]), value=True)
+            padding = nn.functional.pad(
+                padding, (0, kv_offset + kv_length - padding.shape[-1]), value=True
+            )
         key_valid = padding[:, kv_offset : kv_offset + kv_length]
         if bool(key_valid.all()):
             key_valid = None
@@ -141,9 +143,17 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     named = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
     supported = getattr(model, "_supports_attention_backend", False)
     good = [m for _, m in named if hasattr(m, "layer_idx") and hasattr(m, "config")]
-    missing = [f"{n} ({type(m).__name__})" for n, m in named if not (hasattr(m, "layer_idx") and hasattr(m, "config"))]
+    missing = [
+        f"{n} ({type(m).__name__})"
+        for n, m in named
+        if not (hasattr(m, "layer_idx") and hasattr(m, "config"))
+    ]
     if not supported or not good or missing:
-        listed = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "") if missing else "none found"
+        listed = (
+            ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            if missing
+            else "none found"
+        )
         raise ValueError(
             f"unsupported model {type(model).__name__}: its attention does not go through "
             f"transformers' AttentionInterface (layers missing support: {listed}); supported are "
@@ -169,7 +179,9 @@ def _configs(model: nn.Module) -> list[PretrainedConfig]:
 def _as_method(method: str | Method, knobs: dict[str, Any]) -> Method:
     if isinstance(method, Method):
         if knobs:
-            raise ValueError(f"knobs {sorted(knobs)} given with a method instance; set them on the instance")
+            raise ValueError(
+                f"knobs {sorted(knobs)} given with a method instance; set them on the instance"
+            )
         return method
     return build_method(method, **knobs)
 
@@ -214,7 +226,9 @@ def sparse_attention(
     if method is not None and (prefill or decode or prefill_knobs or decode_knobs):
         raise ValueError("give either `method` (with its knobs) or prefill=/decode=, not both")
     if method is None and knobs:
-        raise ValueError(f"knobs {sorted(knobs)} given without `method`; use prefill_knobs/decode_knobs")
+        raise ValueError(
+            f"knobs {sorted(knobs)} given without `method`; use prefill_knobs/decode_knobs"
+        )
     if method is not None:
         prefill_method = decode_method = _as_method(method, knobs)
     else:
@@ -224,7 +238,9 @@ def sparse_attention(
         raise ValueError(f"min_length={min_length!r} must be an integer >= 0")
     layers = attention_layers(model)
     if any(m in _ACTIVE for m in layers):
-        raise ValueError("this model is already inside a sparse_attention() block; nesting is not supported")
+        raise ValueError(
+            "this model is already inside a sparse_attention() block; nesting is not supported"
+        )
     n_layers = len(layers)
     bad = [i for i in dense_layers if not 0 <= i < n_layers]
     if bad:
@@ -259,7 +275,9 @@ def sparse_attention(
 def last_stats(model: nn.Module) -> RunStats:
     """Measured density and timing of the latest run of ``model`` under sparse_attention()."""
     if model not in _LAST_STATS:
-        raise ValueError("no stats: run the model inside `with sparseattn.sparse_attention(model, ...)` first")
+        raise ValueError(
+            "no stats: run the model inside `with sparseattn.sparse_attention(model, ...)` first"
+        )
     return _LAST_STATS[model]
 
 

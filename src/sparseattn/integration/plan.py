@@ -40,7 +40,15 @@ class SparsePlan:
         differs between sliding and full layers. The padding tensor is held by the cache entry
         and compared by identity, so a later forward never reuses a stale layout.
         """
-        key = (ctx.q_len, ctx.kv_len, ctx.q_offset, ctx.kv_offset, ctx.sliding_window, ctx.batch, block_size)
+        key = (
+            ctx.q_len,
+            ctx.kv_len,
+            ctx.q_offset,
+            ctx.kv_offset,
+            ctx.sliding_window,
+            ctx.batch,
+            block_size,
+        )
         cached = self._layouts.get(key)
         if cached is not None and cached.ctx.key_valid is ctx.key_valid:
             return cached
@@ -51,14 +59,22 @@ class SparsePlan:
 
     def __post_init__(self) -> None:
         if self.prefill_backend not in PREFILL_BACKENDS:
-            raise ValueError(f"prefill_backend={self.prefill_backend!r}; allowed: {list(PREFILL_BACKENDS)}")
+            raise ValueError(
+                f"prefill_backend={self.prefill_backend!r}; allowed: {list(PREFILL_BACKENDS)}"
+            )
         if self.decode_backend not in DECODE_BACKENDS:
-            raise ValueError(f"decode_backend={self.decode_backend!r}; allowed: {list(DECODE_BACKENDS)}")
+            raise ValueError(
+                f"decode_backend={self.decode_backend!r}; allowed: {list(DECODE_BACKENDS)}"
+            )
 
     def method_for(self, ctx: AttentionContext) -> Method:
         """The phase's method, or dense for kept-dense layers, short calls and unsupported phases."""
         method = self.prefill if ctx.phase.is_prefill else self.decode
-        if ctx.layer_idx in self.dense_layers or ctx.kv_len < self.min_length or not method.supports(ctx.phase):
+        if (
+            ctx.layer_idx in self.dense_layers
+            or ctx.kv_len < self.min_length
+            or not method.supports(ctx.phase)
+        ):
             return _DENSE
         return method
 
@@ -77,18 +93,24 @@ def window_matters(ctx: AttentionContext) -> bool:
     return ctx.q_offset + ctx.q_len - 1 - ctx.kv_offset >= ctx.sliding_window
 
 
-def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+def dense_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+) -> torch.Tensor:
     """The model's own dense attention through SDPA (no window): (B, Lq, Hq, D)."""
     gqa = ctx.groups > 1
     aligned = ctx.q_offset + ctx.q_len == ctx.kv_offset + ctx.kv_len
     if ctx.key_valid is None and aligned and ctx.q_len == 1:
         out = F.scaled_dot_product_attention(q, k, v, scale=ctx.scaling, enable_gqa=gqa)
     elif ctx.key_valid is None and aligned and ctx.q_len == ctx.kv_len:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ctx.scaling, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=ctx.scaling, enable_gqa=gqa
+        )
     else:
         mask = base_token_mask(ctx)  # (B, 1, Lq, Lk)
         mask = mask | ~mask.any(-1, keepdim=True)  # padded query rows: finite garbage, never NaN
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ctx.scaling, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=ctx.scaling, enable_gqa=gqa
+        )
     return out.transpose(1, 2)
 
 
@@ -129,8 +151,12 @@ def run_layer(
     if method is _DENSE and not window_matters(ctx) and softcap is None:
         start = clock.now()
         out = dense_sdpa(query, key, value, ctx)
-        visible = plan.layout_for(ctx, _STATS_BLOCK).counts.sum((-1, -2)).double()[:, None].expand(B, Hq)
-        plan.stats.record(layer_idx, ctx.phase, method.name, visible, visible, 0.0, clock.now() - start)
+        visible = (
+            plan.layout_for(ctx, _STATS_BLOCK).counts.sum((-1, -2)).double()[:, None].expand(B, Hq)
+        )
+        plan.stats.record(
+            layer_idx, ctx.phase, method.name, visible, visible, 0.0, clock.now() - start
+        )
         return out
 
     start = clock.now()
@@ -146,5 +172,7 @@ def run_layer(
         out = flex_attend(query, key, value, selection, ctx, layout)
     done = clock.now()
     computed, visible = layout.density(selection)
-    plan.stats.record(layer_idx, ctx.phase, method.name, computed, visible, selected - start, done - selected)
+    plan.stats.record(
+        layer_idx, ctx.phase, method.name, computed, visible, selected - start, done - selected
+    )
     return out

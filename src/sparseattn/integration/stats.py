@@ -28,7 +28,9 @@ class LayerStats:
     select_s: float = 0.0
     attend_s: float = 0.0
 
-    def add(self, computed: torch.Tensor, visible: torch.Tensor, select_s: float, attend_s: float) -> None:
+    def add(
+        self, computed: torch.Tensor, visible: torch.Tensor, select_s: float, attend_s: float
+    ) -> None:
         computed, visible = computed.sum(0), visible.sum(0)  # (B, H) -> (H,)
         if self.computed is None:
             self.computed, self.visible = computed, visible

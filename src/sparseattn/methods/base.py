@@ -54,6 +54,25 @@ def validate_knobs(obj: Any) -> None:
             )
 
 
+def build_checked(cls: type, kind: str, name: str, knobs: dict[str, Any]) -> Any:
+    """``cls(**knobs)``, with a ValueError listing the allowed knobs if one is unknown.
+
+    Args:
+        cls: A dataclass whose fields are knobs (a method or a task).
+        kind: "method" or "task", for the message.
+        name: The registered name, for the message.
+        knobs: Keyword arguments to check and pass.
+    """
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(knobs) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown knob(s) {', '.join(map(repr, unknown))} for {kind} {name!r}; "
+            f"allowed knobs: {', '.join(sorted(allowed)) or '(none)'}"
+        )
+    return cls(**knobs)
+
+
 @dataclass
 class Method(ABC):
     """A sparse attention method: chooses which tiles (or tokens) each query attends to.

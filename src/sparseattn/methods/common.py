@@ -7,7 +7,9 @@ import torch
 from ..backends.masks import BlockLayout
 
 
-def tile_ranges(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def tile_ranges(
+    layout: BlockLayout,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Absolute position ranges of tiles.
 
     Returns:
@@ -19,7 +21,12 @@ def tile_ranges(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor, torch.
     q_last = (q_first + b - 1).clamp(max=ctx.q_len - 1)
     k_first = torch.arange(layout.n_kv_blocks, device=ctx.device) * b
     k_last = (k_first + b - 1).clamp(max=ctx.kv_len - 1)
-    return q_first + ctx.q_offset, q_last + ctx.q_offset, k_first + ctx.kv_offset, k_last + ctx.kv_offset
+    return (
+        q_first + ctx.q_offset,
+        q_last + ctx.q_offset,
+        k_first + ctx.kv_offset,
+        k_last + ctx.kv_offset,
+    )
 
 
 def sink_tiles(layout: BlockLayout, sink: int) -> torch.Tensor:

@@ -16,7 +16,9 @@ from .common import keep_cumulative_mass
 _QUERY_CHUNK = 1024
 
 
-def true_tile_mass(q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, layout: BlockLayout) -> torch.Tensor:
+def true_tile_mass(
+    q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, layout: BlockLayout
+) -> torch.Tensor:
     """(B, Hq, nQ, nK) float32: attention probability mass of every tile, summed over its queries.
 
     Computed exactly in float32 in query chunks of 1024 (memory O(chunk x Lk) per head).
@@ -24,7 +26,9 @@ def true_tile_mass(q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, layo
     b = layout.block_size
     kf = k.float().repeat_interleave(ctx.groups, dim=1)  # (B, Hq, Lk, D)
     visible = base_token_mask(ctx)  # (B, 1, Lq, Lk)
-    mass = torch.zeros(ctx.batch, ctx.num_q_heads, layout.n_q_blocks, layout.n_kv_blocks, device=q.device)
+    mass = torch.zeros(
+        ctx.batch, ctx.num_q_heads, layout.n_q_blocks, layout.n_kv_blocks, device=q.device
+    )
     pad_k = layout.n_kv_blocks * b - ctx.kv_len
     for start in range(0, ctx.q_len, _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, ctx.q_len)
@@ -49,12 +53,16 @@ class Oracle(Method):
     """
 
     name: ClassVar[str] = "oracle"
-    paper: ClassVar[str] = "The Sparse Frontier: Sparse Attention Trade-offs in Transformer LLMs (arXiv:2504.17768)"
+    paper: ClassVar[str] = (
+        "The Sparse Frontier: Sparse Attention Trade-offs in Transformer LLMs (arXiv:2504.17768)"
+    )
     is_speedup: ClassVar[bool] = False
     dense_limit: ClassVar[dict] = {"top_p": 1.0}
     default_grid: ClassVar[dict] = {"top_p": [0.8, 0.9, 0.95]}
 
-    top_p: float = knob(0.95, low=0.01, high=1.0, help="share of each row's true attention mass to keep")
+    top_p: float = knob(
+        0.95, low=0.01, high=1.0, help="share of each row's true attention mass to keep"
+    )
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         if self.top_p >= 1.0:

@@ -25,7 +25,9 @@ class Dense(Method):
     paper: ClassVar[str] = "baseline"
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
-        every = torch.ones(layout.n_q_blocks, layout.n_kv_blocks, dtype=torch.bool, device=ctx.device)
+        every = torch.ones(
+            layout.n_q_blocks, layout.n_kv_blocks, dtype=torch.bool, device=ctx.device
+        )
         return layout.finalize(per_head(every, layout, ctx.num_q_heads))
 
 
@@ -40,7 +42,9 @@ class Streaming(Method):
     """
 
     name: ClassVar[str] = "streaming"
-    paper: ClassVar[str] = "Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)"
+    paper: ClassVar[str] = (
+        "Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)"
+    )
     dense_limit: ClassVar[dict] = {"window": _BIG}
     default_grid: ClassVar[dict] = {"window": [256, 512, 1024]}
 
@@ -69,7 +73,9 @@ class TriShape(Streaming):
     """
 
     name: ClassVar[str] = "tri_shape"
-    paper: ClassVar[str] = "SCBench: A KV Cache-Centric Analysis of Long-Context Methods (arXiv:2412.10319)"
+    paper: ClassVar[str] = (
+        "SCBench: A KV Cache-Centric Analysis of Long-Context Methods (arXiv:2412.10319)"
+    )
     phases: ClassVar = PREFILL_PHASES
     default_grid: ClassVar[dict] = {"window": [256, 1024]}
 
@@ -97,7 +103,9 @@ class Strided(Method):
     """
 
     name: ClassVar[str] = "strided"
-    paper: ClassVar[str] = "S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (arXiv:2407.17678)"
+    paper: ClassVar[str] = (
+        "S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (arXiv:2407.17678)"
+    )
     dense_limit: ClassVar[dict] = {"stride": 1}
     default_grid: ClassVar[dict] = {"stride": [2, 4, 8]}
 

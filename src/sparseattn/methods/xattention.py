@@ -34,7 +34,9 @@ def antidiagonal_tile_scores(
     b, S, dev = layout.block_size, stride, ctx.device
     nQ, nK = layout.n_q_blocks, layout.n_kv_blocks
     B, Hq, _, D = q.shape
-    qp = _pad_to(q.float(), nQ * b).view(B, Hq, nQ * b // S, S, D).flip(-2).reshape(B, Hq, -1, S * D)
+    qp = (
+        _pad_to(q.float(), nQ * b).view(B, Hq, nQ * b // S, S, D).flip(-2).reshape(B, Hq, -1, S * D)
+    )
     kf = k.float().repeat_interleave(ctx.groups, dim=1)  # (B, Hq, Lk, D)
     kp = _pad_to(kf, nK * b).reshape(B, Hq, nK * b // S, S * D)  # (B, Hq, nGk, S*D)
     n_gq, n_gk = qp.shape[2], kp.shape[2]
@@ -78,13 +80,19 @@ class XAttention(Method):
     """
 
     name: ClassVar[str] = "xattention"
-    paper: ClassVar[str] = "XAttention: Block Sparse Attention with Antidiagonal Scoring (arXiv:2503.16428)"
+    paper: ClassVar[str] = (
+        "XAttention: Block Sparse Attention with Antidiagonal Scoring (arXiv:2503.16428)"
+    )
     phases: ClassVar = PREFILL_PHASES
     dense_limit: ClassVar[dict] = {"threshold": 1.0}
     default_grid: ClassVar[dict] = {"threshold": [0.8, 0.9, 0.95]}
 
     threshold: float = knob(0.9, low=0.01, high=1.0, help="estimated mass each query tile keeps")
-    stride: int = knob(8, choices=(4, 8, 16), help="antidiagonal stride S (cost ~1/S of dense QK); divides every block size")
+    stride: int = knob(
+        8,
+        choices=(4, 8, 16),
+        help="antidiagonal stride S (cost ~1/S of dense QK); divides every block size",
+    )
     keep_sink: bool = knob(True, choices=(True, False), help="always keep the first key tile")
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:

@@ -36,14 +36,22 @@ class VariableTracking(Task):
         for c in range(self.num_chains):
             chain = pool[c * (self.num_hops + 1) : (c + 1) * (self.num_hops + 1)]
             value = number(rng, 5)
-            lines = [f"VAR {chain[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])]
+            lines = [f"VAR {chain[0]} = {value}."] + [
+                f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])
+            ]
             offset = start if c == 0 else rng.random() * 0.5
             step = (0.95 - offset) / len(lines)
             needles += [(offset + i * step, line) for i, line in enumerate(lines)]
             chains.append((chain, value))
         chain, value = chains[0]
-        question = f"Which variables are assigned the value {value}? Answer with the variable names only."
-        return Prompt(haystack_filler("noise", rng), needles, question), list(chain), {"value": value}
+        question = (
+            f"Which variables are assigned the value {value}? Answer with the variable names only."
+        )
+        return (
+            Prompt(haystack_filler("noise", rng), needles, question),
+            list(chain),
+            {"value": value},
+        )
 
 
 @register_task
@@ -53,7 +61,9 @@ class CommonWords(Task):
 
     name: ClassVar[str] = "common_words"
     num_common: int = knob(3, low=1, high=10, help="words to find")
-    common_share: float = knob(0.3, low=0.05, high=0.9, help="share of list entries that are common words")
+    common_share: float = knob(
+        0.3, low=0.05, high=0.9, help="share of list entries that are common words"
+    )
 
     def make_prompt(self, rng, sample):
         vocabulary = sorted(set(NOUNS) | set(ADJECTIVES))
@@ -66,8 +76,10 @@ class CommonWords(Task):
             word = r.choice(common) if r.random() < self.common_share else r.choice(rare)
             return f"{i + 1}. {word}"
 
-        question = (f"What are the {self.num_common} most common words in the numbered list above? "
-                    "Answer with the words only.")
+        question = (
+            f"What are the {self.num_common} most common words in the numbered list above? "
+            "Answer with the words only."
+        )
         header = "Below is a numbered list of words. Some words appear many times.\n"
         return Prompt(entry, [], question, header=header, separator="\n"), common, {}
 
@@ -79,7 +91,9 @@ class FrequentWords(Task):
 
     name: ClassVar[str] = "frequent_words"
     num_frequent: int = knob(3, low=1, high=10, help="words to find")
-    frequent_share: float = knob(0.3, low=0.05, high=0.9, help="share of words that are frequent ones")
+    frequent_share: float = knob(
+        0.3, low=0.05, high=0.9, help="share of words that are frequent ones"
+    )
 
     def make_prompt(self, rng, sample):
         frequent: list[str] = []
@@ -92,10 +106,15 @@ class FrequentWords(Task):
 
         def line(i: int) -> str:
             r = seeded_rng("frequent", salt, i)
-            words = [r.choice(frequent) if r.random() < self.frequent_share else r.choice(others) for _ in range(8)]
+            words = [
+                r.choice(frequent) if r.random() < self.frequent_share else r.choice(others)
+                for _ in range(8)
+            ]
             return " ".join(words) + "."
 
-        question = (f"What are the {self.num_frequent} most frequent coded words in the text above? "
-                    "Answer with the words only.")
+        question = (
+            f"What are the {self.num_frequent} most frequent coded words in the text above? "
+            "Answer with the words only."
+        )
         header = "Below is a text of coded words.\n"
         return Prompt(line, [], question, header=header), frequent, {}

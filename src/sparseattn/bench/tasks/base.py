@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...methods.base import validate_knobs
+from ...methods.base import build_checked, validate_knobs
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -28,15 +28,7 @@ def build_task(name: str, **knobs: Any) -> Task:
     """Instantiate task ``name``; ValueError for an unknown task, knob or knob value."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
-    cls = TASKS[name]
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(knobs) - allowed)
-    if unknown:
-        raise ValueError(
-            f"unknown knob(s) {', '.join(map(repr, unknown))} for task {name!r}; "
-            f"allowed knobs: {', '.join(sorted(allowed)) or '(none)'}"
-        )
-    return cls(**knobs)
+    return build_checked(TASKS[name], "task", name, knobs)
 
 
 def seeded_rng(*parts: Any) -> random.Random:
@@ -113,11 +105,14 @@ def fit(tokenizer, prompt: Prompt, length: int, chat: bool = True) -> list[int]:
     Raises:
         ValueError: the prompt without any filler is already longer than ``length``.
     """
+
     def build(n: int) -> list[int]:
         return prompt_tokens(tokenizer, prompt, n, chat)
 
     if len(build(0)) > length:
-        raise ValueError(f"length {length} is too short for this task: it needs at least {len(build(0))} tokens")
+        raise ValueError(
+            f"length {length} is too short for this task: it needs at least {len(build(0))} tokens"
+        )
     low, high = 0, 1
     while len(build(high)) <= length:
         low, high = high, high * 2
@@ -154,7 +149,9 @@ class Task:
     def generate(self, tokenizer, length: int, seed: int, sample: int) -> TaskSample:
         minimum = self.min_length(tokenizer)
         if length < minimum:
-            raise ValueError(f"task {self.name}: length {length} is too short; it needs at least {minimum} tokens")
+            raise ValueError(
+                f"task {self.name}: length {length} is too short; it needs at least {minimum} tokens"
+            )
         knobs = dataclasses.asdict(self)
         rng = seeded_rng(self.name, sorted(knobs.items()), seed, sample)
         prompt, references, meta = self.make_prompt(rng, sample)
@@ -162,7 +159,9 @@ class Task:
             ids = fit(tokenizer, prompt, length, self.chat)
         except ValueError as err:
             raise ValueError(f"task {self.name}: {err}") from None
-        return TaskSample(self.name, length, sample, seed, ids, references, self.max_new_tokens, meta)
+        return TaskSample(
+            self.name, length, sample, seed, ids, references, self.max_new_tokens, meta
+        )
 
     def min_length(self, tokenizer) -> int:
         """Shortest length any sample fits in: the needles and question plus a margin of 32."""

@@ -8,7 +8,18 @@ from typing import ClassVar
 
 from ...methods.base import knob
 from .base import Prompt, Task, depth_of, register_task, seeded_rng
-from .words import CITIES, COLORS, FIRST_NAMES, JOBS, NOUNS, PET_NAMES, PETS, PLACES, person, prose_sentence
+from .words import (
+    CITIES,
+    COLORS,
+    FIRST_NAMES,
+    JOBS,
+    NOUNS,
+    PET_NAMES,
+    PETS,
+    PLACES,
+    person,
+    prose_sentence,
+)
 
 
 @register_task
@@ -22,7 +33,9 @@ class QA(Task):
 
     name: ClassVar[str] = "qa"
     max_new_tokens: ClassVar[int] = 16
-    question_kind: str = knob("city", choices=("city", "job"), help="ask for the person's city or job")
+    question_kind: str = knob(
+        "city", choices=("city", "job"), help="ask for the person's city or job"
+    )
 
     def make_prompt(self, rng, sample):
         who, city, job = person(rng), rng.choice(CITIES), rng.choice(JOBS)
@@ -39,7 +52,10 @@ class QA(Task):
 
         fact = f"\nDocument: {who} works as a {job} in the city of {city}. "
         if self.question_kind == "city":
-            question, answer = f"In which city does {who} work? Answer with the city name only.", city
+            question, answer = (
+                f"In which city does {who} work? Answer with the city name only.",
+                city,
+            )
         else:
             question, answer = f"What is the job of {who}? Answer with one word.", job
         prompt = Prompt(document, [(depth_of(sample, rng), fact)], question, separator="")
@@ -70,13 +86,21 @@ class Story(Task):
         if self.question == "retrieval":
             thing, color, place = rng.choice(NOUNS), rng.choice(COLORS), rng.choice(PLACES)
             needles = [(depth_of(sample, rng), f"{hero} keeps a {color} {thing} in the {place}.")]
-            question, answer = f"What does {hero} keep in the {place}? Answer in a few words.", thing
+            question, answer = (
+                f"What does {hero} keep in the {place}? Answer in a few words.",
+                thing,
+            )
         else:
             city, pet, pet_name = rng.choice(CITIES), rng.choice(PETS), rng.choice(PET_NAMES)
             first, second = sorted([depth_of(sample, rng), rng.random()])
-            needles = [(first, f"{hero} lives in {city}."),
-                       (second, f"The only person who lives in {city} has a {pet} named {pet_name}.")]
-            question, answer = f"What is the name of the {pet} of {hero}? Answer with the name only.", pet_name
+            needles = [
+                (first, f"{hero} lives in {city}."),
+                (second, f"The only person who lives in {city} has a {pet} named {pet_name}."),
+            ]
+            question, answer = (
+                f"What is the name of the {pet} of {hero}? Answer with the name only.",
+                pet_name,
+            )
         return Prompt(sentence, needles, question), [answer], {"hero": hero}
 
 
@@ -101,7 +125,9 @@ class Fidelity(Task):
 
     def make_prompt(self, rng, sample):
         if self.text_file is not None:
-            sentences = [s.strip() + "." for s in Path(self.text_file).read_text().split(".") if s.strip()]
+            sentences = [
+                s.strip() + "." for s in Path(self.text_file).read_text().split(".") if s.strip()
+            ]
             if not sentences:
                 raise ValueError(f"fidelity: text_file={self.text_file!r} holds no text")
             filler = lambda i: sentences[i % len(sentences)]  # noqa: E731

@@ -23,9 +23,11 @@ def haystack_filler(kind: str, rng: random.Random):
     if kind == "noise":
         return lambda i: NOISE_SENTENCES[i % len(NOISE_SENTENCES)]
     if kind == "kv":
+
         def kv(i: int) -> str:
             r = seeded_rng("kv", salt, i)
             return f"Entry {var_name(r)}-{r.randint(100, 999)} holds the word {key_phrase(r)}."
+
         return kv
     return lambda i: prose_sentence(seeded_rng("prose", salt, i))
 
@@ -36,13 +38,19 @@ class NiahSingle(Task):
     """One needle ("The special magic number for KEY is N.") in a haystack; ask for N."""
 
     name: ClassVar[str] = "niah_single"
-    haystack: str = knob("noise", choices=HAYSTACKS, help="filler: repeated noise, key-value lines, prose")
+    haystack: str = knob(
+        "noise", choices=HAYSTACKS, help="filler: repeated noise, key-value lines, prose"
+    )
     digits: int = knob(7, low=3, high=12, help="digits of the magic number")
 
     def make_prompt(self, rng, sample):
         key, value = key_phrase(rng), number(rng, self.digits)
         question = f"What is the special magic number for {key}? Answer with the number only."
-        prompt = Prompt(haystack_filler(self.haystack, rng), [(depth_of(sample, rng), needle(key, value))], question)
+        prompt = Prompt(
+            haystack_filler(self.haystack, rng),
+            [(depth_of(sample, rng), needle(key, value))],
+            question,
+        )
         return prompt, [value], {"key": key, "haystack": self.haystack}
 
 
@@ -103,4 +111,8 @@ class NiahMultiQuery(Task):
         values = [number(rng) for _ in keys]
         needles = [(rng.random(), needle(k, v)) for k, v in zip(keys, values)]
         question = f"What are the special magic numbers for {' and '.join(keys)}? List the numbers."
-        return Prompt(haystack_filler(self.haystack, rng), needles, question), values, {"keys": keys}
+        return (
+            Prompt(haystack_filler(self.haystack, rng), needles, question),
+            values,
+            {"keys": keys},
+        )

@@ -29,10 +29,14 @@ LAST_NAMES = (
     "Stonebridge Thornbury Underhill Vexley Whitlock Yarrowdale"
 ).split()
 CITIES = (
-    "Varnholt Queensmere Brackenford Duskhaven Elmsworth Fernhollow Glimmerdale Harrowgate "
-    "Ivybridge Juniper Falls Kestrelmoor Lindenport Marrowby Nettlefield Oldcastle Pinecrest "
-    "Ravensholm Saltmarsh Thistlewick Umberlee Westerhaven"
-).replace("Juniper Falls", "Juniperfalls").split()
+    (
+        "Varnholt Queensmere Brackenford Duskhaven Elmsworth Fernhollow Glimmerdale Harrowgate "
+        "Ivybridge Juniper Falls Kestrelmoor Lindenport Marrowby Nettlefield Oldcastle Pinecrest "
+        "Ravensholm Saltmarsh Thistlewick Umberlee Westerhaven"
+    )
+    .replace("Juniper Falls", "Juniperfalls")
+    .split()
+)
 JOBS = (
     "baker carpenter chemist pilot librarian gardener tailor architect potter surveyor "
     "beekeeper cartographer clockmaker fisherman glassblower jeweler locksmith sculptor"
@@ -80,10 +84,20 @@ def person(rng: random.Random) -> str:
 def prose_sentence(rng: random.Random) -> str:
     """One sentence of generated prose about people, places and things."""
     templates = (
-        lambda: f"{rng.choice(FIRST_NAMES)} {rng.choice(VERBS)} a {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} near {rng.choice(CITIES)}.",
-        lambda: f"In {rng.choice(CITIES)}, the {rng.choice(JOBS)}s talk about the {rng.choice(ADJECTIVES)} weather.",
-        lambda: f"The {rng.choice(NOUNS)} in the {rng.choice(PLACES)} was {rng.choice(COLORS)} and {rng.choice(ADJECTIVES)}.",
-        lambda: f"Every spring a {rng.choice(JOBS)} from {rng.choice(CITIES)} visits the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}.",
-        lambda: f"Some say the {rng.choice(NOUNS)} and the {rng.choice(NOUNS)} were made by the same {rng.choice(JOBS)}.",
+        lambda: (
+            f"{rng.choice(FIRST_NAMES)} {rng.choice(VERBS)} a {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} near {rng.choice(CITIES)}."
+        ),
+        lambda: (
+            f"In {rng.choice(CITIES)}, the {rng.choice(JOBS)}s talk about the {rng.choice(ADJECTIVES)} weather."
+        ),
+        lambda: (
+            f"The {rng.choice(NOUNS)} in the {rng.choice(PLACES)} was {rng.choice(COLORS)} and {rng.choice(ADJECTIVES)}."
+        ),
+        lambda: (
+            f"Every spring a {rng.choice(JOBS)} from {rng.choice(CITIES)} visits the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}."
+        ),
+        lambda: (
+            f"Some say the {rng.choice(NOUNS)} and the {rng.choice(NOUNS)} were made by the same {rng.choice(JOBS)}."
+        ),
     )
     return rng.choice(templates)()

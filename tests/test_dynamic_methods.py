@@ -45,3 +45,34 @@ def test_recall_of_true_mass_close_to_threshold():
         assert recall > threshold - 0.15
     dense_recall = (mass * layout.visible[:, None]).sum() / mass.sum()
     assert dense_recall == pytest.approx(1.0)
+
+
+def test_vertical_slash_finds_planted_column_and_diagonal():
+    """Key 300 matches every query (a vertical line); key j matches query j + 100 (a slash)."""
+    q, k, v, ctx = make_call(512, 512, batch=1, hq=2, hkv=1, d=16, seed=1)
+    q, k = 0.05 * q, 0.05 * k
+    code = torch.randn(512, 15, generator=torch.Generator().manual_seed(9))
+    code = 3.0 * code / code.norm(dim=-1, keepdim=True)
+    q[..., 1:] += code  # every query carries its own code...
+    k[..., 100:, 1:] += code[:-100]  # ...and key j carries the code of query j + 100
+    q[..., 0] += 3.0
+    k[0, :, 300, 0] += 6.0  # one key every query likes
+    layout = BlockLayout(ctx, 32)
+    method = build_method(
+        "vertical_slash", block_size=32, vertical_size=8, slash_size=8, last_queries=64
+    )
+    sel = method.select(q, k, ctx, layout).mask[0, 0]
+    assert sel[10:, 300 // 32].all(), "the vertical line's tile is kept for every later query tile"
+    for i in range(
+        5, 16
+    ):  # query tile i holds queries [32 i, 32 i + 31]; their slash keys are 100 earlier
+        assert sel[i, (32 * i - 100) // 32] or sel[i, (32 * i + 31 - 100) // 32]
+    assert sel.float().mean() < 0.5
+
+
+def test_block_sparse_finds_the_hot_tile():
+    q, k, v, ctx = planted_call(hot_tile=5)
+    layout = BlockLayout(ctx, 32)
+    sel = build_method("block_sparse", block_size=32, top_k=2).select(q, k, ctx, layout).mask
+    assert sel[0, :, 6:, 5].all()
+    assert int(sel.sum(-1).max()) <= 3

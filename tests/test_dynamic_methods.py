@@ -76,3 +76,48 @@ def test_block_sparse_finds_the_hot_tile():
     sel = build_method("block_sparse", block_size=32, top_k=2).select(q, k, ctx, layout).mask
     assert sel[0, :, 6:, 5].all()
     assert int(sel.sum(-1).max()) <= 3
+
+
+def vertical_line_call():
+    """Every query strongly prefers key 300 (a vertical line); otherwise flat attention."""
+    q, k, v, ctx = make_call(512, 512, batch=1, hq=2, hkv=1, d=16, seed=1)
+    q, k = 0.05 * q, 0.05 * k
+    q[..., 0] += 3.0
+    k[0, :, 300, 0] += 6.0
+    return q, k, v, ctx
+
+
+@pytest.mark.parametrize("planted", ["hot_tile", "vertical_line"])
+def test_flexprefill_finds_planted_structure(planted):
+    if planted == "hot_tile":
+        q, k, v, ctx = planted_call(hot_tile=5)
+        tile, rows = 5, slice(6, None)
+    else:
+        q, k, v, ctx = vertical_line_call()
+        tile, rows = 300 // 32, slice(10, None)
+    layout = BlockLayout(ctx, 32)
+    sel = (
+        build_method("flexprefill", gamma=0.6, min_budget=0, block_size=32)
+        .select(q, k, ctx, layout)
+        .mask
+    )
+    assert sel[0, :, rows, tile].all()
+    assert sel[0].float().mean() < layout.visible.float().mean()
+
+
+def test_flexprefill_min_budget_adds_tiles():
+    q, k, v, ctx = planted_call(hot_tile=5)
+    layout = BlockLayout(ctx, 32)
+    lean = (
+        build_method("flexprefill", gamma=0.3, min_budget=0, block_size=32)
+        .select(q, k, ctx, layout)
+        .mask
+    )
+    padded = (
+        build_method("flexprefill", gamma=0.3, min_budget=256, block_size=32)
+        .select(q, k, ctx, layout)
+        .mask
+    )
+    assert (padded | ~lean).all() and padded.sum() > lean.sum()
+    rows_with_room = layout.visible[0].sum(-1) >= 8
+    assert (padded[0, :, rows_with_room].sum(-1) >= 8).all()  # 256 tokens = 8 tiles of 32

@@ -29,58 +29,68 @@ def last_query_probs(
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
 
 
-def vertical_slash_tiles(
-    probs: torch.Tensor,
-    ctx: AttentionContext,
-    layout: BlockLayout,
-    vertical_size: int,
-    slash_size: int,
-) -> torch.Tensor:
-    """(B, Hq, nQ, nK) bool tiles covering the top vertical columns and top slash diagonals.
+def diagonal_mass(probs: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """(B, Hq, O) attention mass of the last queries summed per diagonal offset (query - key).
 
     Args:
         probs: (B, Hq, n, Lk) attention of the last n queries.
     """
     B, H, n, Lk = probs.shape
-    b, dev = layout.block_size, ctx.device
-    nQ, nK = layout.n_q_blocks, layout.n_kv_blocks
-    # forced on top of the budget: sink columns and the main diagonals
-    forced = sink_tiles(layout, ctx.kv_offset + _FORCED_COLUMNS) | window_tiles(
-        layout, _FORCED_DIAGONALS
-    )
-    tiles = forced[None, None].expand(B, H, -1, -1).clone()
-    # vertical: column mass
-    column = probs.sum(2)  # (B, H, Lk)
-    column[..., :_FORCED_COLUMNS] = float("-inf")
-    top_cols = column.topk(min(vertical_size, Lk), dim=-1).indices  # (B, H, v)
-    col_tiles = torch.zeros(B, H, nK, dtype=torch.bool, device=dev)
-    col_tiles.scatter_(-1, top_cols // b, True)
-    tiles |= col_tiles[:, :, None, :]
-    # slash: mass per diagonal offset (query position - key position), main diagonals forced
+    dev = probs.device
     q_pos = torch.arange(ctx.q_len - n, ctx.q_len, device=dev) + ctx.q_offset  # (n,)
     offsets = q_pos[:, None] - (torch.arange(Lk, device=dev) + ctx.kv_offset)[None, :]  # (n, Lk)
     max_offset = ctx.q_offset + ctx.q_len - ctx.kv_offset
     index = offsets.clamp(0, max_offset).expand(B, H, n, Lk).reshape(B, H, -1)
-    slash = torch.zeros(B, H, max_offset + 1, device=dev).scatter_add_(
+    return torch.zeros(B, H, max_offset + 1, device=dev).scatter_add_(
         -1, index, probs.reshape(B, H, -1)
     )
-    slash[..., :_FORCED_DIAGONALS] = float("-inf")
-    top_offsets = slash.topk(min(slash_size, slash.shape[-1]), dim=-1).indices  # (B, H, s)
-    # a diagonal at offset o crosses, in query tile i, the key tiles of positions [first - o, last - o]
-    q_first = torch.arange(nQ, device=dev) * b + ctx.q_offset - ctx.kv_offset
-    q_last = (
-        (torch.arange(nQ, device=dev) * b + b - 1).clamp(max=ctx.q_len - 1)
-        + ctx.q_offset
-        - ctx.kv_offset
+
+
+def lines_to_tiles(
+    columns: torch.Tensor, offsets: torch.Tensor, ctx: AttentionContext, layout: BlockLayout
+) -> torch.Tensor:
+    """(B, Hq, nQ, nK) bool tiles crossed by the kept key columns and diagonals, plus the forced ones.
+
+    Args:
+        columns: (B, Hq, Lk) bool, key columns to keep for every query.
+        offsets: (B, Hq, O) bool, diagonal offsets (query position - key position) to keep.
+    """
+    B, H, Lk = columns.shape
+    b, dev = layout.block_size, ctx.device
+    nQ, nK = layout.n_q_blocks, layout.n_kv_blocks
+    pad = nK * b - Lk
+    col_tiles = torch.nn.functional.pad(columns, (0, pad)).view(B, H, nK, b).any(-1)  # (B, H, nK)
+    # offset o, query tile i: keys [i b + e, i b + e + b - 1] with e = (q_offset - kv_offset) - o,
+    # so the crossed key tiles are i + floor(e / b) and i + floor((e + b - 1) / b)
+    o = torch.arange(offsets.shape[-1], device=dev)
+    e = (ctx.q_offset - ctx.kv_offset) - o
+    shifts = torch.stack(
+        [torch.div(e, b, rounding_mode="floor"), torch.div(e + b - 1, b, rounding_mode="floor")]
     )
-    crossed = torch.zeros(
-        B, H, nQ, nK + 1, dtype=torch.bool, device=dev
-    )  # last column: off the map
-    for edge in (q_first, q_last):
-        key = edge[None, None, :, None] - top_offsets[:, :, None, :]  # (B, H, nQ, s)
-        tile = torch.where((key >= 0) & (key < Lk), key // b, nK)
-        crossed.scatter_(-1, tile, True)
-    return tiles | crossed[..., :nK]
+    low = int(shifts.min())
+    width = int(shifts.max()) - low + 1
+    rel = torch.zeros(B, H, width, dtype=torch.bool, device=dev)
+    for shift in shifts:  # two edges of a query tile
+        rel.scatter_reduce_(-1, (shift - low).expand(B, H, -1), offsets, reduce="amax")
+    j_minus_i = (
+        torch.arange(nK, device=dev)[None, :] - torch.arange(nQ, device=dev)[:, None] - low
+    )  # (nQ, nK)
+    inside = (j_minus_i >= 0) & (j_minus_i < width)
+    diag_tiles = rel[:, :, j_minus_i.clamp(0, width - 1)] & inside  # (B, H, nQ, nK)
+    forced = sink_tiles(layout, ctx.kv_offset + _FORCED_COLUMNS) | window_tiles(
+        layout, _FORCED_DIAGONALS
+    )
+    return diag_tiles | col_tiles[:, :, None, :] | forced
+
+
+def top_lines(scores: torch.Tensor, size: int, forced: int) -> torch.Tensor:
+    """(..., n) bool: the first ``forced`` entries and the ``size`` highest of the others."""
+    ranked = scores.clone()
+    ranked[..., :forced] = float("-inf")
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep.scatter_(-1, ranked.topk(min(size, scores.shape[-1]), dim=-1).indices, True)
+    keep[..., :forced] = True
+    return keep
 
 
 @register_method
@@ -112,9 +122,10 @@ class VerticalSlash(Method):
     slash_size: int = knob(256, low=1, high=_BIG, help="diagonals kept")
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
-        probs = last_query_probs(q, k, ctx, self.last_queries)
-        tiles = vertical_slash_tiles(probs, ctx, layout, self.vertical_size, self.slash_size)
-        return layout.finalize(tiles)
+        probs = last_query_probs(q, k, ctx, self.last_queries)  # (B, Hq, n, Lk)
+        columns = top_lines(probs.sum(2), self.vertical_size, _FORCED_COLUMNS)
+        offsets = top_lines(diagonal_mass(probs, ctx), self.slash_size, _FORCED_DIAGONALS)
+        return layout.finalize(lines_to_tiles(columns, offsets, ctx, layout))
 
     def max_tiles_per_row(self, layout: BlockLayout) -> int:
         forced = 1 + -(-(_FORCED_DIAGONALS + layout.block_size - 1) // layout.block_size) + 1

@@ -152,3 +152,38 @@ def test_bench_decode_records(capsys):
         record["dense_s_per_token"] / record["sparse_s_per_token"], rel=0.01
     )
     assert 0 < record["decode_density"] < 0.3  # ~96 of ~600 keys per step
+
+
+def test_bench_recall_records(capsys):
+    assert (
+        main(
+            [
+                "bench",
+                "recall",
+                "--json",
+                "--model",
+                "tiny-random-llama",
+                "--method",
+                "oracle,xattention",
+                "--grid",
+                "oracle.top_p=0.5,1.0",
+                "--grid",
+                "oracle.block_size=32",
+                "--grid",
+                "xattention.block_size=32",
+                "--grid",
+                "xattention.threshold=0.9",
+                "--lengths",
+                "300",
+                "--layers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    by_setting = {r["setting"]: r for r in records}
+    assert by_setting["oracle[block_size=32,top_p=1.0]"]["recall"] == pytest.approx(1.0)
+    assert by_setting["oracle[block_size=32,top_p=1.0]"]["density"] == pytest.approx(1.0)
+    assert by_setting["oracle[block_size=32,top_p=0.5]"]["recall"] >= 0.5
+    assert all(r["layer"] == 1 and 0 < r["density"] <= 1 for r in records)

@@ -144,16 +144,31 @@ def cmd_bench(args) -> int:
             runs = run_prefill_bench(
                 model, tok, args.method, knobs, lengths, repeats=args.repeats, hook_options=hook
             )
-        else:
+        elif args.kind == "decode":
             runs = run_decode_bench(
                 model, tok, args.method, knobs, lengths, steps=args.steps, hook_options=hook
             )
+        else:
+            runs = _recall_runs(args, model, tok, lengths)
         for record in runs:
             records.append(record)
             _emit(record, args.json)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     return 0
+
+
+def _recall_runs(args, model, tok, lengths: list[int]):
+    from .bench.recall import run_recall_bench
+    from .bench.sweep import expand_settings, parse_grid_args
+
+    methods = args.method.split(",")
+    settings = expand_settings(methods, parse_grid_args(args.grid))
+    if "dense" not in methods:
+        settings = [s for s in settings if s.method != "dense"]
+    n = model.config.num_hidden_layers
+    layers = tuple(args.layers) if args.layers else tuple(sorted({0, n // 3, 2 * n // 3, n - 1}))
+    return run_recall_bench(model, tok, settings, lengths, layers)
 
 
 QUICK = {
@@ -289,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed vs dense, measured in the same run")
     p.add_argument(
         "kind",
-        choices=["kernel", "prefill", "decode"],
-        help="kernel: attention alone; prefill / decode: the whole model",
+        choices=["kernel", "prefill", "decode", "recall"],
+        help="kernel: attention alone; prefill / decode: the whole model; "
+        "recall: share of the true attention mass kept vs measured density",
     )
     p.add_argument("--json", action="store_true", help="one JSON record per line")
     p.add_argument(
@@ -307,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=32, help="decode: tokens timed per length")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"prefill/decode: {model_help}")
     p.add_argument(
-        "--method", default="streaming", help="prefill/decode: method to compare with dense"
+        "--method",
+        default="streaming",
+        help="prefill/decode: method to compare with dense; recall: comma list of methods",
     )
     p.add_argument(
         "--knob",
@@ -318,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dense-layers", type=int, nargs="*", default=[], help="prefill/decode: layers kept dense"
     )
+    p.add_argument(
+        "--grid",
+        action="append",
+        metavar="METHOD.KNOB=V1,V2",
+        help="recall: knob values to sweep (each method's default grid otherwise)",
+    )
+    p.add_argument("--layers", type=int, nargs="*", help="recall: layers to capture (default: 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the records to this JSONL file")

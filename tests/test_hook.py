@@ -167,3 +167,15 @@ def test_two_phase_form_uses_each_method_in_its_phase():
         )
     assert stats.density("prefill") == 1.0
     assert stats.density("decode") < 0.5
+
+
+def test_dense_method_runs_the_models_own_sdpa_path():
+    """A user-built `dense` must take the SDPA fast path (no selection, no flex/gather copy)."""
+    model = make_model("llama")
+    ids, mask = left_padded_batch([64, 64])
+    with sparseattn.sparse_attention(model, "dense", min_length=0) as stats:
+        model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
+    assert stats.seconds("prefill")["select_s"] == 0.0
+    assert stats.seconds("decode")["select_s"] == 0.0

@@ -148,7 +148,7 @@ def run_layer(
     )
     method = plan.method_for(ctx)
     clock = Stopwatch(query.device)
-    if method is _DENSE and not window_matters(ctx) and softcap is None:
+    if isinstance(method, Dense) and not window_matters(ctx) and softcap is None:
         start = clock.now()
         out = dense_sdpa(query, key, value, ctx)
         visible = (

@@ -132,6 +132,18 @@ class BlockLayout:
         mask = (mask | self.diagonal) & self.visible[:, None]
         return BlockSelection(mask=mask, block_size=self.block_size)
 
+    def every_tile(self, num_heads: int) -> BlockSelection:
+        """The selection that keeps every visible tile (a method's dense limit)."""
+        every = torch.ones(
+            self.ctx.batch,
+            num_heads,
+            self.n_q_blocks,
+            self.n_kv_blocks,
+            dtype=torch.bool,
+            device=self.ctx.device,
+        )
+        return self.finalize(every)
+
     def density(self, selection: BlockSelection) -> tuple[torch.Tensor, torch.Tensor]:
         """Computed and visible pair counts per (B, H): the measured density is their ratio.
 

@@ -91,9 +91,7 @@ def run_kernel_bench(
         )
         v = torch.randn_like(k)
         layout = BlockLayout(ctx, shape.block_size)
-        every = layout.finalize(
-            torch.ones_like(layout.visible)[:, None].expand(-1, shape.num_q_heads, -1, -1)
-        )
+        every = layout.every_tile(shape.num_q_heads)
         dense_sdpa_s = _timed(
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
             repeats,

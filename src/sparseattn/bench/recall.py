@@ -34,8 +34,7 @@ class _Recorder(Method):
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         if ctx.layer_idx in self.layers:
             self.captured[ctx.layer_idx] = (q.detach().clone(), k.detach().clone(), ctx)
-        every = torch.ones_like(layout.visible)[:, None].expand(-1, ctx.num_q_heads, -1, -1)
-        return layout.finalize(every)
+        return layout.every_tile(ctx.num_q_heads)
 
 
 @torch.inference_mode()

@@ -70,7 +70,7 @@ class FlexPrefill(Method):
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         B, H = q.shape[:2]
         if self.gamma >= 1.0:
-            return layout.finalize(torch.ones_like(layout.visible)[:, None].expand(-1, H, -1, -1))
+            return layout.every_tile(H)
         b, nK = layout.block_size, layout.n_kv_blocks
         n = min(b, ctx.q_len)
         probs = last_query_probs(q, k, ctx, n)  # (B, H, n, Lk)

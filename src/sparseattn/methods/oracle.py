@@ -66,7 +66,6 @@ class Oracle(Method):
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         if self.top_p >= 1.0:
-            every = torch.ones_like(layout.visible)[:, None].expand(-1, ctx.num_q_heads, -1, -1)
-            return layout.finalize(every)
+            return layout.every_tile(ctx.num_q_heads)
         mass = true_tile_mass(q, k, ctx, layout)
         return layout.finalize(keep_cumulative_mass(mass, self.top_p))

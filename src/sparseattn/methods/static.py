@@ -25,10 +25,7 @@ class Dense(Method):
     paper: ClassVar[str] = "baseline"
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
-        every = torch.ones(
-            layout.n_q_blocks, layout.n_kv_blocks, dtype=torch.bool, device=ctx.device
-        )
-        return layout.finalize(per_head(every, layout, ctx.num_q_heads))
+        return layout.every_tile(ctx.num_q_heads)
 
 
 @register_method

@@ -97,8 +97,7 @@ class XAttention(Method):
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         if self.threshold >= 1.0:
-            every = torch.ones_like(layout.visible)[:, None].expand(-1, ctx.num_q_heads, -1, -1)
-            return layout.finalize(every)
+            return layout.every_tile(ctx.num_q_heads)
         scores = antidiagonal_tile_scores(q, k, ctx, layout, self.stride)
         mask = keep_cumulative_mass(scores, self.threshold)
         if self.keep_sink:

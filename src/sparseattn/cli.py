@@ -1,4 +1,4 @@
-"""The ``sparseattn`` command line."""
+"""sparseattn: make a Hugging Face causal LM attend sparsely, and measure what it costs and buys."""
 
 from __future__ import annotations
 

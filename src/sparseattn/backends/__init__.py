@@ -6,6 +6,4 @@ from .gather import gather_attend
 from .masks import BlockLayout
 from .reference import reference_attend
 
-BACKENDS = {"reference": reference_attend, "flex": flex_attend, "gather": gather_attend}
-
-__all__ = ["BACKENDS", "BlockLayout", "flex_attend", "gather_attend", "reference_attend"]
+__all__ = ["BlockLayout", "flex_attend", "gather_attend", "reference_attend"]

@@ -16,7 +16,7 @@ def blocks_to_tokens(selection: BlockSelection, ctx: AttentionContext) -> KVSele
     chosen = expand_blocks(selection.mask, selection.block_size, 1, ctx.kv_len)[
         :, :, 0
     ]  # (B, Hq, Lk)
-    chosen = chosen & base_token_mask(ctx)[:, :, 0]
+    chosen = chosen & base_token_mask(ctx)[:, :, 0]  # one query row
     return mask_to_kv_selection(chosen)
 
 

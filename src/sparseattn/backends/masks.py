@@ -29,17 +29,19 @@ def key_positions(ctx: AttentionContext) -> torch.Tensor:
     return torch.arange(ctx.kv_len, device=ctx.device) + ctx.kv_offset
 
 
-def base_token_mask(ctx: AttentionContext) -> torch.Tensor:
-    """(B, 1, Lq, Lk) bool: the dense model's own mask (causal, window, padding).
+def base_token_mask(ctx: AttentionContext, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """(B, 1, stop - start, Lk) bool: the dense model's own mask (causal, window, padding).
 
-    Materialises Lq x Lk entries: use it in the reference backend and tests, not on long inputs.
+    Only the query rows [start, stop) are built (all rows by default): callers that need a few
+    rows, or walk the queries in chunks, never materialise the whole Lq x Lk mask.
     """
-    qp = query_positions(ctx)[:, None]  # (Lq, 1)
+    stop = ctx.q_len if stop is None else stop
+    qp = query_positions(ctx)[start:stop, None]  # (rows, 1)
     kp = key_positions(ctx)[None, :]  # (1, Lk)
     mask = kp <= qp
     if ctx.sliding_window is not None:
         mask = mask & (qp - kp < ctx.sliding_window)
-    mask = mask[None, None].expand(ctx.batch, 1, ctx.q_len, ctx.kv_len)
+    mask = mask[None, None].expand(ctx.batch, 1, -1, -1)
     if ctx.key_valid is not None:
         mask = mask & ctx.key_valid[:, None, None, :]
     return mask

@@ -9,7 +9,7 @@ from typing import Any
 
 import tomllib
 
-from ..registry import build_method, get_method_class, list_methods
+from ..registry import build_method, get_method_class
 from .runner import Setting, labelled
 
 
@@ -119,7 +119,3 @@ def expand_settings(methods: list[str], grids: dict[str, dict[str, list[Any]]]) 
             build_method(method, **knobs)
             settings.append(Setting(method, knobs))
     return settings
-
-
-def all_methods() -> list[str]:
-    return list_methods()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.masks import BlockLayout
+from ..backends.masks import BlockLayout, num_blocks
 
 
 def tile_ranges(
@@ -64,3 +64,13 @@ def keep_cumulative_mass(scores: torch.Tensor, threshold: float) -> torch.Tensor
     before = (sorted_scores.cumsum(-1) - sorted_scores) / total  # mass strictly before each entry
     keep_sorted = (before < threshold) & (sorted_scores > 0)
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def pool_blocks(x: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, nB, D) mean over each block of ``block_size`` (ragged end padded)."""
+    n = num_blocks(length, block_size)
+    x = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block_size - length))
+    sums = x.view(*x.shape[:2], n, block_size, -1).sum(3)
+    counts = torch.full((n,), float(block_size), device=x.device)
+    counts[-1] = length - (n - 1) * block_size
+    return sums / counts[:, None]

@@ -11,20 +11,10 @@ from ..backends.masks import BlockLayout, num_blocks
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
-from .common import keep_cumulative_mass
+from .common import keep_cumulative_mass, pool_blocks
 from .minference import diagonal_mass, last_query_probs, lines_to_tiles
 
 _BIG = 2**31 - 1
-
-
-def pool_blocks(x: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, nB, D) mean over each block of ``block_size`` (ragged end padded)."""
-    n = num_blocks(length, block_size)
-    x = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block_size - length))
-    sums = x.view(*x.shape[:2], n, block_size, -1).sum(3)
-    counts = torch.full((n,), float(block_size), device=x.device)
-    counts[-1] = length - (n - 1) * block_size
-    return sums / counts[:, None]
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

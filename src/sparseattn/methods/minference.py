@@ -11,7 +11,7 @@ from ..backends.masks import BlockLayout, base_token_mask
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
-from .common import sink_tiles, window_tiles
+from .common import pool_blocks, sink_tiles, window_tiles
 
 _BIG = 2**31 - 1
 _FORCED_COLUMNS = 4  # the first keys (attention sink) are always vertical lines
@@ -25,7 +25,7 @@ def last_query_probs(
     n = min(n_last, ctx.q_len)
     kf = k.float().repeat_interleave(ctx.groups, dim=1)  # (B, Hq, Lk, D)
     scores = torch.matmul(q[:, :, -n:].float(), kf.transpose(-1, -2)) * ctx.scaling
-    visible = base_token_mask(ctx)[:, :, -n:]  # (B, 1, n, Lk)
+    visible = base_token_mask(ctx, ctx.q_len - n)  # (B, 1, n, Lk)
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
 
 
@@ -138,8 +138,9 @@ class BlockSparse(Method):
     """MInference's block-sparse pattern: mean-pooled Q and K tiles, top-k key tiles per query tile.
 
     Choices: pooled scores are scaled like attention logits and soft-maxed over the visible key
-    tiles of each row before ranking (ranking is the same without the softmax); pooling ignores
-    padded keys only through the visibility mask, not in the means.
+    tiles of each row before ranking (ranking is the same without the softmax); a ragged last tile
+    is averaged over its real tokens; padded keys are excluded only through the visibility mask,
+    not from the means.
     """
 
     name: ClassVar[str] = "block_sparse"
@@ -155,19 +156,13 @@ class BlockSparse(Method):
     )
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
-        b = layout.block_size
-        nQ, nK = layout.n_q_blocks, layout.n_kv_blocks
-        pad_q, pad_k = nQ * b - ctx.q_len, nK * b - ctx.kv_len
-        qp = (
-            torch.nn.functional.pad(q.float(), (0, 0, 0, pad_q)).unflatten(2, (nQ, b)).mean(3)
-        )  # (B, Hq, nQ, D)
-        kf = k.float().repeat_interleave(ctx.groups, dim=1)
-        kp = (
-            torch.nn.functional.pad(kf, (0, 0, 0, pad_k)).unflatten(2, (nK, b)).mean(3)
+        qp = pool_blocks(q, ctx.q_len, layout.block_size)  # (B, Hq, nQ, D)
+        kp = pool_blocks(k, ctx.kv_len, layout.block_size).repeat_interleave(
+            ctx.groups, dim=1
         )  # (B, Hq, nK, D)
         scores = torch.matmul(qp, kp.transpose(-1, -2)) * ctx.scaling
         scores = scores.masked_fill(~layout.visible[:, None], float("-inf"))
-        top = scores.softmax(-1).topk(min(self.top_k, nK), dim=-1).indices
+        top = scores.softmax(-1).topk(min(self.top_k, layout.n_kv_blocks), dim=-1).indices
         mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
         return layout.finalize(mask)
 

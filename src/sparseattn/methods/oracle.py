@@ -25,7 +25,6 @@ def true_tile_mass(
     """
     b = layout.block_size
     kf = k.float().repeat_interleave(ctx.groups, dim=1)  # (B, Hq, Lk, D)
-    visible = base_token_mask(ctx)  # (B, 1, Lq, Lk)
     mass = torch.zeros(
         ctx.batch, ctx.num_q_heads, layout.n_q_blocks, layout.n_kv_blocks, device=q.device
     )
@@ -33,7 +32,7 @@ def true_tile_mass(
     for start in range(0, ctx.q_len, _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, ctx.q_len)
         scores = torch.matmul(q[:, :, start:stop].float(), kf.transpose(-1, -2)) * ctx.scaling
-        scores = scores.masked_fill(~visible[:, :, start:stop], float("-inf"))
+        scores = scores.masked_fill(~base_token_mask(ctx, start, stop), float("-inf"))
         probs = torch.softmax(scores, -1).nan_to_num(0.0)  # (B, Hq, c, Lk)
         probs = torch.nn.functional.pad(probs, (0, pad_k))
         per_key_tile = probs.view(*probs.shape[:3], layout.n_kv_blocks, b).sum(-1)  # (B, Hq, c, nK)

@@ -90,6 +90,20 @@ def test_flex_equals_reference(case, block_size):
     torch.testing.assert_close(got[rows], expected[rows], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batches", [(1, 3), (3, 1)], ids=str)
+def test_flex_survives_batch_size_changes(batches):
+    """A batch-1 call followed by a larger batch (and back) must not break the compiled kernel."""
+    for batch in batches:
+        q, k, v, ctx = make_call(160, 160, batch=batch, hq=6, hkv=3, d=8, seed=batch)
+        layout, sel = random_selection(ctx, 32)
+        torch.testing.assert_close(
+            flex_attend(q, k, v, sel, ctx, layout),
+            reference_attend(q, k, v, sel, ctx),
+            atol=2e-5,
+            rtol=1e-4,
+        )
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c["q_len"] == 1], ids=str)
 def test_gather_equals_reference_for_decode(case):
     q, k, v, ctx = make_call(**case)

@@ -65,7 +65,12 @@ def cmd_methods(args) -> int:
         print(f"    {info['summary']}")
         print(f"    paper: {info['paper']}")
         for knob in info["knobs"]:
-            allowed = knob.get("choices") or [knob.get("min"), knob.get("max")]
+            if knob.get("choices"):
+                allowed = knob["choices"]
+            elif knob.get("min") is not None or knob.get("max") is not None:
+                allowed = [knob.get("min"), knob.get("max")]
+            else:
+                allowed = "text"
             print(
                 f"    --knob {knob['name']}={knob['default']}  allowed {allowed}  {knob.get('help', '')}"
             )
@@ -268,6 +273,57 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import time
+
+    from . import load_model
+    from .bench.calibrate import calibrate, write_profile
+
+    lengths = parse_lengths(args.lengths)
+    if not lengths or min(lengths) < 256:
+        raise ValueError(f"--lengths {args.lengths!r}: give lengths of at least 256 tokens")
+    if args.samples < 1:
+        raise ValueError(f"--samples {args.samples} must be >= 1")
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out {args.out!r} must name a .json file")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model.eval()
+    start = time.perf_counter()
+    n_inputs = len(lengths) * 3 * args.samples
+    seen = []
+
+    def progress(label: str) -> None:
+        seen.append(label)
+        print(f"[{len(seen)}/{n_inputs}] {label}", file=sys.stderr, flush=True)
+
+    profile = calibrate(
+        model,
+        tok,
+        kind=args.kind,
+        model_id=args.model,
+        lengths=lengths,
+        seed=args.seed,
+        samples=args.samples,
+        block_size=args.block_size,
+        stride=args.stride,
+        progress=progress,
+    )
+    write_profile(str(out), profile)
+    for level, row in sorted(profile["summary"].items()):
+        recall = sum(row["recall"]) / len(row["recall"])
+        density = sum(row["density"]) / len(row["density"])
+        name = "budget" if args.kind == "minference" else "target recall"
+        print(
+            f"{name} {level:g}: mean recall {recall:.3f}, mean density {density:.3f}",
+            file=sys.stderr,
+        )
+    print(f"profile: {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0
+
+
 def _emit(record: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(record), flush=True)
@@ -381,6 +437,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output directory (results.jsonl, summary.csv, report.*)"
     )
     p.set_defaults(func=cmd_frontier)
+
+    p = sub.add_parser(
+        "profile",
+        help="calibrate per-head patterns (minference) or thresholds (xattention) for a model",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--kind", required=True, choices=["minference", "xattention"])
+    p.add_argument("--out", required=True, help="the profile to write, FILE.json")
+    p.add_argument("--lengths", default="4k", help="calibration input lengths (default 4k)")
+    p.add_argument(
+        "--samples", type=int, default=1, help="inputs per (length, calibration task) (default 1)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated calibration inputs")
+    p.add_argument("--block-size", type=int, default=128, choices=[16, 32, 64, 128, 256])
+    p.add_argument("--stride", type=int, default=8, choices=[4, 8, 16], help="xattention stride")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser(
         "report", help="rewrite summary.csv, report.md, report.html and plots from DIR"

@@ -3,9 +3,9 @@
 The BlockMask is built straight from the selection's tiles (``BlockMask.from_kv_blocks``): tiles
 whose every pair is visible run as *full* blocks with no mask evaluation, the rest (diagonal,
 window edges, padding, ragged ends) as *partial* blocks whose ``mask_mod`` applies causality,
-the layer's window and padding at token level. The kernel is compiled once with dynamic shapes
-(inductor C++ on CPU, Triton on CUDA); offsets, window and padding are tensors captured by the
-mask function, so new lengths or offsets do not trigger a recompile.
+the layer's window and padding at token level. The kernel is compiled once per (batch, heads, head
+size) with symbolic lengths (inductor C++ on CPU, Triton on CUDA); offsets, window and padding
+are tensors captured by the mask function, so new lengths or offsets do not trigger a recompile.
 """
 
 from __future__ import annotations
@@ -43,6 +43,19 @@ def _flex_fn():
     return _compiled
 
 
+def _mark_static(t: torch.Tensor, *dims: int) -> None:
+    """Compile these sizes of ``t`` as constants (lengths stay symbolic).
+
+    Only sequence lengths are symbolic in the compiled kernel; batch, heads and head size are
+    constants (a new batch size compiles one more graph). With every size symbolic, a graph first
+    compiled for batch 1 and recompiled for a larger batch carries enough size symbols to hit an
+    inductor code-generation failure in the CPU kernel (torch 2.13).
+    """
+    if compile_enabled():
+        for dim in dims:
+            torch._dynamo.mark_static(t, dim)
+
+
 def _ordered_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, nQ, nK) bool -> counts (B, H, nQ) int32 and indices with chosen tiles first."""
     counts = mask.sum(-1, dtype=torch.int32)
@@ -74,6 +87,9 @@ def build_block_mask(
         k_pos = kv_idx + kv_off
         return (k_pos <= q_pos) & (q_pos - k_pos < window) & key_valid[b, kv_idx]
 
+    for t in (kv_num, kv_idx, full_num, full_idx):
+        _mark_static(t, 0, 1)  # (B, H, nQ[, nK])
+    _mark_static(key_valid, 0)  # (B, Lk)
     extra = {"compute_q_blocks": False} if _FROM_KV_ACCEPTS_Q_BLOCKS else {}
     return BlockMask.from_kv_blocks(
         kv_num,
@@ -117,6 +133,8 @@ def flex_attend(
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.tanh(score / cap) * cap
 
+    for t in (q, k, v):
+        _mark_static(t, 0, 1, 3)  # (B, H, L, D)
     out = _flex_fn()(
         q,
         k,

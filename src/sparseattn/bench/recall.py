@@ -63,6 +63,7 @@ def run_recall_bench(
             masses: dict[int, torch.Tensor] = {}
             for setting in settings:
                 method = build_method(setting.method, **setting.knobs)
+                method.bind(model.config)
                 layout = BlockLayout(ctx, method.block_size)
                 if method.block_size not in masses:
                     masses[method.block_size] = true_tile_mass(q, k, ctx, layout)

@@ -246,6 +246,9 @@ def sparse_attention(
     if bad:
         raise ValueError(f"dense_layers {bad} out of range; the model has layers 0..{n_layers - 1}")
 
+    for bound in {id(m): m for m in (prefill_method, decode_method)}.values():
+        bound.bind(model.config)  # profile-driven methods load / check their profile here
+
     stats = RunStats()
     plan = SparsePlan(
         prefill=prefill_method,

@@ -99,6 +99,12 @@ class Method(ABC):
     def knobs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def bind(self, config: Any) -> None:
+        """Called by ``sparse_attention`` with the model's config before any attention call.
+
+        Methods driven by a per-model profile load it (or check it matches) here; others ignore it.
+        """
+
     @abstractmethod
     def select(
         self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, layout: BlockLayout

@@ -47,18 +47,21 @@ def per_head(tiles: torch.Tensor, layout: BlockLayout, num_heads: int) -> torch.
     return tiles[None, None].expand(layout.ctx.batch, num_heads, -1, -1)
 
 
-def keep_cumulative_mass(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+def keep_cumulative_mass(scores: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """Keep the fewest highest-scoring entries whose share of the row's total is >= threshold.
 
     Args:
         scores: (..., n) non-negative scores (zero where not allowed).
-        threshold: Fraction in (0, 1]; >= 1 keeps every positive entry.
+        threshold: Fraction in (0, 1], or a tensor of fractions broadcastable to (..., 1)
+            (e.g. one per head); >= 1 keeps every positive entry.
 
     Returns:
         (..., n) bool.
     """
-    if threshold >= 1.0:
+    if not isinstance(threshold, torch.Tensor) and threshold >= 1.0:
         return scores > 0
+    if isinstance(threshold, torch.Tensor):
+        threshold = torch.where(threshold >= 1.0, torch.inf, threshold)
     total = scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
     sorted_scores, order = scores.sort(dim=-1, descending=True)
     before = (sorted_scores.cumsum(-1) - sorted_scores) / total  # mass strictly before each entry

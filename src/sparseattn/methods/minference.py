@@ -1,14 +1,16 @@
-"""MInference 1.0 patterns: vertical-slash from the last queries, and pooled block top-k."""
+"""MInference 1.0: vertical-slash, pooled block top-k, and per-head patterns from a profile."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..backends.masks import BlockLayout, base_token_mask
-from ..registry import register_method
+from ..profiles import Profile, load_profile, shipped_for
+from ..registry import build_method, register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
 from .common import pool_blocks, sink_tiles, window_tiles
@@ -168,3 +170,92 @@ class BlockSparse(Method):
 
     def max_tiles_per_row(self, layout: BlockLayout) -> int:
         return self.top_k + 1
+
+
+PROFILE_PATTERNS = ("streaming", "vertical_slash", "block_sparse")  # A-shape, VS, block-sparse
+
+
+@register_method
+@dataclass
+class MInference(Method):
+    """MInference 1.0 with per-head patterns (Jiang et al., NeurIPS 2024, arXiv:2407.02490).
+
+    Each head runs the pattern its profile assigns: A-shape (``streaming``), ``vertical_slash``
+    or ``block_sparse``, with the pattern's own knobs; the online estimates (last-query lines,
+    pooled tiles) are computed per input for the heads that need them. Profiles come from
+    ``sparseattn profile --kind minference``, which searches, per head, the pattern and size
+    that recall the most true attention mass within a tile-density budget, for several budgets.
+    Choices where the paper is open: the search measures recall and density at tile granularity
+    (what the flex backend executes) instead of FLOPs of the token-level kernels; the budget
+    knob picks the largest stored budget at or below it; pattern sizes are in tokens (tiles for
+    block_sparse) as calibrated, so density falls at lengths beyond the calibration length.
+    """
+
+    name: ClassVar[str] = "minference"
+    paper: ClassVar[str] = (
+        "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs (arXiv:2407.02490)"
+    )
+    phases: ClassVar = PREFILL_PHASES
+    dense_limit: ClassVar[dict] = {"budget": 1.0}
+    default_grid: ClassVar[dict] = {"budget": [0.1, 0.2, 0.3]}
+
+    budget: float = knob(
+        0.2, low=0.01, high=1.0, help="tile-density budget of the profile's head search (1 = dense)"
+    )
+    profile: str = knob(
+        "auto",
+        help="'auto' (the shipped profile of the hooked model), a shipped profile name, "
+        "or a .json file written by `sparseattn profile --kind minference`",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._profile: Profile | None = None
+        self._patterns: dict[tuple, Method] = {}
+        if self.profile != "auto":
+            self._profile = load_profile(self.profile, "minference")
+            for choice in self._profile.choices:
+                if choice.get("pattern") not in PROFILE_PATTERNS:
+                    raise ValueError(
+                        f"profile {self._profile.source}: pattern {choice.get('pattern')!r} "
+                        f"is not one of {list(PROFILE_PATTERNS)}"
+                    )
+
+    def bind(self, config: Any) -> None:
+        if self.profile == "auto":
+            self._profile = shipped_for(config, "minference")
+        else:
+            self._profile.check_model(config)
+
+    def _pattern(self, entry: dict[str, Any]) -> Method:
+        key = (entry["pattern"], tuple(sorted(entry.get("knobs", {}).items())))
+        if key not in self._patterns:
+            knobs = {**entry.get("knobs", {}), "block_size": self.block_size}
+            self._patterns[key] = build_method(entry["pattern"], **knobs)
+        return self._patterns[key]
+
+    def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
+        if self.budget >= 1.0:
+            return layout.every_tile(ctx.num_q_heads)
+        if self._profile is None:
+            raise ValueError(
+                "minference with profile='auto' needs the model: run it through "
+                "sparse_attention(model, ...), or pass profile=FILE.json"
+            )
+        level = self._profile.level_at_most(self.budget)
+        entries = self._profile.layer(level, ctx.layer_idx, ctx.num_q_heads)
+        groups: dict[int, list[int]] = {}
+        for head, entry in enumerate(entries):
+            groups.setdefault(id(self._pattern(entry)), []).append(head)
+        mask = torch.zeros(
+            ctx.batch, ctx.num_q_heads, layout.n_q_blocks, layout.n_kv_blocks,
+            dtype=torch.bool, device=ctx.device,
+        )  # fmt: skip
+        for heads in groups.values():
+            method = self._pattern(entries[heads[0]])
+            index = torch.tensor(heads, device=q.device)
+            sub_ctx = dataclasses.replace(ctx, num_q_heads=len(heads), num_kv_heads=len(heads))
+            sub_k = k.index_select(1, index // ctx.groups)  # each head's own KV head
+            chosen = method.select(q.index_select(1, index), sub_k, sub_ctx, layout)
+            mask[:, index] = chosen.mask
+        return layout.finalize(mask)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..backends.masks import BlockLayout
+from ..profiles import Profile, load_profile, shipped_for
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
@@ -72,11 +73,15 @@ def antidiagonal_tile_scores(
 class XAttention(Method):
     """XAttention (Xu et al., 2025, arXiv:2503.16428): antidiagonal scoring, threshold selection.
 
-    Per query tile, keep the fewest key tiles whose estimated mass reaches ``threshold``; the
-    first (sink) tile and the diagonal are always kept. Choices where the paper is open: the
-    group-level softmax is scaled by 1/(sqrt(D) * stride); groups are formed on the query and key
-    tensors as given (in chunked prefill they need not align with the prefix); GQA scores each
-    query head against its KV head; no per-head thresholds yet (one threshold for all heads).
+    Per query tile, keep the fewest key tiles whose estimated mass reaches a threshold; the
+    first (sink) tile and the diagonal are always kept. Without a profile one ``threshold``
+    serves every head. With a profile (``sparseattn profile --kind xattention``) each head uses
+    its own calibrated threshold, and ``threshold`` is read as the target recall of true
+    attention mass: the smallest stored target at or above it is used. Choices where the paper
+    is open: the group-level softmax is scaled by 1/(sqrt(D) * stride); groups are formed on the
+    query and key tensors as given (in chunked prefill they need not align with the prefix);
+    GQA scores each query head against its KV head; per-head thresholds are found by a grid
+    search on calibration inputs rather than the paper's dynamic programming.
     """
 
     name: ClassVar[str] = "xattention"
@@ -87,19 +92,55 @@ class XAttention(Method):
     dense_limit: ClassVar[dict] = {"threshold": 1.0}
     default_grid: ClassVar[dict] = {"threshold": [0.8, 0.9, 0.95]}
 
-    threshold: float = knob(0.9, low=0.01, high=1.0, help="estimated mass each query tile keeps")
+    threshold: float = knob(
+        0.9,
+        low=0.01,
+        high=1.0,
+        help="estimated mass each query tile keeps (with a profile: target recall; 1 = dense)",
+    )
     stride: int = knob(
         8,
         choices=(4, 8, 16),
         help="antidiagonal stride S (cost ~1/S of dense QK); divides every block size",
     )
     keep_sink: bool = knob(True, choices=(True, False), help="always keep the first key tile")
+    profile: str = knob(
+        "",
+        help="per-head thresholds: '' (none), 'auto' (the shipped profile of the hooked model), "
+        "a shipped profile name, or a .json file written by `sparseattn profile --kind xattention`",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._profile: Profile | None = None
+        if self.profile not in ("", "auto"):
+            self._profile = load_profile(self.profile, "xattention")
+
+    def bind(self, config: Any) -> None:
+        if self.profile == "auto":
+            self._profile = shipped_for(config, "xattention")
+        elif self._profile is not None:
+            self._profile.check_model(config)
+
+    def head_thresholds(self, ctx: AttentionContext) -> float | torch.Tensor:
+        """The threshold knob, or (1, Hq, 1, 1) per-head thresholds from the profile."""
+        if self._profile is None:
+            if self.profile == "auto":
+                raise ValueError(
+                    "xattention with profile='auto' needs the model: run it through "
+                    "sparse_attention(model, ...), or pass profile=FILE.json"
+                )
+            return self.threshold
+        level = self._profile.level_at_least(self.threshold)
+        entries = self._profile.layer(level, ctx.layer_idx, ctx.num_q_heads)
+        values = torch.tensor(entries, dtype=torch.float32, device=ctx.device)
+        return values.view(1, -1, 1, 1)
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         if self.threshold >= 1.0:
             return layout.every_tile(ctx.num_q_heads)
         scores = antidiagonal_tile_scores(q, k, ctx, layout, self.stride)
-        mask = keep_cumulative_mass(scores, self.threshold)
+        mask = keep_cumulative_mass(scores, self.head_thresholds(ctx))
         if self.keep_sink:
             mask[..., 0] = True
         return layout.finalize(mask)

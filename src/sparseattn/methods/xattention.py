@@ -14,7 +14,7 @@ from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
 from .common import keep_cumulative_mass
 
-_GROUP_CHUNK = 1024  # query groups scored at once: bounds memory at O(chunk x Lk / S)
+_GROUP_CHUNK = 512  # query groups scored at once: memory O(chunk x Lk / S); later key groups skipped
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -35,12 +35,12 @@ def antidiagonal_tile_scores(
     b, S, dev = layout.block_size, stride, ctx.device
     nQ, nK = layout.n_q_blocks, layout.n_kv_blocks
     B, Hq, _, D = q.shape
-    qp = (
-        _pad_to(q.float(), nQ * b).view(B, Hq, nQ * b // S, S, D).flip(-2).reshape(B, Hq, -1, S * D)
-    )
-    kf = k.float().repeat_interleave(ctx.groups, dim=1)  # (B, Hq, Lk, D)
-    kp = _pad_to(kf, nK * b).reshape(B, Hq, nK * b // S, S * D)  # (B, Hq, nGk, S*D)
-    n_gq, n_gk = qp.shape[2], kp.shape[2]
+    Hkv, g = ctx.num_kv_heads, ctx.groups
+    # (B, Hkv, g, nGq, S*D): query groups reversed, heads of one KV head side by side
+    qp = _pad_to(q.float(), nQ * b).view(B, Hkv, g, nQ * b // S, S, D).flip(-2)
+    qp = qp.reshape(B, Hkv, g, -1, S * D)
+    kp = _pad_to(k.float(), nK * b).reshape(B, Hkv, nK * b // S, S * D)  # (B, Hkv, nGk, S*D)
+    n_gq, n_gk = qp.shape[3], kp.shape[2]
     # group-level visibility from absolute positions of each group's first/last token
     q_last = (torch.arange(n_gq, device=dev) * S + S - 1).clamp(max=ctx.q_len - 1) + ctx.q_offset
     k_first = torch.arange(n_gk, device=dev) * S + ctx.kv_offset
@@ -54,17 +54,26 @@ def antidiagonal_tile_scores(
         valid = _pad_to(ctx.key_valid[:, None, :, None].float(), nK * b)
         group_valid = valid.view(B, 1, n_gk, S).amax(-1) > 0  # (B, 1, nGk)
         visible = visible & group_valid[:, :, None, :]
+    hidden = ~visible
     scale = ctx.scaling / S
     tiles = torch.zeros(B, Hq, nQ, nK, device=dev)
     per_tile = b // S
     for start in range(0, n_gq, _GROUP_CHUNK):
         stop = min(start + _GROUP_CHUNK, n_gq)
-        scores = torch.matmul(qp[:, :, start:stop], kp.transpose(-1, -2)) * scale  # (B, Hq, c, nGk)
-        scores = scores.masked_fill(~visible[:, :, start:stop], float("-inf"))
-        probs = torch.softmax(scores, -1).nan_to_num(0.0)
-        probs = probs.view(B, Hq, stop - start, nK, per_tile).sum(-1)  # (B, Hq, c, nK)
+        c = stop - start
+        # causal: this chunk's queries see no key group past its last query, so stop there
+        last_query = ctx.q_offset + min(stop * S, ctx.q_len) - 1
+        seen_tiles = min(nK, max(0, (last_query - ctx.kv_offset) // b + 1))
+        if seen_tiles == 0:
+            continue
+        hi = seen_tiles * per_tile
+        rows = qp[:, :, :, start:stop].reshape(B, Hkv, g * c, S * D) * scale
+        scores = torch.matmul(rows, kp[:, :, :hi].transpose(-1, -2)).view(B, Hq, c, hi)
+        scores.masked_fill_(hidden[:, :, start:stop, :hi], float("-inf"))
+        probs = torch.softmax(scores, -1).nan_to_num_(0.0)  # all-hidden rows (padding) -> 0
+        probs = probs.view(B, Hq, c, seen_tiles, per_tile).sum(-1)  # (B, Hq, c, seen_tiles)
         q_tile = torch.arange(start, stop, device=dev) // per_tile
-        tiles.index_add_(2, q_tile, probs)
+        tiles[..., :seen_tiles].index_add_(2, q_tile, probs)
     return tiles / tiles.sum(-1, keepdim=True).clamp_min(1e-12)
 
 

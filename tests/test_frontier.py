@@ -113,6 +113,10 @@ def test_bad_input_fails_before_compute(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"below what task niah_single\[haystack=noise\] needs"):
         run_frontier(make_config(lengths=[20]), tmp_path / "short", model, tok, progress=False)
     assert not (tmp_path / "short" / "results.jsonl").exists()
+    no_profile = make_config(settings=[Setting("dense", {}), Setting("minference", {})])
+    with pytest.raises(ValueError, match="no shipped minference profile"):
+        run_frontier(no_profile, tmp_path / "noprofile", model, tok, progress=False)
+    assert not (tmp_path / "noprofile" / "results.jsonl").exists()
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         expand_settings(["dense", "nope"], {})
     with pytest.raises(ValueError, match="unknown knob"):

@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..registry import get_method_class
+from ..registry import build_method, get_method_class
 from ..types import Phase
 from .runner import SampleRunner, Setting, versions
 from .sweep import TaskSpec
@@ -136,6 +136,8 @@ def run_frontier(
     """
     out_dir = Path(out_dir)
     check_lengths(config, tokenizer)
+    for setting in config.settings:  # a missing or mismatched profile fails before any compute
+        build_method(setting.method, **setting.knobs).bind(model.config)
     prepare_out_dir(out_dir, config, resume_anyway)
     results = out_dir / RESULTS
     repair_tail(results)

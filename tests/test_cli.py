@@ -187,3 +187,20 @@ def test_bench_recall_records(capsys):
     assert by_setting["oracle[block_size=32,top_p=1.0]"]["density"] == pytest.approx(1.0)
     assert by_setting["oracle[block_size=32,top_p=0.5]"]["recall"] >= 0.5
     assert all(r["layer"] == 1 and 0 < r["density"] <= 1 for r in records)
+
+
+def test_profile_command_writes_a_loadable_profile(tmp_path, capsys):
+    from sparseattn.profiles import load_profile
+
+    out = tmp_path / "tiny-xattention.json"
+    args = ["profile", "--model", "tiny-random-llama", "--kind", "xattention"]
+    assert main([*args, "--lengths", "512", "--block-size", "64", "--out", str(out)]) == 0
+    profile = load_profile(str(out), "xattention")
+    assert profile.model["id"] == "tiny-random-llama"
+    assert profile.calibration["lengths"] == [512] and profile.calibration["block_size"] == 64
+    assert "target recall 0.9: mean recall" in capsys.readouterr().err
+    # bad arguments fail before the model is loaded
+    assert main([*args, "--out", str(tmp_path / "p.txt")]) == 2
+    assert "must name a .json file" in capsys.readouterr().err
+    assert main([*args, "--lengths", "100", "--out", str(out)]) == 2
+    assert "at least 256 tokens" in capsys.readouterr().err

@@ -231,3 +231,11 @@ def test_fingerprint_of_a_sliding_window_config():
         "num_key_value_heads": 2,
         "head_dim": 16,
     }
+
+
+def test_minference_leaves_sliding_layers_as_they_are():
+    q, k, v, ctx = make_call(256, 256, window=64, seed=2)
+    layout = BlockLayout(ctx, 32)
+    method = build_method("minference", block_size=32, budget=0.3, profile=CONTRACT)
+    sel = method.select(q, k, ctx, layout).mask
+    assert torch.equal(sel, layout.visible[:, None].expand_as(sel))

@@ -312,9 +312,11 @@ def cmd_profile(args) -> int:
         progress=progress,
     )
     write_profile(str(out), profile)
+    skip = set(profile["calibration"]["sliding_layers"]) if args.kind == "minference" else set()
     for level, row in sorted(profile["summary"].items()):
-        recall = sum(row["recall"]) / len(row["recall"])
-        density = sum(row["density"]) / len(row["density"])
+        used = [i for i in range(len(row["recall"])) if i not in skip]
+        recall = sum(row["recall"][i] for i in used) / len(used)
+        density = sum(row["density"][i] for i in used) / len(used)
         name = "budget" if args.kind == "minference" else "target recall"
         print(
             f"{name} {level:g}: mean recall {recall:.3f}, mean density {density:.3f}",

@@ -141,6 +141,7 @@ def calibrate(
     n_layers = fingerprint(model.config)["num_hidden_layers"]
     total: torch.Tensor | None = None
     count = 0
+    sliding: set[int] = set()
     for label, ids in calibration_inputs(tokenizer, lengths, seed, samples):
         if progress is not None:
             progress(label)
@@ -148,6 +149,8 @@ def calibrate(
         per_layer = []
         for layer in range(n_layers):
             q, k, ctx = captured.pop(layer)
+            if ctx.sliding_window is not None:
+                sliding.add(layer)
             per_layer.append(_score_layer(kind, q, k, ctx, block_size, stride).cpu())
         scores = torch.stack(per_layer)  # (layers, C, 2, Hq)
         total = scores if total is None else total + scores
@@ -159,6 +162,7 @@ def calibrate(
         "samples": samples,
         "tasks": list(CALIBRATION_TASKS),
         "block_size": block_size,
+        "sliding_layers": sorted(sliding),  # minference leaves these layers' own window as is
     }
     if kind == "xattention":
         calibration["stride"] = stride

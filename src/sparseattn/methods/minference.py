@@ -188,7 +188,8 @@ class MInference(Method):
     Choices where the paper is open: the search measures recall and density at tile granularity
     (what the flex backend executes) instead of FLOPs of the token-level kernels; the budget
     knob picks the largest stored budget at or below it; pattern sizes are in tokens (tiles for
-    block_sparse) as calibrated, so density falls at lengths beyond the calibration length.
+    block_sparse) as calibrated, so density falls at lengths beyond the calibration length;
+    layers with their own sliding window (Gemma 3, Mistral) keep that window unchanged.
     """
 
     name: ClassVar[str] = "minference"
@@ -235,8 +236,8 @@ class MInference(Method):
         return self._patterns[key]
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
-        if self.budget >= 1.0:
-            return layout.every_tile(ctx.num_q_heads)
+        if self.budget >= 1.0 or ctx.sliding_window is not None:
+            return layout.every_tile(ctx.num_q_heads)  # a sliding layer is already local
         if self._profile is None:
             raise ValueError(
                 "minference with profile='auto' needs the model: run it through "

@@ -239,3 +239,16 @@ def test_minference_leaves_sliding_layers_as_they_are():
     method = build_method("minference", block_size=32, budget=0.3, profile=CONTRACT)
     sel = method.select(q, k, ctx, layout).mask
     assert torch.equal(sel, layout.visible[:, None].expand_as(sel))
+
+
+@pytest.mark.parametrize("kind", ["minference", "xattention"])
+def test_shipped_smollm2_profile_matches_the_real_model_config(kind):
+    """The built-in model's own config (read from its GGUF file) finds its shipped profile."""
+    from transformers import AutoConfig
+
+    from sparseattn.models import _smollm2_path
+    from sparseattn.profiles import shipped_for
+
+    path = _smollm2_path()
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    assert shipped_for(config, kind).model["id"] == "smollm2-135m"

@@ -154,7 +154,8 @@ def test_bench_decode_records(capsys):
     assert 0 < record["decode_density"] < 0.3  # ~96 of ~600 keys per step
 
 
-def test_bench_recall_records(capsys):
+def test_bench_recall_records(capsys, tmp_path):
+    plot = tmp_path / "recall.png"
     assert (
         main(
             [
@@ -177,10 +178,13 @@ def test_bench_recall_records(capsys):
                 "300",
                 "--layers",
                 "1",
+                "--plot",
+                str(plot),
             ]
         )
         == 0
     )
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     by_setting = {r["setting"]: r for r in records}
     assert by_setting["oracle[block_size=32,top_p=1.0]"]["recall"] == pytest.approx(1.0)
@@ -204,3 +208,15 @@ def test_profile_command_writes_a_loadable_profile(tmp_path, capsys):
     assert "must name a .json file" in capsys.readouterr().err
     assert main([*args, "--lengths", "100", "--out", str(out)]) == 2
     assert "at least 256 tokens" in capsys.readouterr().err
+
+
+def test_recall_curve_families_and_plot_errors(capsys):
+    from sparseattn.bench.plots import _family
+
+    assert _family("xattention", "xattention[profile=auto,threshold=0.9]") == "xattention profile=auto"
+    assert _family("xattention", "xattention[profile=,threshold=0.9]") == "xattention"
+    assert _family("oracle", "oracle[block_size=32,top_p=0.5]") == "oracle"
+    assert main(["bench", "prefill", "--plot", "x.png"]) == 2
+    assert "does not apply to bench prefill" in capsys.readouterr().err
+    assert main(["bench", "recall", "--plot", "x.pdf"]) == 2
+    assert "must name a .png file" in capsys.readouterr().err

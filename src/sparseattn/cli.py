@@ -124,6 +124,10 @@ def cmd_bench(args) -> int:
     import torch
 
     records = []
+    if args.plot and args.kind != "recall":
+        raise ValueError(f"--plot draws recall curves; it does not apply to bench {args.kind}")
+    if args.plot and not args.plot.endswith(".png"):
+        raise ValueError(f"--plot {args.plot!r} must name a .png file")
     if args.kind == "kernel":
         from .bench.kernel import KernelShape, compile_report, run_kernel_bench
 
@@ -160,6 +164,11 @@ def cmd_bench(args) -> int:
             _emit(record, args.json)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+    if args.plot:
+        from .bench.plots import recall_curves
+
+        recall_curves(records, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -404,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the records to this JSONL file")
+    p.add_argument("--plot", metavar="FILE.png", help="recall: recall-vs-density curves")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

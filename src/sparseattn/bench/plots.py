@@ -88,3 +88,54 @@ def write_plots(rows: list[SummaryRow], out_dir: Path) -> list[Path]:
     score_vs(rows, "prefill_speedup", "prefill speedup vs dense (same run)", paths[1])
     heatmap(rows, paths[2])
     return paths
+
+
+def _family(method: str, setting: str) -> str:
+    """'xattention[profile=auto,threshold=0.9]' -> 'xattention profile=auto': the non-numeric
+    knobs name the curve, the numeric ones are the points along it."""
+    inside = setting[len(method) :].strip("[]")
+    fixed = []
+    for pair in filter(None, inside.split(",")):
+        name, _, value = pair.partition("=")
+        try:
+            float(value)
+        except ValueError:
+            if value:
+                fixed.append(f"{name}={value}")
+    return " ".join([method, *fixed])
+
+
+def recall_curves(records: list[dict], path: str | Path) -> None:
+    """Recall vs measured density from ``bench recall`` records: one subplot per length, one
+    line per method (and non-numeric knobs, e.g. a profile) through its settings, each point
+    the mean over the captured layers."""
+    points: dict[tuple[int, str, str], list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        key = (r["length"], _family(r["method"], r["setting"]), r["setting"])
+        points[key].append((r["density"], r["recall"]))
+    lengths = sorted({length for length, _, _ in points})
+    fig, axes = plt.subplots(
+        1, max(len(lengths), 1), figsize=(5.5 * max(len(lengths), 1), 4.5), squeeze=False
+    )
+    for ax, length in zip(axes[0], lengths):
+        by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for (at, method, _), values in points.items():
+            if at == length:
+                n = len(values)
+                by_method[method].append(
+                    (sum(d for d, _ in values) / n, sum(r for _, r in values) / n)
+                )
+        for method, xy in sorted(by_method.items()):
+            xy.sort()
+            style = "--" if method.startswith("oracle") else "-"
+            ax.plot([x for x, _ in xy], [y for _, y in xy], style, marker="o", label=method)
+        ax.set_title(f"{length} tokens")
+        ax.set_xlabel("measured density")
+        ax.set_ylabel("recall of the true attention mass")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -252,3 +252,11 @@ def test_shipped_smollm2_profile_matches_the_real_model_config(kind):
     path = _smollm2_path()
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     assert shipped_for(config, kind).model["id"] == "smollm2-135m"
+
+
+def test_profile_refuses_other_tile_size_or_stride():
+    with pytest.raises(ValueError, match="calibrated with block_size=128.*--block-size 64"):
+        build_method("minference", block_size=64, profile="smollm2-135m-minference")
+    with pytest.raises(ValueError, match="calibrated with stride=8"):
+        build_method("xattention", stride=16, profile="smollm2-135m-xattention")
+    build_method("xattention", stride=8, profile="smollm2-135m-xattention")  # matches: fine

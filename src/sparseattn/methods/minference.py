@@ -215,6 +215,7 @@ class MInference(Method):
         self._patterns: dict[tuple, Method] = {}
         if self.profile != "auto":
             self._profile = load_profile(self.profile, "minference")
+            self._profile.check_settings(block_size=self.block_size)
             for choice in self._profile.choices:
                 if choice.get("pattern") not in PROFILE_PATTERNS:
                     raise ValueError(
@@ -225,6 +226,7 @@ class MInference(Method):
     def bind(self, config: Any) -> None:
         if self.profile == "auto":
             self._profile = shipped_for(config, "minference")
+            self._profile.check_settings(block_size=self.block_size)
         else:
             self._profile.check_model(config)
 

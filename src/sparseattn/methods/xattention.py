@@ -124,10 +124,12 @@ class XAttention(Method):
         self._profile: Profile | None = None
         if self.profile not in ("", "auto"):
             self._profile = load_profile(self.profile, "xattention")
+            self._profile.check_settings(block_size=self.block_size, stride=self.stride)
 
     def bind(self, config: Any) -> None:
         if self.profile == "auto":
             self._profile = shipped_for(config, "xattention")
+            self._profile.check_settings(block_size=self.block_size, stride=self.stride)
         elif self._profile is not None:
             self._profile.check_model(config)
 

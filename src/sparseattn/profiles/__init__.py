@@ -100,6 +100,20 @@ class Profile:
                 f"`sparseattn profile --model MODEL --kind {self.kind} --out FILE.json`"
             )
 
+    def check_settings(self, **settings: Any) -> None:
+        """ValueError when a knob differs from the value the profile was calibrated with.
+
+        Knobs the calibration did not record are not checked.
+        """
+        for name, value in settings.items():
+            made = self.calibration.get(name)
+            if made is not None and made != value:
+                raise ValueError(
+                    f"profile {self.source} was calibrated with {name}={made}, but the method has "
+                    f"{name}={value}; set {name}={made} or calibrate with --{name.replace('_', '-')} "
+                    f"{value}"
+                )
+
     def level_at_least(self, value: float) -> float:
         """The smallest stored level >= value (the largest if none is): a conservative choice."""
         for level in self.levels:

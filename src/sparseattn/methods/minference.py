@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends.masks import BlockLayout, base_token_mask
-from ..profiles import Profile, load_profile, shipped_for
+from ..profiles import bind_profile, open_profile
 from ..registry import build_method, register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
@@ -211,11 +211,9 @@ class MInference(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._profile: Profile | None = None
         self._patterns: dict[tuple, Method] = {}
-        if self.profile != "auto":
-            self._profile = load_profile(self.profile, "minference")
-            self._profile.check_settings(block_size=self.block_size)
+        self._profile = open_profile(self.profile, "minference", block_size=self.block_size)
+        if self._profile is not None:
             for choice in self._profile.choices:
                 if choice.get("pattern") not in PROFILE_PATTERNS:
                     raise ValueError(
@@ -224,11 +222,9 @@ class MInference(Method):
                     )
 
     def bind(self, config: Any) -> None:
-        if self.profile == "auto":
-            self._profile = shipped_for(config, "minference")
-            self._profile.check_settings(block_size=self.block_size)
-        else:
-            self._profile.check_model(config)
+        self._profile = bind_profile(
+            self._profile, self.profile, "minference", config, block_size=self.block_size
+        )
 
     def _pattern(self, entry: dict[str, Any]) -> Method:
         key = (entry["pattern"], tuple(sorted(entry.get("knobs", {}).items())))
@@ -242,8 +238,8 @@ class MInference(Method):
             return layout.every_tile(ctx.num_q_heads)  # a sliding layer is already local
         if self._profile is None:
             raise ValueError(
-                "minference with profile='auto' needs the model: run it through "
-                "sparse_attention(model, ...), or pass profile=FILE.json"
+                f"minference with profile={self.profile!r} has no profile: use 'auto' through "
+                "sparse_attention(model, ...) (which needs the model), or pass profile=FILE.json"
             )
         level = self._profile.level_at_most(self.budget)
         entries = self._profile.layer(level, ctx.layer_idx, ctx.num_q_heads)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends.masks import BlockLayout
-from ..profiles import Profile, load_profile, shipped_for
+from ..profiles import bind_profile, open_profile
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
@@ -121,17 +121,12 @@ class XAttention(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._profile: Profile | None = None
-        if self.profile not in ("", "auto"):
-            self._profile = load_profile(self.profile, "xattention")
-            self._profile.check_settings(block_size=self.block_size, stride=self.stride)
+        settings = {"block_size": self.block_size, "stride": self.stride}
+        self._profile = open_profile(self.profile, "xattention", **settings)
 
     def bind(self, config: Any) -> None:
-        if self.profile == "auto":
-            self._profile = shipped_for(config, "xattention")
-            self._profile.check_settings(block_size=self.block_size, stride=self.stride)
-        elif self._profile is not None:
-            self._profile.check_model(config)
+        settings = {"block_size": self.block_size, "stride": self.stride}
+        self._profile = bind_profile(self._profile, self.profile, "xattention", config, **settings)
 
     def head_thresholds(self, ctx: AttentionContext) -> float | torch.Tensor:
         """The threshold knob, or (1, Hq, 1, 1) per-head thresholds from the profile."""

@@ -216,6 +216,30 @@ def shipped_for(config: Any, kind: str) -> Profile:
     )
 
 
+def open_profile(name: str, kind: str, **settings: Any) -> Profile | None:
+    """The profile a method's ``profile`` knob names, loaded and checked against its knobs.
+
+    '' (none) and 'auto' (the hooked model's shipped profile, found at bind time) give None.
+    """
+    if name in ("", "auto"):
+        return None
+    profile = load_profile(name, kind)
+    profile.check_settings(**settings)
+    return profile
+
+
+def bind_profile(
+    profile: Profile | None, name: str, kind: str, config: Any, **settings: Any
+) -> Profile | None:
+    """At bind time: resolve 'auto' for ``config``, or check a loaded profile matches it."""
+    if name == "auto":
+        profile = shipped_for(config, kind)
+        profile.check_settings(**settings)
+    elif profile is not None:
+        profile.check_model(config)
+    return profile
+
+
 def save_profile(
     path: str | Path,
     *,

@@ -97,8 +97,7 @@ def _choose(kind: str, table: torch.Tensor) -> tuple[dict, dict]:
             values = pick.tolist()
         else:
             reaches = recall >= level - 1e-9  # thresholds ascend: first reaching one is smallest
-            first = torch.where(reaches.any(1), reaches.float().argmax(1), reaches.shape[1] - 1)
-            pick = first
+            pick = torch.where(reaches.any(1), reaches.float().argmax(1), reaches.shape[1] - 1)
             values = [[XATTENTION_THRESHOLDS[i] for i in row] for row in pick.tolist()]
         picked = pick[:, None, :]
         heads[level] = values

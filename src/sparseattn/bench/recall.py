@@ -57,17 +57,18 @@ def run_recall_bench(
 ) -> Iterator[dict[str, Any]]:
     """One record per (length, setting, layer): measured density and recall of the true mass."""
     device = next(model.parameters()).device
+    methods = [build_method(s.method, **s.knobs) for s in settings]
+    for method in methods:
+        method.bind(model.config)  # once: a profile is read and checked before any capture
     for length in lengths:
         captured = capture_qk(model, benchmark_input(tokenizer, length, seed).to(device), layers)
         for layer, (q, k, ctx) in sorted(captured.items()):
-            masses: dict[int, torch.Tensor] = {}
-            for setting in settings:
-                method = build_method(setting.method, **setting.knobs)
-                method.bind(model.config)
-                layout = BlockLayout(ctx, method.block_size)
-                if method.block_size not in masses:
-                    masses[method.block_size] = true_tile_mass(q, k, ctx, layout)
-                mass = masses[method.block_size]
+            per_size: dict[int, tuple[BlockLayout, torch.Tensor]] = {}  # layout, true mass
+            for setting, method in zip(settings, methods):
+                if method.block_size not in per_size:
+                    layout = BlockLayout(ctx, method.block_size)
+                    per_size[method.block_size] = layout, true_tile_mass(q, k, ctx, layout)
+                layout, mass = per_size[method.block_size]
                 selection = method.select(q, k, ctx, layout)
                 computed, visible = layout.density(selection)
                 yield {

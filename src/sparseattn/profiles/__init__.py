@@ -89,10 +89,14 @@ class Profile:
     summary: dict[float, dict[str, list[float]]]
     source: str
 
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The architecture facts of the model the profile was made for."""
+        return {k: self.model.get(k) for k in _FINGERPRINT_KEYS}
+
     def check_model(self, config: Any) -> None:
         """ValueError when the profile was made for another architecture than ``config``'s."""
-        have = fingerprint(config)
-        want = {k: self.model.get(k) for k in _FINGERPRINT_KEYS}
+        have, want = fingerprint(config), self.fingerprint
         if have != want:
             raise ValueError(
                 f"profile {self.source} was made for {self.model.get('id', '?')}: "
@@ -208,7 +212,7 @@ def shipped_for(config: Any, kind: str) -> Profile:
         if not name.endswith("-" + kind):
             continue
         profile = load_profile(str(path), kind)
-        if {k: profile.model.get(k) for k in _FINGERPRINT_KEYS} == have:
+        if profile.fingerprint == have:
             return profile
     raise ValueError(
         f"no shipped {kind} profile matches {_describe(have)}; make one with "

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from sparseattn.backends import BlockLayout, flex_attend, gather_attend, reference_attend
+from sparseattn.backends import (
+    BlockLayout,
+    dense_decode,
+    flex_attend,
+    gather_attend,
+    reference_attend,
+)
 from sparseattn.backends.masks import base_token_mask, expand_blocks
-from sparseattn.types import AttentionContext, Phase
+from sparseattn.types import (
+    EMPTY_POSITION,
+    AttentionContext,
+    PageSelection,
+    Phase,
+    TokenSelection,
+)
 
 
 def make_call(
@@ -104,13 +118,119 @@ def test_flex_survives_batch_size_changes(batches):
         )
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c["q_len"] == 1], ids=str)
-def test_gather_equals_reference_for_decode(case):
+DECODE_CASES = [
+    dict(q_len=1, kv_len=173),  # decode
+    dict(q_len=1, kv_len=90, pad=(13, 0)),  # decode with padding
+    dict(q_len=1, kv_len=90, window=40),  # the layer's own window
+    dict(q_len=1, kv_len=64, softcap=5.0),  # soft-capping
+]
+
+
+def random_pages(ctx, page_size, rows, n, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    n_pages = -(-ctx.kv_len // page_size)
+    pages = torch.randint(0, n_pages, (ctx.batch, rows, n), generator=g)
+    valid = torch.rand(ctx.batch, rows, n, generator=g) < 0.8
+    valid[..., 0] = True
+    pages[..., 0] = n_pages - 1  # the current page, as every decode method keeps it
+    return PageSelection(pages=pages, valid=valid, page_size=page_size)
+
+
+def distinct(selection):
+    """Drop repeated pages within a row (a page read twice would count its keys twice)."""
+    pages, valid = selection.pages, selection.valid.clone()
+    for b in range(pages.shape[0]):
+        for h in range(pages.shape[1]):
+            seen = set()
+            for i, p in enumerate(pages[b, h].tolist()):
+                if p in seen:
+                    valid[b, h, i] = False
+                seen.add(p)
+    return PageSelection(pages=pages, valid=valid, page_size=selection.page_size)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+@pytest.mark.parametrize("per", ["kv_head", "query_head"])
+def test_gather_pages_equals_reference(case, per):
     q, k, v, ctx = make_call(**case)
-    _, sel = random_selection(ctx, 16)
+    rows = ctx.num_kv_heads if per == "kv_head" else ctx.num_q_heads
+    sel = distinct(random_pages(ctx, 16, rows, 4))
+    paged = -(-ctx.kv_len // 16) * 16  # keys over whole pages, stale slots past kv_len
+    k_paged = torch.nn.functional.pad(k, (0, 0, 0, paged - ctx.kv_len), value=7.0)
+    v_paged = torch.nn.functional.pad(v, (0, 0, 0, paged - ctx.kv_len), value=7.0)
+    torch.testing.assert_close(
+        gather_attend(q, k_paged, v_paged, sel, ctx),
+        reference_attend(q, k, v, sel, ctx),
+        atol=2e-5,
+        rtol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_gather_tokens_equals_reference(case):
+    q, k, v, ctx = make_call(**case)
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(ctx.batch, ctx.num_q_heads, ctx.kv_len, generator=g)
+    scores[..., -1] = 2.0  # the current token is always kept
+    indices = scores.topk(20, dim=-1).indices  # distinct slots
+    valid = torch.rand(indices.shape, generator=g) < 0.7
+    valid[..., 0] = True
+    sel = TokenSelection(indices=indices, valid=valid)
     torch.testing.assert_close(
         gather_attend(q, k, v, sel, ctx), reference_attend(q, k, v, sel, ctx), atol=2e-5, rtol=1e-4
     )
+
+
+def evicted_call(per_head: bool, seed=4):
+    """A decode call over a cache that kept scattered positions (and empty slots) per row/head."""
+    q, k, v, ctx = make_call(1, 48, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    heads = ctx.num_kv_heads if per_head else 1
+    positions = torch.stack(
+        [torch.randperm(300, generator=g)[:48] for _ in range(ctx.batch * heads)]
+    ).view(ctx.batch, heads, 48)
+    positions[..., -1] = 300  # the current token
+    positions[..., 5] = EMPTY_POSITION  # an empty slot
+    ctx = dataclasses.replace(ctx, q_offset=300, kv_offset=0, key_positions=positions)
+    return q, k, v, ctx
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_decode_over_explicit_positions_equals_reference(per_head):
+    q, k, v, ctx = evicted_call(per_head)
+    expected = reference_attend(q, k, v, None, ctx)
+    torch.testing.assert_close(
+        dense_decode(q, k, v, ctx, all_visible=False), expected, atol=2e-5, rtol=1e-4
+    )
+    sel = distinct(random_pages(ctx, 8, ctx.num_kv_heads, 3))
+    paged = torch.nn.functional.pad(k, (0, 0, 0, 0))
+    torch.testing.assert_close(
+        gather_attend(q, paged, v, sel, ctx),
+        reference_attend(q, k, v, sel, ctx),
+        atol=2e-5,
+        rtol=1e-4,
+    )
+    # the empty slot is never attended: changing its key and value changes nothing
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 5], v2[:, :, 5] = 100.0, 100.0
+    torch.testing.assert_close(
+        dense_decode(q, k2, v2, ctx, all_visible=False), expected, atol=2e-5, rtol=1e-4
+    )
+
+
+def test_reference_equals_sdpa_over_explicit_positions():
+    """The oracle itself: over explicit positions it equals SDPA with the hand-built mask."""
+    q, k, v, ctx = evicted_call(per_head=True)
+    positions = ctx.key_positions  # (B, Hkv, Lk)
+    mask = (positions <= ctx.q_offset).repeat_interleave(ctx.groups, 1)[:, :, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q,
+        k.repeat_interleave(ctx.groups, 1),
+        v.repeat_interleave(ctx.groups, 1),
+        attn_mask=mask,
+        scale=ctx.scaling,
+    ).transpose(1, 2)
+    torch.testing.assert_close(reference_attend(q, k, v, None, ctx), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_reference_full_selection_equals_sdpa():

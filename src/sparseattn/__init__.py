@@ -1,24 +1,40 @@
 """sparseattn: training-free sparse attention for Hugging Face causal LMs, measured honestly."""
 
+from .cache import SparseCache
 from .integration.hf import last_stats, sparse_attention
 from .integration.stats import RunStats
 from .models import load_model
-from .registry import build_method, list_methods, method_info, register_method
-from .types import AttentionContext, BlockSelection, KVSelection, Phase
+from .registry import (
+    build_method,
+    build_policy,
+    list_methods,
+    list_policies,
+    method_info,
+    policy_info,
+    register_method,
+    register_policy,
+)
+from .types import AttentionContext, BlockSelection, PageSelection, Phase, TokenSelection
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionContext",
     "BlockSelection",
-    "KVSelection",
+    "PageSelection",
     "Phase",
     "RunStats",
+    "SparseCache",
+    "TokenSelection",
     "build_method",
+    "build_policy",
     "last_stats",
     "list_methods",
+    "list_policies",
     "load_model",
     "method_info",
+    "policy_info",
     "register_method",
+    "register_policy",
     "sparse_attention",
 ]

@@ -112,7 +112,7 @@ def cmd_generate(args) -> int:
     summary = {
         "prompt_tokens": ids.shape[1],
         **{
-            p: {k: v for k, v in s.items() if k != "layer_density"}
+            p: {k: v for k, v in s.items() if k != "layer_density"} if isinstance(s, dict) else s
             for p, s in stats.summary().items()
         },
     }

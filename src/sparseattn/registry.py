@@ -51,7 +51,69 @@ def build_method(name: str, **knobs: Any) -> Method:
 def method_info(name: str) -> dict[str, Any]:
     """Name, phases, paper and knobs (default, range, help) of a method, JSON-ready."""
     cls = get_method_class(name)
-    knobs = []
+    return {
+        "name": cls.name,
+        "phases": sorted(p.value for p in cls.phases),
+        "paper": cls.paper,
+        "speedup": cls.is_speedup,
+        "summary": (cls.__doc__ or "").strip().splitlines()[0],
+        "knobs": _knob_specs(cls),
+    }
+
+
+# -- eviction policies: their own kind (evict=...), composable with any prefill/decode method --
+
+POLICIES: dict[str, type] = {}
+
+
+def register_policy(cls: type) -> type:
+    """Class decorator: make eviction policy ``cls`` buildable by its ``name``."""
+    if cls.name in POLICIES:
+        raise ValueError(
+            f"eviction policy {cls.name!r} is already registered by {POLICIES[cls.name]}"
+        )
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def list_policies() -> list[str]:
+    """Names of every registered eviction policy, sorted."""
+    _ensure_loaded()
+    return sorted(POLICIES)
+
+
+def get_policy_class(name: str) -> type:
+    """The eviction policy registered as ``name``; ValueError listing the known names otherwise."""
+    _ensure_loaded()
+    if name not in POLICIES:
+        raise ValueError(
+            f"unknown eviction policy {name!r}; known policies: {', '.join(sorted(POLICIES))}"
+        )
+    return POLICIES[name]
+
+
+def build_policy(name: str, **knobs: Any):
+    """Instantiate eviction policy ``name`` with ``knobs`` (validated by the policy itself)."""
+    from .methods.base import build_checked
+
+    return build_checked(get_policy_class(name), "eviction policy", name, knobs)
+
+
+def policy_info(name: str) -> dict[str, Any]:
+    """Name, paper, knobs of an eviction policy, JSON-ready (the same shape as method_info)."""
+    cls = get_policy_class(name)
+    return {
+        "name": cls.name,
+        "kind": "eviction",
+        "paper": cls.paper,
+        "needs_queries": cls.needs_queries,
+        "summary": (cls.__doc__ or "").strip().splitlines()[0],
+        "knobs": _knob_specs(cls),
+    }
+
+
+def _knob_specs(cls: type) -> list[dict[str, Any]]:
+    specs = []
     for f in dataclasses.fields(cls):
         spec = {
             "name": f.name,
@@ -59,12 +121,5 @@ def method_info(name: str) -> dict[str, Any]:
             "type": getattr(f.type, "__name__", str(f.type)),
         }
         spec.update({k: v for k, v in f.metadata.items() if v is not None})
-        knobs.append(spec)
-    return {
-        "name": cls.name,
-        "phases": sorted(p.value for p in cls.phases),
-        "paper": cls.paper,
-        "speedup": cls.is_speedup,
-        "summary": (cls.__doc__ or "").strip().splitlines()[0],
-        "knobs": knobs,
-    }
+        specs.append(spec)
+    return specs

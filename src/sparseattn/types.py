@@ -11,6 +11,8 @@ from enum import Enum
 
 import torch
 
+EMPTY_POSITION = 2**62  # position of an empty or padded cache slot: never visible to any query
+
 
 class Phase(str, Enum):
     """Which part of inference an attention call belongs to."""
@@ -28,9 +30,12 @@ class Phase(str, Enum):
 class AttentionContext:
     """Everything a method or backend needs to know about one attention call.
 
-    Positions are absolute cache indices: query i sits at ``q_offset + i``, key j at
-    ``kv_offset + j``. A key is visible to a query when it is not in the future, lies inside the
-    layer's own sliding window (if any), and is not padding.
+    Positions are absolute cache indices (padding included): query i sits at ``q_offset + i``.
+    Key j sits at ``kv_offset + j`` while a layer holds a contiguous run of keys
+    (``key_positions`` is None, the cheap form); once a cache layer has evicted or reordered
+    entries it sits at ``key_positions[b, h, j]``. A key is visible to a query when it is not in
+    the future, lies inside the layer's own sliding window (if any), and is not padding. Every
+    rule is computed from positions, never from the index j.
 
     Attributes:
         layer_idx: Index of the decoder layer.
@@ -46,6 +51,9 @@ class AttentionContext:
         sliding_window: The layer's own window (query sees keys with q - k < window) or None.
         softcap: Logit soft-capping (Gemma 2) or None.
         key_valid: (B, Lk) bool, False where the key is padding; None when nothing is padded.
+        key_positions: (B, 1 or Hkv, Lk) long absolute position of every held key, or None when
+            key j sits at ``kv_offset + j``. Empty or padded slots hold ``EMPTY_POSITION`` (in
+            the future of every query, so never visible).
         device: Device of the call's tensors.
     """
 
@@ -62,12 +70,18 @@ class AttentionContext:
     sliding_window: int | None = None
     softcap: float | None = None
     key_valid: torch.Tensor | None = field(default=None, repr=False)
+    key_positions: torch.Tensor | None = field(default=None, repr=False)
     device: torch.device = field(default=torch.device("cpu"), repr=False)
 
     @property
     def groups(self) -> int:
         """GQA group size g = Hq / Hkv."""
         return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def contiguous(self) -> bool:
+        """True when key j sits at ``kv_offset + j`` (no eviction, no reordering)."""
+        return self.key_positions is None
 
 
 @dataclass(frozen=True)
@@ -94,13 +108,57 @@ class BlockSelection:
 
 
 @dataclass(frozen=True)
-class KVSelection:
-    """Which cached tokens each query head attends to during decode.
+class PageSelection:
+    """Which pages of the cache one decode query reads: a fixed budget of page indices.
+
+    Page p holds cache slots [p * page_size, (p + 1) * page_size) of the key tensor. The number
+    of pages is static (known from the budget), so executing it is one gather, never a sort.
 
     Attributes:
-        indices: (B, Hq, K) long, key indices into the key tensor (padded entries arbitrary).
-        valid: (B, Hq, K) bool, False for padded entries (rows hold different counts).
+        pages: (B, Hkv or Hq, n) long page indices; with Hkv rows the query heads of a GQA
+            group share their KV head's pages.
+        valid: (B, Hkv or Hq, n) bool, False for padding entries (a row may hold fewer pages).
+        page_size: Slots per page.
+    """
+
+    pages: torch.Tensor
+    valid: torch.Tensor
+    page_size: int
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Which cached tokens each head reads during decode: a fixed number of slot indices.
+
+    Attributes:
+        indices: (B, Hkv or Hq, K) long slot indices into the key tensor.
+        valid: (B, Hkv or Hq, K) bool, False for padding entries (rows hold different counts).
     """
 
     indices: torch.Tensor
     valid: torch.Tensor
+
+
+@dataclass
+class DecodeView:
+    """What a decode method sees of one cache layer at one step.
+
+    Attributes:
+        keys: (B, Hkv, Lk, D) the held keys in slot order (a view of the cache, never a copy).
+        state: Per-layer, per-sequence state of decode methods (Quest page bounds, label
+            caches ...): created on first use after the prefill, updated as tokens are
+            appended, dropped with the cache (and whenever the layer compacts). Keyed by the
+            method's ``state_key``.
+        writes: Updates the layer has received so far; state records the count it has seen,
+            so a method knows whether it missed an update and must rebuild.
+        last_write: Slots [start, stop) written by the latest update ((0, 0) after a compaction).
+    """
+
+    keys: torch.Tensor
+    state: dict = field(default_factory=dict)
+    writes: int = 0
+    last_write: tuple[int, int] = (0, 0)
+
+
+Selection = BlockSelection | PageSelection | TokenSelection
+"""The one selection type backends accept: tiles (prefill), pages or tokens (decode)."""

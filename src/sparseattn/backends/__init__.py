@@ -1,9 +1,18 @@
 """Backends execute a selection: ``reference`` (dense fp32 oracle), ``flex`` (block-sparse
-FlexAttention), ``gather`` (decode: gather the kept KV, then SDPA)."""
+FlexAttention, prefill), ``gather`` (decode: gather pages or tokens, then SDPA), ``sdpa`` (dense
+attention straight on the cache)."""
 
 from .flex import flex_attend
 from .gather import gather_attend
 from .masks import BlockLayout
 from .reference import reference_attend
+from .sdpa import dense_decode, dense_prefill
 
-__all__ = ["BlockLayout", "flex_attend", "gather_attend", "reference_attend"]
+__all__ = [
+    "BlockLayout",
+    "dense_decode",
+    "dense_prefill",
+    "flex_attend",
+    "gather_attend",
+    "reference_attend",
+]

@@ -1,67 +1,106 @@
-"""Decode execution: gather the selected keys and values, then run SDPA over them only."""
+"""Decode execution: gather a fixed budget of pages (or tokens) of the cache, then SDPA over them.
+
+Selections with one row per KV head are executed grouped: the query heads of a GQA group are
+the rows of one SDPA call against their KV head's gathered keys, so nothing is copied per query
+head. The gather is ``torch.gather`` on a page view of the cache, sized by the budget; nothing
+here sorts keys or reads a value back to the host.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..types import AttentionContext, BlockSelection, KVSelection
-from .masks import base_token_mask, expand_blocks
+from ..types import AttentionContext, PageSelection, TokenSelection
+from .masks import key_positions
 
 
-def blocks_to_tokens(selection: BlockSelection, ctx: AttentionContext) -> KVSelection:
-    """Turn a one-query block selection into per-head token indices (visible keys only)."""
-    if ctx.q_len != 1:
-        raise ValueError(f"gather backend runs decode calls (q_len=1), got q_len={ctx.q_len}")
-    chosen = expand_blocks(selection.mask, selection.block_size, 1, ctx.kv_len)[
-        :, :, 0
-    ]  # (B, Hq, Lk)
-    chosen = chosen & base_token_mask(ctx)[:, :, 0]  # one query row
-    return mask_to_kv_selection(chosen)
+def selection_slots(
+    selection: PageSelection | TokenSelection,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot indices (B, Hs, K) and their validity (B, Hs, K) of a page or token selection."""
+    if isinstance(selection, TokenSelection):
+        return selection.indices, selection.valid
+    P = selection.page_size
+    offsets = torch.arange(P, device=selection.pages.device)
+    slots = (selection.pages[..., None] * P + offsets).flatten(-2)  # (B, Hs, n * P)
+    valid = selection.valid[..., None].expand(*selection.valid.shape, P).flatten(-2)
+    return slots, valid
 
 
-def mask_to_kv_selection(chosen: torch.Tensor) -> KVSelection:
-    """(B, Hq, Lk) bool -> KVSelection holding the True positions, rows padded to the longest."""
-    counts = chosen.sum(-1)  # (B, Hq)
-    width = max(int(counts.max()), 1)
-    order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :width]
-    valid = torch.arange(width, device=chosen.device) < counts[..., None]
-    return KVSelection(indices=order, valid=valid)
+def visible_slots(slots: torch.Tensor, valid: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """(B, Hs, K) bool: selected slots that exist and are visible to the decode query."""
+    valid = valid & (slots < ctx.kv_len)
+    index = slots.clamp(max=ctx.kv_len - 1)
+    positions = key_positions(ctx)  # (B or 1, Hp, Lk)
+    Hs, Hp = slots.shape[1], positions.shape[1]
+    if Hp > 1 and Hs != Hp:  # per-KV-head positions, one selection row per query head
+        positions = positions.repeat_interleave(ctx.groups, dim=1)
+    positions = positions.expand(slots.shape[0], Hs, -1).gather(-1, index)
+    query = ctx.q_offset  # one query
+    visible = positions <= query
+    if ctx.sliding_window is not None:
+        visible = visible & (query - positions < ctx.sliding_window)
+    if ctx.key_valid is not None:
+        visible = visible & ctx.key_valid[:, None, :].expand(-1, Hs, -1).gather(-1, index)
+    return valid & visible
 
 
 def gather_attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    selection: BlockSelection | KVSelection,
+    selection: PageSelection | TokenSelection,
     ctx: AttentionContext,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attend one query per head to its selected tokens.
+    """Attend one query per head to its selected pages or tokens.
 
     Args:
         q: (B, Hq, 1, D).
-        k: (B, Hkv, Lk, D).
-        v: (B, Hkv, Lk, D).
-        selection: Tiles (converted to tokens) or tokens; KVSelection indices must be visible.
+        k: (B, Hkv, S, D) keys; for a PageSelection S covers whole pages (slots past
+            ``ctx.kv_len`` are never visible).
+        v: (B, Hkv, S, Dv).
+        selection: Pages or tokens, one row per KV head (grouped) or per query head.
         ctx: The call's context (q_len must be 1).
+        visible: ``visible_slots`` of the selection if the caller already has it.
 
     Returns:
-        (B, 1, Hq, D).
+        (B, 1, Hq, Dv).
     """
-    if isinstance(selection, BlockSelection):
-        selection = blocks_to_tokens(selection, ctx)
-    B, Hq = q.shape[:2]
-    b_idx = torch.arange(B, device=q.device)[:, None, None]  # (B, 1, 1)
-    h_idx = (torch.arange(Hq, device=q.device) // ctx.groups)[None, :, None]  # (1, Hq, 1)
-    k_sel = k[b_idx, h_idx, selection.indices]  # (B, Hq, K, D)
-    v_sel = v[b_idx, h_idx, selection.indices]
-    if ctx.softcap is not None:
-        scores = torch.matmul(q.float(), k_sel.float().transpose(-1, -2)) * ctx.scaling
-        scores = torch.tanh(scores / ctx.softcap) * ctx.softcap
-        scores = scores.masked_fill(~selection.valid[:, :, None], float("-inf"))
-        out = torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), v_sel.float()).to(q.dtype)
+    if ctx.q_len != 1:
+        raise ValueError(f"gather backend runs decode calls (q_len=1), got q_len={ctx.q_len}")
+    slots, valid = selection_slots(selection)
+    mask = visible_slots(slots, valid, ctx) if visible is None else visible  # (B, Hs, K)
+    B, Hq, _, D = q.shape
+    Hkv, g, K = k.shape[1], ctx.groups, slots.shape[-1]
+    if slots.shape[1] == Hkv:  # grouped: the g query heads of a KV head are g query rows
+        index = slots.clamp(max=k.shape[2] - 1)[..., None]
+        k_sel = k.gather(2, index.expand(B, Hkv, K, D))  # (B, Hkv, K, D)
+        v_sel = v.gather(2, index.expand(B, Hkv, K, v.shape[-1]))
+        rows = q.view(B, Hkv, g, D)
     else:
-        out = F.scaled_dot_product_attention(
-            q, k_sel, v_sel, attn_mask=selection.valid[:, :, None, :], scale=ctx.scaling
-        )  # (B, Hq, 1, D)
-    return out.transpose(1, 2)
+        b_idx = torch.arange(B, device=q.device)[:, None, None]
+        h_idx = (torch.arange(Hq, device=q.device) // g)[None, :, None]
+        index = slots.clamp(max=k.shape[2] - 1)
+        k_sel, v_sel = k[b_idx, h_idx, index], v[b_idx, h_idx, index]  # (B, Hq, K, D)
+        rows = q
+    out = attend_rows(rows, k_sel, v_sel, mask[:, :, None, :], ctx)
+    return out.reshape(B, Hq, 1, -1).transpose(1, 2)
+
+
+def attend_rows(
+    rows: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    ctx: AttentionContext,
+) -> torch.Tensor:
+    """SDPA of query rows (B, H, R, D) against (B, H, K, D), with softcap when the model has one."""
+    if ctx.softcap is None:
+        return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=ctx.scaling)
+    scores = torch.matmul(rows.float(), k.float().transpose(-1, -2)) * ctx.scaling
+    scores = torch.tanh(scores / ctx.softcap) * ctx.softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), v.float()).to(rows.dtype)

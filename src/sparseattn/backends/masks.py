@@ -25,26 +25,37 @@ def query_positions(ctx: AttentionContext) -> torch.Tensor:
 
 
 def key_positions(ctx: AttentionContext) -> torch.Tensor:
-    """(Lk,) absolute positions of the keys."""
-    return torch.arange(ctx.kv_len, device=ctx.device) + ctx.kv_offset
+    """(B or 1, Hkv or 1, Lk) absolute positions of the keys (explicit or contiguous)."""
+    if ctx.key_positions is not None:
+        return ctx.key_positions
+    return (torch.arange(ctx.kv_len, device=ctx.device) + ctx.kv_offset)[None, None]
+
+
+def heads_to_query_heads(mask: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """(B, Hkv, ...) -> (B, Hq, ...) by repeating each KV head for its query heads; 1 stays 1."""
+    if mask.shape[1] == 1 or ctx.groups == 1:
+        return mask
+    return mask.repeat_interleave(ctx.groups, dim=1)
 
 
 def base_token_mask(ctx: AttentionContext, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """(B, 1, stop - start, Lk) bool: the dense model's own mask (causal, window, padding).
+    """(B, 1 or Hq, stop - start, Lk) bool: the dense model's own mask (causal, window, padding).
 
-    Only the query rows [start, stop) are built (all rows by default): callers that need a few
-    rows, or walk the queries in chunks, never materialise the whole Lq x Lk mask.
+    Computed from key positions, so it holds for evicted or reordered caches; the head axis is 1
+    unless the keys' positions differ per head. Only the query rows [start, stop) are built (all
+    rows by default): callers that need a few rows, or walk the queries in chunks, never
+    materialise the whole Lq x Lk mask.
     """
     stop = ctx.q_len if stop is None else stop
-    qp = query_positions(ctx)[start:stop, None]  # (rows, 1)
-    kp = key_positions(ctx)[None, :]  # (1, Lk)
-    mask = kp <= qp
+    qp = query_positions(ctx)[start:stop][:, None]  # (rows, 1)
+    kp = key_positions(ctx)[:, :, None, :]  # (B or 1, Hp, 1, Lk)
+    mask = kp <= qp  # (B or 1, Hp, rows, Lk)
     if ctx.sliding_window is not None:
         mask = mask & (qp - kp < ctx.sliding_window)
-    mask = mask[None, None].expand(ctx.batch, 1, -1, -1)
     if ctx.key_valid is not None:
         mask = mask & ctx.key_valid[:, None, None, :]
-    return mask
+    mask = heads_to_query_heads(mask, ctx)
+    return mask.expand(ctx.batch, -1, -1, -1)
 
 
 def expand_blocks(
@@ -65,6 +76,13 @@ class BlockLayout:
 
     ctx: AttentionContext
     block_size: int
+
+    def __post_init__(self) -> None:
+        if not self.ctx.contiguous:
+            raise ValueError(
+                "BlockLayout needs contiguous key positions; a call over an evicted cache layer "
+                "runs through the position-aware dense or decode paths"
+            )
 
     @property
     def n_q_blocks(self) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,9 +19,10 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..methods.base import Method
-from ..registry import build_method
+from ..methods.eviction import EvictionPolicy
+from ..registry import build_method, build_policy
 from ..types import Phase
-from .plan import SparsePlan, run_layer
+from .plan import CallInput, HookOptions, SparsePlan, run_layer
 from .stats import RunStats
 
 IMPLEMENTATION = "sparseattn"
@@ -31,21 +31,72 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, SparsePlan] = weakref.WeakKeyDicti
 _LAST_STATS: weakref.WeakKeyDictionary[nn.Module, RunStats] = weakref.WeakKeyDictionary()
 
 
-@dataclass(frozen=True)
 class VisibilityInfo:
     """What our mask function hands the attention layers instead of a 4-D mask.
 
     Attributes:
-        q_offset: Absolute position of the first query.
-        kv_offset: Absolute position of the first key.
-        key_valid: (B, Lk) bool padding mask of the keys, or None when nothing is padded.
+        q_offset: Absolute position of the first query (tokens seen before this forward).
+        kv_offset: Absolute position of the first key for caches that hold a contiguous run.
+        padding: (B, total) bool 2-D attention mask over absolute positions, or None.
         local_size: The sliding window transformers built this mask for, if any.
     """
 
-    q_offset: int
-    kv_offset: int
-    key_valid: torch.Tensor | None = field(default=None, repr=False)
-    local_size: int | None = None
+    __slots__ = ("q_offset", "kv_offset", "padding", "local_size", "_padding_absent")
+
+    def __init__(
+        self,
+        q_offset: int,
+        kv_offset: int,
+        padding: torch.Tensor | None = None,
+        local_size: int | None = None,
+    ) -> None:
+        self.q_offset, self.kv_offset = q_offset, kv_offset
+        self.padding, self.local_size = padding, local_size
+        self._padding_absent: bool | None = None
+
+    def padding_absent(self, allow_sync: bool) -> bool:
+        """True when the mask is known to pad nothing; checked once, and only where a host
+        sync is allowed (prefill). Decode steps never look."""
+        if self.padding is None:
+            return True
+        if self._padding_absent is None and allow_sync:
+            self._padding_absent = bool(self.padding.all())
+        return bool(self._padding_absent)
+
+
+def check_mask_function(
+    mask_function: Any, batch: int, q_offset: int, q_length: int, local_size: int | None, device
+) -> None:
+    """Refuse a mask function that is not causal (+ the layer's sliding window).
+
+    transformers hands every mask implementation its mask function; ours computes visibility
+    from positions (causal, window, padding), so anything else (chunked attention, packed
+    sequences, bidirectional or blockwise masks) would silently become causal. The function is
+    probed on the first, middle and last query rows of the call against every earlier key.
+
+    Raises:
+        ValueError: naming the mask function, when it differs from causal (+ window).
+    """
+    if mask_function is None:
+        return
+    last = q_offset + q_length - 1
+    rows = torch.tensor(sorted({q_offset, q_offset + q_length // 2, last}), device=device)
+    b = torch.arange(batch, device=device)[:, None, None]
+    q = rows[None, :, None]
+    kv = torch.arange(last + 1, device=device)[None, None, :]
+    head = torch.zeros((), dtype=torch.long, device=device)
+    got = torch.as_tensor(mask_function(b, head, q, kv), device=device).expand(batch, -1, -1)
+    want = kv <= q
+    if local_size is not None:
+        want = want & (q - kv < local_size)
+    if not torch.equal(got, want.expand(batch, -1, -1)):
+        name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
+        kind = f"causal with a sliding window of {local_size}" if local_size else "causal"
+        raise ValueError(
+            f"sparseattn supports causal attention (with the model's sliding windows); this "
+            f"model's mask function {name} is not {kind} (chunked attention, packed sequences, "
+            "bidirectional or blockwise masks are refused rather than silently made causal)"
+        )
 
 
 def sparse_mask(
@@ -54,22 +105,28 @@ def sparse_mask(
     kv_length: int,
     q_offset: int | torch.Tensor = 0,
     kv_offset: int = 0,
+    mask_function: Any = None,
     attention_mask: torch.Tensor | None = None,
     local_size: int | None = None,
     **kwargs: Any,
 ) -> VisibilityInfo:
-    """Mask function for transformers' AttentionMaskInterface: positions and padding only."""
-    key_valid = None
+    """Mask function for transformers' AttentionMaskInterface: positions and padding only.
+
+    Prompt chunks probe transformers' mask function (``check_mask_function``); decode steps do
+    no work that reads the device.
+    """
+    if isinstance(q_offset, torch.Tensor):  # static caches hand a tensor (one sync, their choice)
+        q_offset = int(q_offset)
+    device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
+    if q_length > 1:
+        check_mask_function(mask_function, batch_size, q_offset, q_length, local_size, device)
+    padding = None
     if attention_mask is not None:
         padding = attention_mask.bool()
-        if padding.shape[-1] < kv_offset + kv_length:  # static caches: pad with "valid"
-            padding = nn.functional.pad(
-                padding, (0, kv_offset + kv_length - padding.shape[-1]), value=True
-            )
-        key_valid = padding[:, kv_offset : kv_offset + kv_length]
-        if bool(key_valid.all()):
-            key_valid = None
-    return VisibilityInfo(int(q_offset), int(kv_offset), key_valid, local_size)
+        total = kv_offset + kv_length
+        if padding.shape[-1] < total:  # static caches: slots past the mask count as valid
+            padding = nn.functional.pad(padding, (0, total - padding.shape[-1]), value=True)
+    return VisibilityInfo(q_offset, int(kv_offset), padding, local_size)
 
 
 def sparse_attention_forward(
@@ -89,35 +146,42 @@ def sparse_attention_forward(
     Args:
         module: The attention layer (provides ``layer_idx``).
         query: (B, Hq, Lq, D).
-        key: (B, Hkv, Lk, D), the whole cache for this layer.
+        key: (B, Hkv, Lk, D), what this layer's cache holds plus the new keys.
         value: (B, Hkv, Lk, D).
-        attention_mask: A VisibilityInfo from ``sparse_mask``; None means plain causal.
+        attention_mask: A VisibilityInfo from ``sparse_mask``.
 
     Returns:
         (B, Lq, Hq, D) output and no attention weights.
     """
-    model_plan = _plan_of(module)
+    plan = _plan_of(module)
     if isinstance(attention_mask, torch.Tensor):
         raise ValueError(
             "sparseattn received a ready-made 4-D attention mask; pass a 2-D padding mask "
             "(attention_mask of shape (batch, length)) so transformers builds our mask instead"
         )
     if attention_mask is None:
-        attention_mask = VisibilityInfo(key.shape[2] - query.shape[2], 0)
-    out = run_layer(
-        model_plan,
+        if plan.cache_layer(module.layer_idx, key) is None and query.shape[2] != key.shape[2]:
+            raise ValueError(
+                f"{type(module).__name__} called attention without a mask over a cache that is "
+                "not sparseattn's; the query positions are unknown (pass attention_mask, or let "
+                "sparse_attention supply the cache)"
+            )
+        attention_mask = VisibilityInfo(0, 0)
+    prefill = query.shape[2] > 1 or attention_mask.q_offset == 0
+    call = CallInput(
         layer_idx=module.layer_idx,
         query=query,
         key=key,
         value=value,
         q_offset=attention_mask.q_offset,
         kv_offset=attention_mask.kv_offset,
-        key_valid=attention_mask.key_valid,
+        padding=attention_mask.padding,
+        padding_known_absent=attention_mask.padding_absent(allow_sync=prefill),
         scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
         sliding_window=sliding_window or attention_mask.local_size,
         softcap=softcap,
     )
-    return out.contiguous(), None
+    return run_layer(plan, call).contiguous(), None
 
 
 AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
@@ -186,6 +250,27 @@ def _as_method(method: str | Method, knobs: dict[str, Any]) -> Method:
     return build_method(method, **knobs)
 
 
+def _as_policy(evict: str | EvictionPolicy | None, knobs: dict[str, Any]) -> EvictionPolicy | None:
+    if evict is None:
+        if knobs:
+            raise ValueError(f"evict_knobs {sorted(knobs)} given without evict=")
+        return None
+    if isinstance(evict, EvictionPolicy):
+        if knobs:
+            raise ValueError(
+                f"evict_knobs {sorted(knobs)} given with a policy instance; set them on it"
+            )
+        return evict
+    return build_policy(evict, **knobs)
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The module whose forward takes ``past_key_values`` and builds the mask (the base model)."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if isinstance(decoder, nn.Module) else model
+
+
 @contextmanager
 def sparse_attention(
     model: nn.Module,
@@ -193,35 +278,49 @@ def sparse_attention(
     *,
     prefill: str | Method | None = None,
     decode: str | Method | None = None,
+    evict: str | EvictionPolicy | None = None,
     prefill_knobs: dict[str, Any] | None = None,
     decode_knobs: dict[str, Any] | None = None,
+    evict_knobs: dict[str, Any] | None = None,
     dense_layers: Sequence[int] = (),
     min_length: int = 1024,
     prefill_backend: str = "flex",
     decode_backend: str = "gather",
+    page_size: int = 16,
+    timing: bool = False,
     **knobs: Any,
 ) -> Iterator[RunStats]:
-    """Make ``model`` attend sparsely inside the block.
+    """Make ``model`` attend sparsely, and its KV cache forget, inside the block.
 
     Either ``sparse_attention(model, "streaming", window=512)`` (one method for every phase it
     supports, dense for the others) or the two-phase form
-    ``sparse_attention(model, prefill="tri_shape", decode="streaming", prefill_knobs=..., ...)``.
+    ``sparse_attention(model, prefill="tri_shape", decode="quest", prefill_knobs=..., ...)``;
+    either form composes with an eviction policy (``evict="streaming", evict_knobs=...``).
+    Every forward or ``generate`` that caches runs on sparseattn's cache: supplied when none is
+    passed, a ``DynamicCache`` passed in (or built by ``generate``) gets our layers in place,
+    a ``SparseCache`` is used, and any other cache is used as it is or refused by name when the
+    setting needs ours.
 
     Args:
         model: A transformers causal LM whose attention goes through AttentionInterface.
         method: Registered method name (or a Method instance) used for every phase it supports.
         prefill: Method for prefill and chunked prefill (two-phase form).
         decode: Method for decode steps (two-phase form).
+        evict: Eviction policy name (or instance): what the cache keeps.
         prefill_knobs: Knobs of the prefill method.
         decode_knobs: Knobs of the decode method.
+        evict_knobs: Knobs of the eviction policy.
         dense_layers: Layer indices that always attend densely (e.g. (0, 1)).
         min_length: Calls whose key length is below this stay dense (sparse would be slower).
         prefill_backend: "flex" (block-sparse kernel) or "reference" (dense fp32 oracle).
-        decode_backend: "gather" (gather the kept KV, then SDPA), "flex" or "reference".
+        decode_backend: "gather" (gather the selected pages, then SDPA) or "reference".
+        page_size: Cache storage granularity in tokens.
+        timing: Time selection and attention per layer (adds a device sync per call).
         **knobs: Knobs of ``method`` (single-method form).
 
     Yields:
-        The RunStats that collects measured density and timing (also ``last_stats(model)``).
+        The RunStats that collects measured density, KV bytes and timing (also
+        ``last_stats(model)``).
     """
     if method is not None and (prefill or decode or prefill_knobs or decode_knobs):
         raise ValueError("give either `method` (with its knobs) or prefill=/decode=, not both")
@@ -234,8 +333,15 @@ def sparse_attention(
     else:
         prefill_method = _as_method(prefill or "dense", prefill_knobs or {})
         decode_method = _as_method(decode or "dense", decode_knobs or {})
-    if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
-        raise ValueError(f"min_length={min_length!r} must be an integer >= 0")
+    policy = _as_policy(evict, evict_knobs or {})
+    options = HookOptions(
+        dense_layers=frozenset(dense_layers),
+        min_length=min_length,
+        prefill_backend=prefill_backend,
+        decode_backend=decode_backend,
+        page_size=page_size,
+        timing=timing,
+    )
     layers = attention_layers(model)
     if any(m in _ACTIVE for m in layers):
         raise ValueError(
@@ -251,24 +357,33 @@ def sparse_attention(
 
     stats = RunStats()
     plan = SparsePlan(
+        model=model,
         prefill=prefill_method,
         decode=decode_method,
-        dense_layers=frozenset(dense_layers),
-        min_length=min_length,
-        prefill_backend=prefill_backend,
-        decode_backend=decode_backend,
+        evict=policy,
+        options=options,
         stats=stats,
     )
+    plan.make_layers()  # a layer kind we cannot hold, or a RoPE we cannot read, fails now
+    decoder = decoder_of(model)
+
+    def bind_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        plan.bind_cache(kwargs, getattr(module, "config", model.config))
+        return args, kwargs
+
     configs = _configs(model)
     previous = [c._attn_implementation for c in configs]
     for layer in layers:
         _ACTIVE[layer] = plan
     _LAST_STATS[model] = stats
+    handle = decoder.register_forward_pre_hook(bind_cache, with_kwargs=True)
     try:
         for config in configs:
             config._attn_implementation = IMPLEMENTATION
         yield stats
     finally:
+        handle.remove()
+        plan.cache = None
         for config, name in zip(configs, previous):
             config._attn_implementation = name
         for layer in layers:
@@ -284,4 +399,11 @@ def last_stats(model: nn.Module) -> RunStats:
     return _LAST_STATS[model]
 
 
-__all__ = ["IMPLEMENTATION", "Phase", "last_stats", "sparse_attention", "sparse_attention_forward"]
+__all__ = [
+    "IMPLEMENTATION",
+    "Phase",
+    "decoder_of",
+    "last_stats",
+    "sparse_attention",
+    "sparse_attention_forward",
+]

@@ -1,38 +1,152 @@
-"""Per-call dispatch: which method runs, which backend executes it, what gets recorded."""
+"""Per-call dispatch: which method runs, which backend executes it, what the cache keeps."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
 
-from ..backends import BlockLayout, flex_attend, gather_attend, reference_attend
-from ..backends.masks import base_token_mask
+from ..backends import (
+    BlockLayout,
+    dense_decode,
+    dense_prefill,
+    flex_attend,
+    gather_attend,
+    reference_attend,
+)
+from ..backends.gather import selection_slots, visible_slots
+from ..backends.sdpa import decode_key_mask, visible_keys, window_matters
+from ..cache import KVLayer, SparseCache, adopt, build_layers, is_empty
 from ..methods.base import Method
+from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
-from ..types import AttentionContext, Phase
-from .stats import RunStats, Stopwatch
+from ..types import AttentionContext, DecodeView, PageSelection, Phase, Selection
+from .stats import RunStats, timed
 
 PREFILL_BACKENDS = ("flex", "reference")
-DECODE_BACKENDS = ("gather", "flex", "reference")
+DECODE_BACKENDS = ("gather", "reference")
+PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 _DENSE = Dense()
 _STATS_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class HookOptions:
+    """How ``sparse_attention`` runs, besides the methods themselves (validated on creation).
+
+    Attributes:
+        dense_layers: Layer indices that always attend densely.
+        min_length: Calls whose key length is below this stay dense (sparse would be slower).
+        prefill_backend: "flex" (block-sparse kernel) or "reference" (dense fp32 oracle).
+        decode_backend: "gather" (gather the selected pages, then SDPA) or "reference".
+        page_size: Cache storage granularity in tokens (a page view of the cache is free).
+        timing: Time selection and attention per layer (synchronizes; off by default).
+    """
+
+    dense_layers: frozenset[int] = frozenset()
+    min_length: int = 1024
+    prefill_backend: str = "flex"
+    decode_backend: str = "gather"
+    page_size: int = 16
+    timing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefill_backend not in PREFILL_BACKENDS:
+            raise ValueError(
+                f"prefill_backend={self.prefill_backend!r}; allowed: {list(PREFILL_BACKENDS)}"
+            )
+        if self.decode_backend not in DECODE_BACKENDS:
+            raise ValueError(
+                f"decode_backend={self.decode_backend!r}; allowed: {list(DECODE_BACKENDS)}"
+            )
+        if self.page_size not in PAGE_SIZES:
+            raise ValueError(f"page_size={self.page_size!r}; allowed: {list(PAGE_SIZES)}")
+        bad = isinstance(self.min_length, bool) or not isinstance(self.min_length, int)
+        if bad or self.min_length < 0:
+            raise ValueError(f"min_length={self.min_length!r} must be an integer >= 0")
 
 
 @dataclass
 class SparsePlan:
     """The active configuration of one model inside ``sparse_attention``."""
 
+    model: nn.Module
     prefill: Method
     decode: Method
-    dense_layers: frozenset[int]
-    min_length: int
-    prefill_backend: str
-    decode_backend: str
+    evict: EvictionPolicy | None
+    options: HookOptions
     stats: RunStats
+    cache: Cache | None = None  # the cache of the forward running now
+    _prepared: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
     _layouts: dict = field(default_factory=dict, repr=False)
 
+    # -- the cache -----------------------------------------------------------------------
+    def make_layers(self) -> list[KVLayer]:
+        return build_layers(self.model, self.evict, self.options.page_size)
+
+    def bind_cache(self, kwargs: dict[str, Any], config: Any) -> None:
+        """Forward pre-hook of the decoder: give every forward that caches our cache.
+
+        No cache and ``use_cache``: a new ``SparseCache``. A ``DynamicCache`` (the one
+        ``generate`` builds, or the user's): our layers in place, keeping what it holds. A
+        ``SparseCache``: used. Any other cache: used as it is when nothing needs our layers,
+        else refused with an error naming it.
+        """
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(config, "use_cache", True)
+        if cache is None and use_cache:
+            cache = SparseCache(layers=self.make_layers())
+            kwargs["past_key_values"] = cache
+            self._prepared.add(cache)
+        elif cache is not None and cache not in self._prepared:
+            self._prepare(cache, kwargs.get("attention_mask"))
+        self.cache = cache
+        self.stats.bind_cache(cache)
+
+    def _prepare(self, cache: Cache, attention_mask: torch.Tensor | None) -> None:
+        ours = all(isinstance(layer, KVLayer) for layer in cache.layers) and cache.layers
+        if not (ours or isinstance(cache, DynamicCache)):
+            if self.evict is not None or getattr(self.decode, "needs_cache_state", False):
+                raise ValueError(
+                    f"{type(cache).__name__} cannot forget or keep decode state; "
+                    f"evict={self.evict.name if self.evict else None!r} and decode="
+                    f"{self.decode.name!r} need sparseattn's cache: pass no cache (or a "
+                    "DynamicCache / SparseCache) so the library supplies its own"
+                )
+            self._prepared.add(cache)
+            return
+        if not is_empty(cache) and self.evict is not None and not self._built_here(cache):
+            if self.evict.needs_queries:
+                raise ValueError(
+                    f"eviction policy {self.evict.name!r} scores the prompt with its queries, "
+                    "but this cache was filled outside this sparse_attention block, so the "
+                    "queries are gone; pass an empty cache (or none) and prefill inside it"
+                )
+        if is_empty(cache) or not self._built_here(cache):
+            adopt(cache, self.make_layers(), attention_mask)
+        self._prepared.add(cache)
+
+    def _built_here(self, cache: Cache) -> bool:
+        wanted = [layer.origin for layer in self.make_layers()]
+        return [getattr(layer, "origin", None) for layer in cache.layers] == wanted
+
+    def cache_layer(self, layer_idx: int, key: torch.Tensor) -> KVLayer | None:
+        """Our cache layer whose update produced ``key`` in this forward, or None."""
+        if self.cache is None or layer_idx >= len(self.cache.layers):
+            return None
+        layer = self.cache.layers[layer_idx]
+        if isinstance(layer, KVLayer) and layer.call_view() is not None:
+            if layer.call_view()[0] is key:
+                return layer
+        return None
+
+    # -- methods and layouts -------------------------------------------------------------
     def layout_for(self, ctx: AttentionContext, block_size: int) -> BlockLayout:
         """The BlockLayout of this call, shared by every layer of one forward pass.
 
@@ -48,6 +162,7 @@ class SparsePlan:
             ctx.sliding_window,
             ctx.batch,
             block_size,
+            ctx.device,
         )
         cached = self._layouts.get(key)
         if cached is not None and cached.ctx.key_valid is ctx.key_valid:
@@ -57,23 +172,18 @@ class SparsePlan:
         layout = self._layouts[key] = BlockLayout(ctx, block_size)
         return layout
 
-    def __post_init__(self) -> None:
-        if self.prefill_backend not in PREFILL_BACKENDS:
-            raise ValueError(
-                f"prefill_backend={self.prefill_backend!r}; allowed: {list(PREFILL_BACKENDS)}"
-            )
-        if self.decode_backend not in DECODE_BACKENDS:
-            raise ValueError(
-                f"decode_backend={self.decode_backend!r}; allowed: {list(DECODE_BACKENDS)}"
-            )
-
     def method_for(self, ctx: AttentionContext) -> Method:
-        """The phase's method, or dense for kept-dense layers, short calls and unsupported phases."""
+        """The phase's method, or dense for kept-dense layers, short calls and unsupported phases.
+
+        Sparse prefill methods estimate over contiguous key positions; a prompt chunk arriving
+        at a layer that already evicted runs dense over what it kept.
+        """
         method = self.prefill if ctx.phase.is_prefill else self.decode
         if (
-            ctx.layer_idx in self.dense_layers
-            or ctx.kv_len < self.min_length
+            ctx.layer_idx in self.options.dense_layers
+            or ctx.kv_len < self.options.min_length
             or not method.supports(ctx.phase)
+            or (ctx.phase.is_prefill and not ctx.contiguous)
         ):
             return _DENSE
         return method
@@ -86,53 +196,42 @@ def phase_of(q_len: int, q_offset: int) -> Phase:
     return Phase.DECODE if q_len == 1 else Phase.CHUNKED_PREFILL
 
 
-def window_matters(ctx: AttentionContext) -> bool:
-    """True when the layer's own sliding window hides some key from some query."""
-    if ctx.sliding_window is None:
-        return False
-    return ctx.q_offset + ctx.q_len - 1 - ctx.kv_offset >= ctx.sliding_window
+@dataclass
+class CallInput:
+    """One attention call as transformers hands it over (mask info already read)."""
+
+    layer_idx: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    q_offset: int
+    kv_offset: int
+    padding: torch.Tensor | None  # (B, total) bool 2-D mask over absolute positions, or None
+    padding_known_absent: bool  # a prefill checked the mask: nothing is padded
+    scaling: float
+    sliding_window: int | None
+    softcap: float | None
 
 
-def dense_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
-) -> torch.Tensor:
-    """The model's own dense attention through SDPA (no window): (B, Lq, Hq, D)."""
-    gqa = ctx.groups > 1
-    aligned = ctx.q_offset + ctx.q_len == ctx.kv_offset + ctx.kv_len
-    if ctx.key_valid is None and aligned and ctx.q_len == 1:
-        out = F.scaled_dot_product_attention(q, k, v, scale=ctx.scaling, enable_gqa=gqa)
-    elif ctx.key_valid is None and aligned and ctx.q_len == ctx.kv_len:
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=ctx.scaling, enable_gqa=gqa
-        )
-    else:
-        mask = base_token_mask(ctx)  # (B, 1, Lq, Lk)
-        mask = mask | ~mask.any(-1, keepdim=True)  # padded query rows: finite garbage, never NaN
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=ctx.scaling, enable_gqa=gqa
-        )
-    return out.transpose(1, 2)
-
-
-def run_layer(
-    plan: SparsePlan,
-    *,
-    layer_idx: int,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    q_offset: int,
-    kv_offset: int,
-    key_valid: torch.Tensor | None,
-    scaling: float,
-    sliding_window: int | None,
-    softcap: float | None,
-) -> torch.Tensor:
-    """Select, execute and record one attention call. Returns (B, Lq, Hq, D)."""
+def run_layer(plan: SparsePlan, call: CallInput) -> torch.Tensor:
+    """Select, execute, record and evict for one attention call. Returns (B, Lq, Hq, D)."""
+    query, key, value = call.query, call.key, call.value
     B, Hq, Lq, _ = query.shape
+    layer = plan.cache_layer(call.layer_idx, key)
+    positions, q_offset, kv_offset = None, call.q_offset, call.kv_offset
+    if layer is not None:
+        _, _, positions = layer.call_view()
+        q_offset = layer.seen - Lq
+        kv_offset = 0 if positions is None else layer.seen - key.shape[2]
+    phase = phase_of(Lq, q_offset)
+    key_valid = _key_valid(call, layer, phase, positions, kv_offset, key.shape[2])
+    if layer is not None and key_valid is not None and phase.is_prefill:
+        layer.mark_padding(key_valid)  # explicit positions take the padding; contiguous keep it
+        if positions is not None:
+            key_valid = None
     ctx = AttentionContext(
-        layer_idx=layer_idx,
-        phase=phase_of(Lq, q_offset),
+        layer_idx=call.layer_idx,
+        phase=phase,
         batch=B,
         q_len=Lq,
         kv_len=key.shape[2],
@@ -140,39 +239,169 @@ def run_layer(
         kv_offset=kv_offset,
         num_q_heads=Hq,
         num_kv_heads=key.shape[1],
-        scaling=scaling,
-        sliding_window=sliding_window,
-        softcap=softcap,
+        scaling=call.scaling,
+        sliding_window=call.sliding_window,
+        softcap=call.softcap,
         key_valid=key_valid,
+        key_positions=positions,
         device=query.device,
     )
+    if phase is Phase.DECODE:
+        out = _decode(plan, ctx, query, key, value, layer)
+    else:
+        out = _prefill(plan, ctx, query, key, value)
+        if layer is not None and plan.evict is not None and plan.evict.needs_queries:
+            plan.evict.after_prefill(layer, query, ctx)
+    if layer is not None:
+        layer.finish_call()
+    return out
+
+
+def _key_valid(
+    call: CallInput,
+    layer: KVLayer | None,
+    phase: Phase,
+    positions: torch.Tensor | None,
+    kv_offset: int,
+    kv_len: int,
+) -> torch.Tensor | None:
+    """(B, Lk) padding of this call's keys, or None when nothing is (known to be) padded.
+
+    Prefill calls check the mask (one host sync per forward); decode steps never look: a layer
+    remembers from its prefill whether it holds padding, and a layer with explicit positions
+    carries padding as empty slots.
+    """
+    if call.padding is None or call.padding_known_absent:
+        return None
+    if phase is Phase.DECODE and layer is not None and (positions is not None or not layer.padded):
+        return None
+    if positions is None:
+        return call.padding[:, kv_offset : kv_offset + kv_len]
+    index = positions[:, 0].clamp(max=call.padding.shape[1] - 1)
+    return call.padding.gather(1, index) | (positions[:, 0] >= call.padding.shape[1])
+
+
+def _prefill(
+    plan: SparsePlan, ctx: AttentionContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """A prompt chunk: dense through SDPA where it can, else the method's tiles through a kernel.
+
+    Dense calls whose window hides keys (or with a softcap) on contiguous keys run as every
+    visible tile through flex, never as a dense masked L x L product; over explicit positions
+    (a layer that evicted) they run as masked SDPA over what the layer kept.
+    """
     method = plan.method_for(ctx)
-    clock = Stopwatch(query.device)
-    if isinstance(method, Dense) and not window_matters(ctx) and softcap is None:
-        start = clock.now()
-        out = dense_sdpa(query, key, value, ctx)
-        visible = (
-            plan.layout_for(ctx, _STATS_BLOCK).counts.sum((-1, -2)).double()[:, None].expand(B, Hq)
+    profile = plan.options.timing
+    start = timed(ctx.device) if profile else 0.0
+    dense = isinstance(method, Dense)
+    if dense and not ctx.contiguous:
+        out = (
+            dense_prefill(q, k, v, ctx)
+            if ctx.softcap is None
+            else reference_attend(q, k, v, None, ctx)
         )
+    elif dense and ctx.softcap is None and not window_matters(ctx):
+        out = dense_prefill(q, k, v, ctx)
+    else:
+        layout = plan.layout_for(ctx, method.block_size)
+        selection = method.select(q, k, ctx, layout)
+        selected = timed(ctx.device) if profile else 0.0
+        if plan.options.prefill_backend == "reference":
+            out = reference_attend(q, k, v, selection, ctx)
+        else:
+            out = flex_attend(q, k, v, selection, ctx, layout)
+        done = timed(ctx.device) if profile else 0.0
+        computed, visible = layout.density(selection)
         plan.stats.record(
-            layer_idx, ctx.phase, method.name, visible, visible, 0.0, clock.now() - start
+            ctx.layer_idx,
+            ctx.phase,
+            method.name,
+            computed,
+            visible,
+            selected - start,
+            done - selected,
         )
         return out
+    visible = _dense_pairs(plan, ctx)
+    attend_s = timed(ctx.device) - start if profile else 0.0
+    plan.stats.record(ctx.layer_idx, ctx.phase, method.name, visible, visible, 0.0, attend_s)
+    return out
 
-    start = clock.now()
-    layout = plan.layout_for(ctx, method.block_size)
-    selection = method.select(query, key, ctx, layout)
-    selected = clock.now()
-    backend = plan.prefill_backend if ctx.phase.is_prefill else plan.decode_backend
-    if backend == "reference":
-        out = reference_attend(query, key, value, selection, ctx)
-    elif backend == "gather" and Lq == 1:
-        out = gather_attend(query, key, value, selection, ctx)
+
+def _dense_pairs(plan: SparsePlan, ctx: AttentionContext) -> torch.Tensor:
+    """(B, Hq) visible pairs of a dense prefill call."""
+    if ctx.contiguous:
+        counts = plan.layout_for(ctx, _STATS_BLOCK).counts.sum((-1, -2), dtype=torch.float64)
+        return counts[:, None].expand(ctx.batch, ctx.num_q_heads)
+    return visible_keys(ctx).expand(ctx.batch, ctx.num_q_heads)
+
+
+def _decode(
+    plan: SparsePlan,
+    ctx: AttentionContext,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: KVLayer | None,
+) -> torch.Tensor:
+    method = plan.method_for(ctx)
+    profile = plan.options.timing
+    start = timed(ctx.device) if profile else 0.0
+    view = DecodeView(keys=k)
+    if layer is not None:
+        view = DecodeView(k, layer.state, layer.writes, layer.last_write)
+    selection = None if isinstance(method, Dense) else method.select_decode(q, view, ctx)
+    selected = timed(ctx.device) if profile else 0.0
+    all_visible = _all_visible(ctx, layer)
+    visible = _decode_visible(ctx, all_visible)
+    if selection is None:
+        out = dense_decode(q, k, v, ctx, all_visible)
+        computed, name = visible, _DENSE.name
     else:
-        out = flex_attend(query, key, value, selection, ctx, layout)
-    done = clock.now()
-    computed, visible = layout.density(selection)
+        out, computed = _run_selection(plan, ctx, q, k, v, selection, layer)
+        name = method.name
+    done = timed(ctx.device) if profile else 0.0
     plan.stats.record(
-        layer_idx, ctx.phase, method.name, computed, visible, selected - start, done - selected
+        ctx.layer_idx, ctx.phase, name, computed, visible, selected - start, done - selected
     )
     return out
+
+
+def _all_visible(ctx: AttentionContext, layer: KVLayer | None) -> bool:
+    """Whether the decode query sees every held key, decided without reading the device."""
+    if layer is not None:
+        return layer.all_visible_at_decode() and (layer.bounded or not window_matters(ctx))
+    return ctx.contiguous and ctx.key_valid is None and not window_matters(ctx)
+
+
+def _decode_visible(ctx: AttentionContext, all_visible: bool) -> torch.Tensor | float:
+    """Visible pairs of a decode call: a host number when every key is visible."""
+    if all_visible:
+        return float(ctx.batch * ctx.kv_len)
+    counts = decode_key_mask(ctx).sum(-1, dtype=torch.float64)[..., 0]  # (B, 1 or Hkv)
+    counts = counts.repeat_interleave(ctx.groups, 1) if counts.shape[1] > 1 else counts
+    return counts.expand(ctx.batch, ctx.num_q_heads)
+
+
+def _run_selection(
+    plan: SparsePlan,
+    ctx: AttentionContext,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: Selection,
+    layer: KVLayer | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Execute a decode selection; returns the output and the pairs computed (B, Hq)."""
+    slots, valid = selection_slots(selection)
+    visible = visible_slots(slots, valid, ctx)  # (B, Hs, K)
+    if plan.options.decode_backend == "reference":
+        out = reference_attend(q, k, v, selection, ctx)
+    else:
+        if isinstance(selection, PageSelection) and layer is not None:
+            k, v = layer.paged_keys(), layer.paged_values()  # whole pages, a view
+        out = gather_attend(q, k, v, selection, ctx, visible)
+    computed = visible.sum(-1, dtype=torch.float64)  # (B, Hs)
+    if computed.shape[1] != ctx.num_q_heads:
+        computed = computed.repeat_interleave(ctx.groups, 1)
+    return out, computed

@@ -1,8 +1,14 @@
-"""Measured density and timing, per layer and head, for the calls of one inference run."""
+"""Measured density, KV bytes and (when asked) timing, per layer and head, for one inference run.
+
+Counters stay on the device and are summed in place; nothing is read back to the host until a
+figure is asked for (once per ``generate``, not once per token). Calls that attend densely to
+every key add a Python number instead of touching the device at all.
+"""
 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,38 +22,74 @@ class LayerStats:
     """Accumulated over the calls of one layer in one phase group (prefill or decode).
 
     Attributes:
-        computed: (Hq,) float64 pairs computed, summed over calls and batch rows.
-        visible: (Hq,) float64 pairs the dense model would compute.
+        methods: Calls per method name (a layer may run dense for short calls, sparse later).
+        computed: (H,) float64 pairs computed, summed over calls and batch rows (device).
+        visible: (H,) float64 pairs the dense model would compute (device).
+        dense_pairs: Pairs per head of calls that computed every visible pair (host number).
     """
 
     layer_idx: int
-    method: str
+    methods: dict[str, int] = field(default_factory=dict)
     calls: int = 0
     computed: torch.Tensor | None = None
     visible: torch.Tensor | None = None
+    dense_pairs: float = 0.0
     select_s: float = 0.0
     attend_s: float = 0.0
 
+    @property
+    def method(self) -> str:
+        """Every method this layer ran, most used first ('streaming+dense')."""
+        return "+".join(sorted(self.methods, key=lambda m: -self.methods[m]))
+
     def add(
-        self, computed: torch.Tensor, visible: torch.Tensor, select_s: float, attend_s: float
+        self,
+        method: str,
+        computed: torch.Tensor | float,
+        visible: torch.Tensor | float,
+        select_s: float = 0.0,
+        attend_s: float = 0.0,
     ) -> None:
-        computed, visible = computed.sum(0), visible.sum(0)  # (B, H) -> (H,)
-        if self.computed is None:
-            self.computed, self.visible = computed, visible
-        else:
-            self.computed, self.visible = self.computed + computed, self.visible + visible
+        """Count one call.
+
+        Args:
+            computed: (B, H) pairs computed per row and head, or a host number of pairs per head
+                (summed over rows) when the call computed every visible pair.
+            visible: (B, H) pairs the dense model computes, or a host number per head (summed
+                over rows) when every key is visible.
+        """
+        self.methods[method] = self.methods.get(method, 0) + 1
         self.calls += 1
         self.select_s += select_s
         self.attend_s += attend_s
+        if not isinstance(computed, torch.Tensor):  # dense: computed == visible, a host number
+            self.dense_pairs += float(computed)
+            return
+        computed = computed.sum(0)  # (B, H) -> (H,)
+        if self.computed is None:
+            self.computed = torch.zeros_like(computed, dtype=torch.float64)
+            self.visible = torch.zeros_like(self.computed)
+        self.computed.add_(computed)
+        self.visible.add_(visible.sum(0) if isinstance(visible, torch.Tensor) else visible)
+
+    def totals(self, num_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H,) computed and visible pairs per head, device counters and host numbers together."""
+        if self.computed is None:
+            heads = num_heads or 1
+            dense = torch.full((heads,), self.dense_pairs, dtype=torch.float64)
+            return dense, dense.clone()
+        return self.computed + self.dense_pairs, self.visible + self.dense_pairs
 
     @property
     def density(self) -> float:
         """Computed / visible pairs over all heads."""
-        return float(self.computed.sum() / self.visible.sum().clamp_min(1))
+        computed, visible = self.totals()
+        return float(computed.sum() / visible.sum().clamp_min(1))
 
     @property
     def head_density(self) -> list[float]:
-        return (self.computed / self.visible.clamp_min(1)).tolist()
+        computed, visible = self.totals()
+        return (computed / visible.clamp_min(1)).tolist()
 
 
 @dataclass
@@ -56,32 +98,45 @@ class RunStats:
 
     prefill: dict[int, LayerStats] = field(default_factory=dict)
     decode: dict[int, LayerStats] = field(default_factory=dict)
+    _cache: Any = field(default=None, repr=False)
 
     def record(
         self,
         layer_idx: int,
         phase: Phase,
         method: str,
-        computed: torch.Tensor,
-        visible: torch.Tensor,
-        select_s: float,
-        attend_s: float,
+        computed: torch.Tensor | float,
+        visible: torch.Tensor | float,
+        select_s: float = 0.0,
+        attend_s: float = 0.0,
     ) -> None:
         if phase is Phase.PREFILL and layer_idx in self.prefill:  # a new prompt starts a new run
             self.prefill.clear()
             self.decode.clear()
         group = self.prefill if phase.is_prefill else self.decode
         if layer_idx not in group:
-            group[layer_idx] = LayerStats(layer_idx, method)
-        group[layer_idx].add(computed, visible, select_s, attend_s)
+            group[layer_idx] = LayerStats(layer_idx)
+        group[layer_idx].add(method, computed, visible, select_s, attend_s)
+
+    def bind_cache(self, cache: Any) -> None:
+        """Remember the cache of the latest forward (weakly) to report what it holds."""
+        self._cache = None if cache is None else weakref.ref(cache)
+
+    def kv_bytes(self) -> int | None:
+        """Bytes the latest forward's cache holds now (KV storage, positions, method state)."""
+        from ..cache import cache_nbytes
+
+        cache = self._cache() if self._cache is not None else None
+        return None if cache is None else cache_nbytes(cache)
 
     def density(self, phase: str = "prefill") -> float | None:
         """Measured density of a phase ("prefill" or "decode") over all layers; None if unseen."""
         group = self._group(phase)
         if not group:
             return None
-        computed = sum(float(s.computed.sum()) for s in group.values())
-        visible = sum(float(s.visible.sum()) for s in group.values())
+        totals = [s.totals() for s in group.values()]
+        computed = sum(float(c.sum()) for c, _ in totals)
+        visible = sum(float(v.sum()) for _, v in totals)
         return computed / max(visible, 1.0)
 
     def layer_density(self, phase: str = "prefill") -> dict[int, float]:
@@ -90,7 +145,11 @@ class RunStats:
     def head_density(self, phase: str = "prefill") -> dict[int, list[float]]:
         return {i: s.head_density for i, s in sorted(self._group(phase).items())}
 
+    def layer_methods(self, phase: str = "prefill") -> dict[int, str]:
+        return {i: s.method for i, s in sorted(self._group(phase).items())}
+
     def seconds(self, phase: str = "prefill") -> dict[str, float]:
+        """Selection and attention seconds of a phase (zero unless run with timing=True)."""
         group = self._group(phase).values()
         return {
             "select_s": sum(s.select_s for s in group),
@@ -98,7 +157,7 @@ class RunStats:
         }
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready: density and timing per phase, density per layer."""
+        """JSON-ready: density and timing per phase, density per layer, KV bytes held."""
         out: dict[str, Any] = {}
         for phase in ("prefill", "decode"):
             if self._group(phase):
@@ -107,6 +166,7 @@ class RunStats:
                     **self.seconds(phase),
                     "layer_density": self.layer_density(phase),
                 }
+        out["kv_bytes"] = self.kv_bytes()
         return out
 
     def _group(self, phase: str) -> dict[int, LayerStats]:
@@ -115,13 +175,11 @@ class RunStats:
         return self.prefill if phase == "prefill" else self.decode
 
 
-class Stopwatch:
-    """perf_counter that waits for the device first, so GPU time is not under-counted."""
+def timed(device: torch.device | str) -> float:
+    """perf_counter after waiting for the device, so GPU work is not under-counted.
 
-    def __init__(self, device: torch.device) -> None:
-        self.sync = device.type == "cuda"
-
-    def now(self) -> float:
-        if self.sync:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    The one timer of the project: benchmarks, the frontier and ``timing=True`` all use it.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()

@@ -11,7 +11,14 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends.masks import BlockLayout
-from ..types import AttentionContext, BlockSelection, Phase
+from ..types import (
+    AttentionContext,
+    BlockSelection,
+    DecodeView,
+    PageSelection,
+    Phase,
+    TokenSelection,
+)
 
 PREFILL_PHASES = frozenset({Phase.PREFILL, Phase.CHUNKED_PREFILL})
 ALL_PHASES = frozenset(Phase)
@@ -120,6 +127,25 @@ class Method(ABC):
         Returns:
             A finalized BlockSelection (``layout.finalize``): diagonal kept, invisible tiles dropped.
         """
+
+    def select_decode(
+        self, q: torch.Tensor, view: DecodeView, ctx: AttentionContext
+    ) -> PageSelection | TokenSelection | None:
+        """Choose what one decode query per head reads, with a static (budget-sized) shape.
+
+        Called only when the method supports ``Phase.DECODE``. Must not read values back to the
+        host (no ``.item()``, no data-dependent sizes): the shape comes from knobs and lengths.
+
+        Args:
+            q: (B, Hq, 1, D) the new token's queries.
+            view: The layer's held keys and the method's state.
+            ctx: The call's context (key positions, padding, window).
+
+        Returns:
+            Pages or tokens to read, one row per KV head or per query head; None reads every
+            held key (dense).
+        """
+        raise TypeError(f"method {self.name!r} declares decode support but has no select_decode")
 
     def max_tiles_per_row(self, layout: BlockLayout) -> int | None:
         """Upper bound on tiles kept per query-tile row, or None for mass-threshold methods."""

@@ -8,8 +8,9 @@ from typing import ClassVar
 import torch
 
 from ..backends.masks import BlockLayout, base_token_mask
+from ..backends.sdpa import decode_key_mask
 from ..registry import register_method
-from ..types import AttentionContext, BlockSelection
+from ..types import AttentionContext, BlockSelection, DecodeView, TokenSelection
 from .base import Method, knob
 from .common import keep_cumulative_mass
 
@@ -68,3 +69,18 @@ class Oracle(Method):
             return layout.every_tile(ctx.num_q_heads)
         mass = true_tile_mass(q, k, ctx, layout)
         return layout.finalize(keep_cumulative_mass(mass, self.top_p))
+
+    def select_decode(self, q, view: DecodeView, ctx: AttentionContext) -> TokenSelection | None:
+        """Decode: per query head, the fewest held tokens holding ``top_p`` of the exact mass."""
+        if self.top_p >= 1.0:
+            return None
+        B, Hq, _, D = q.shape
+        rows = q.float().view(B, ctx.num_kv_heads, ctx.groups, D)  # (B, Hkv, g, D)
+        scores = torch.matmul(rows, view.keys.float().transpose(-1, -2)) * ctx.scaling
+        if ctx.softcap is not None:
+            scores = torch.tanh(scores / ctx.softcap) * ctx.softcap
+        visible = decode_key_mask(ctx)  # (B, 1 or Hkv, 1, Lk)
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
+        keep = keep_cumulative_mass(probs.view(B, Hq, -1), self.top_p)  # (B, Hq, Lk)
+        indices = torch.arange(ctx.kv_len, device=q.device).expand_as(keep)
+        return TokenSelection(indices=indices, valid=keep)

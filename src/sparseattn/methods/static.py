@@ -9,9 +9,10 @@ import torch
 
 from ..backends.masks import BlockLayout, num_blocks
 from ..registry import register_method
-from ..types import AttentionContext, BlockSelection
+from ..types import AttentionContext, BlockSelection, DecodeView, PageSelection, TokenSelection
 from .base import PREFILL_PHASES, Method, knob
 from .common import per_head, sink_tiles, tile_ranges, window_tiles
+from .decode.pages import all_pages, page_selection, sink_window_pages
 
 _BIG = 2**31 - 1
 
@@ -26,6 +27,9 @@ class Dense(Method):
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         return layout.every_tile(ctx.num_q_heads)
+
+    def select_decode(self, q, view: DecodeView, ctx: AttentionContext) -> None:
+        return None
 
 
 @register_method
@@ -58,6 +62,26 @@ class Streaming(Method):
     def max_tiles_per_row(self, layout: BlockLayout) -> int:
         b = layout.block_size
         return num_blocks(self.sink, b) + num_blocks(self.window + b - 1, b) + 1
+
+    def select_decode(
+        self, q, view: DecodeView, ctx: AttentionContext
+    ) -> PageSelection | TokenSelection | None:
+        """Decode: the pages (of ``block_size`` tokens) holding the sink and the last window."""
+        if not ctx.contiguous:
+            return sink_window_tokens(ctx, self.sink, self.window)
+        pages = sink_window_pages(ctx, self.block_size, self.sink, self.window)
+        if len(pages) == all_pages(ctx, self.block_size):
+            return None
+        return page_selection([pages] * ctx.num_kv_heads, ctx.batch, self.block_size, ctx.device)
+
+
+def sink_window_tokens(ctx: AttentionContext, sink: int, window: int) -> TokenSelection:
+    """Token-level sink + window over explicit key positions (a cache that already evicted)."""
+    positions = ctx.key_positions  # (B, Hp, Lk)
+    keep = (positions < sink) | (positions > ctx.q_offset - window)
+    keep = keep.expand(ctx.batch, ctx.num_kv_heads, -1)
+    indices = torch.arange(ctx.kv_len, device=ctx.device).expand_as(keep)
+    return TokenSelection(indices=indices, valid=keep)
 
 
 @register_method
@@ -122,3 +146,27 @@ class Strided(Method):
         b = layout.block_size
         shard = num_blocks(layout.n_kv_blocks, self.stride)
         return num_blocks(self.sink, b) + num_blocks(self.window + b - 1, b) + 1 + shard
+
+    def select_decode(
+        self, q, view: DecodeView, ctx: AttentionContext
+    ) -> PageSelection | TokenSelection | None:
+        """Decode: query head h reads pages p with p % stride == h % stride, plus sink and window."""
+        if self.stride == 1:
+            return None
+        if not ctx.contiguous:  # a bounded or compacted layer: the same rule on positions
+            positions = ctx.key_positions.expand(ctx.batch, ctx.num_kv_heads, -1)
+            positions = positions.repeat_interleave(ctx.groups, dim=1)  # (B, Hq, Lk)
+            head = torch.arange(ctx.num_q_heads, device=ctx.device)[None, :, None]
+            shard = (positions // self.block_size) % self.stride == head % self.stride
+            keep = shard | sink_window_tokens(ctx, self.sink, self.window).valid.repeat_interleave(
+                ctx.groups, dim=1
+            )
+            indices = torch.arange(ctx.kv_len, device=ctx.device).expand_as(keep)
+            return TokenSelection(indices=indices, valid=keep)
+        shared = set(sink_window_pages(ctx, self.block_size, self.sink, self.window))
+        n_pages = all_pages(ctx, self.block_size)
+        rows = [
+            sorted(shared.union(range(h % self.stride, n_pages, self.stride)))
+            for h in range(ctx.num_q_heads)
+        ]
+        return page_selection(rows, ctx.batch, self.block_size, ctx.device)

@@ -1,0 +1,87 @@
+"""Dense attention through PyTorch SDPA, straight on the cache: the baseline every ratio divides.
+
+Decode runs grouped: the g query heads of a KV head are g query rows of one SDPA call against
+that head's keys, so GQA costs no copy of K or V; no mask is built when every held key is
+visible (the common case), and masks come from key positions when some are not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..types import AttentionContext
+from .gather import attend_rows
+from .masks import base_token_mask, key_positions
+
+
+def window_matters(ctx: AttentionContext) -> bool:
+    """True when the layer's own sliding window may hide some key from some query."""
+    if ctx.sliding_window is None:
+        return False
+    if not ctx.contiguous:
+        return True
+    return ctx.q_offset + ctx.q_len - 1 - ctx.kv_offset >= ctx.sliding_window
+
+
+def decode_key_mask(ctx: AttentionContext) -> torch.Tensor:
+    """(B, 1 or Hkv, 1, Lk) bool: keys the decode query sees (causal, window, padding)."""
+    positions = key_positions(ctx)  # (B or 1, Hp, Lk)
+    query = ctx.q_offset
+    mask = positions <= query
+    if ctx.sliding_window is not None:
+        mask = mask & (query - positions < ctx.sliding_window)
+    if ctx.key_valid is not None:
+        mask = mask & ctx.key_valid[:, None, :]
+    return mask[:, :, None, :].expand(ctx.batch, -1, -1, -1)
+
+
+def dense_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, all_visible: bool
+) -> torch.Tensor:
+    """One query per head against every held key. Returns (B, 1, Hq, Dv).
+
+    Args:
+        q: (B, Hq, 1, D).
+        k: (B, Hkv, Lk, D), typically a view of the cache's buffer.
+        v: (B, Hkv, Lk, Dv).
+        ctx: The call's context.
+        all_visible: The caller knows every held key is visible (no mask is built).
+    """
+    B, Hq, _, D = q.shape
+    rows = q.view(B, ctx.num_kv_heads, ctx.groups, D)  # (B, Hkv, g, D)
+    mask = None if all_visible else decode_key_mask(ctx)
+    out = attend_rows(rows, k, v, mask, ctx)  # (B, Hkv, g, Dv)
+    return out.reshape(B, Hq, 1, -1).transpose(1, 2)
+
+
+def dense_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+) -> torch.Tensor:
+    """The model's own dense attention for a prompt chunk through SDPA: (B, Lq, Hq, Dv).
+
+    Causal without a mask when keys are contiguous, unpadded and aligned with the queries;
+    otherwise a token mask built from positions (padding, evicted caches, windows).
+    """
+    gqa = ctx.groups > 1
+    aligned = ctx.contiguous and ctx.q_offset + ctx.q_len == ctx.kv_offset + ctx.kv_len
+    plain = aligned and ctx.key_valid is None and not window_matters(ctx)
+    if plain and ctx.q_len == ctx.kv_len:
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=ctx.scaling, enable_gqa=gqa
+        )
+    else:
+        mask = base_token_mask(ctx)  # (B, 1 or Hq, Lq, Lk)
+        mask = mask | ~mask.any(-1, keepdim=True)  # padded query rows: finite garbage, never NaN
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=ctx.scaling, enable_gqa=gqa
+        )
+    return out.transpose(1, 2)
+
+
+def visible_keys(ctx: AttentionContext) -> torch.Tensor:
+    """(B, 1 or Hq) float64 number of (query, key) pairs dense attention computes."""
+    return base_token_mask(ctx).sum((-1, -2), dtype=torch.float64)
+
+
+__all__ = ["decode_key_mask", "dense_decode", "dense_prefill", "visible_keys", "window_matters"]

@@ -1,0 +1,1 @@
+"""Decode-time selection: methods that choose, per generated token, which cached tokens to read."""

@@ -13,7 +13,10 @@ from sparseattn.cli import main, parse_knobs, parse_lengths
 def test_methods_json_lists_every_method_with_knobs(capsys):
     assert main(["methods", "--json"]) == 0
     infos = json.loads(capsys.readouterr().out)
-    assert [i["name"] for i in infos] == sparseattn.list_methods()
+    assert [i["name"] for i in infos if i["kind"] == "method"] == sparseattn.list_methods()
+    assert [i["name"] for i in infos if i["kind"] == "eviction"] == sparseattn.list_policies()
+    evicting = next(i for i in infos if i["kind"] == "eviction" and i["name"] == "streaming")
+    assert {k["name"] for k in evicting["knobs"]} == {"sink", "window", "rerotate"}
     streaming = next(i for i in infos if i["name"] == "streaming")
     window = next(k for k in streaming["knobs"] if k["name"] == "window")
     assert window["default"] == 1024 and window["min"] == 1
@@ -26,6 +29,7 @@ def test_methods_text(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "--knob window=1024" in out and "analysis only" in out
+    assert "eviction policy (--evict)" in out and "--evict-knob rerotate=False" in out
 
 
 def test_parsers():
@@ -148,10 +152,30 @@ def test_bench_decode_records(capsys):
         == 0
     )
     record = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert record["speedup"] == pytest.approx(
-        record["dense_s_per_token"] / record["sparse_s_per_token"], rel=0.01
+    assert record["speedup_vs_dense_hook"] == pytest.approx(
+        record["dense_hook_s_per_token"] / record["setting_s_per_token"], rel=0.01
+    )
+    assert record["speedup_vs_sdpa"] == pytest.approx(
+        record["own_sdpa_s_per_token"] / record["setting_s_per_token"], rel=0.01
     )
     assert 0 < record["decode_density"] < 0.3  # ~96 of ~600 keys per step
+    assert record["kv_ratio"] == 1.0  # a decode selection keeps every key
+
+
+def test_bench_decode_eviction_records(capsys):
+    args = ["bench", "decode", "--json", "--model", "tiny-random-llama", "--method", "dense"]
+    args += ["--evict", "streaming", "--evict-knob", "sink=4", "--evict-knob", "window=60"]
+    args += ["--lengths", "600", "--steps", "2", "--batch", "1", "2"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["batch"] for r in records] == [1, 2]
+    for r in records:
+        assert r["setting"] == "evict=streaming[sink=4,window=60]"
+        assert r["kept_tokens"] == 64 and r["decode_density"] == 1.0
+        assert r["kv_ratio"] == pytest.approx(r["kv_bytes"] / r["kv_bytes_dense"], abs=1e-4)
+        assert r["kv_ratio"] < 0.15
+        assert r["ceiling_tokens"] == 64
+        assert r["peak_mb_setting"] is not None
 
 
 def test_bench_recall_records(capsys, tmp_path):
@@ -213,7 +237,9 @@ def test_profile_command_writes_a_loadable_profile(tmp_path, capsys):
 def test_recall_curve_families_and_plot_errors(capsys):
     from sparseattn.bench.plots import _family
 
-    assert _family("xattention", "xattention[profile=auto,threshold=0.9]") == "xattention profile=auto"
+    assert (
+        _family("xattention", "xattention[profile=auto,threshold=0.9]") == "xattention profile=auto"
+    )
     assert _family("xattention", "xattention[profile=,threshold=0.9]") == "xattention"
     assert _family("oracle", "oracle[block_size=32,top_p=0.5]") == "oracle"
     assert main(["bench", "prefill", "--plot", "x.png"]) == 2

@@ -10,10 +10,11 @@ import torch
 
 from sparseattn.bench.frontier import FrontierConfig, read_records, run_frontier
 from sparseattn.bench.report import write_report
-from sparseattn.bench.runner import Setting
 from sparseattn.bench.sweep import TaskSpec, expand_settings, parse_grid_args, parse_task_list
 from sparseattn.cli import main
+from sparseattn.integration.plan import HookOptions
 from sparseattn.models import load_model
+from sparseattn.setting import Setting, Spec
 
 torch.set_grad_enabled(False)
 LENGTH = 700
@@ -28,14 +29,15 @@ def make_config(**changes) -> FrontierConfig:
     base = dict(
         model="tiny-random-llama",
         settings=[
-            Setting("dense"),
-            Setting("streaming", {"sink": 16, "window": 64, "block_size": 32}),
+            Setting(),
+            Setting.single("streaming", {"sink": 16, "window": 64, "block_size": 32}),
+            Setting(evict=Spec("streaming", {"sink": 16, "window": 64})),
         ],
         tasks=[TaskSpec("niah_single", {"haystack": "noise"}), TaskSpec("fidelity")],
         lengths=[LENGTH],
         samples=2,
         seed=3,
-        hook_options={"min_length": 0},
+        options=HookOptions(min_length=0),
     )
     return FrontierConfig(**{**base, **changes})
 
@@ -43,9 +45,9 @@ def make_config(**changes) -> FrontierConfig:
 def test_records_resume_and_report(tiny, tmp_path):
     model, tok = tiny
     config = make_config()
-    assert run_frontier(config, tmp_path, model, tok, progress=False) == config.total() == 8
+    assert run_frontier(config, tmp_path, model, tok, progress=False) == config.total() == 12
     records = read_records(tmp_path / "results.jsonl")
-    assert len(records) == 8
+    assert len(records) == 12
     for r in records:
         assert r["length"] == r["n_input_tokens"] == LENGTH
         assert 0.0 <= r["score"] <= 1.0
@@ -57,6 +59,8 @@ def test_records_resume_and_report(tiny, tmp_path):
             "phase_policy",
             "prefill_s",
             "peak_memory_mb",
+            "kv_bytes",
+            "spec",
             "model",
             "versions",
             "seed",
@@ -71,6 +75,13 @@ def test_records_resume_and_report(tiny, tmp_path):
         r["extra"]["kl"] < 1e-6 and r["score"] == pytest.approx(1.0, abs=1e-6) for r in fid_dense
     )
     assert all(r["extra"]["kl"] > 0 for r in sparse if r["task"] == "fidelity")
+    evicting = [r for r in records if r["phase_policy"]["evict"] == "streaming"]
+    assert len(evicting) == 4 and all(r["method"] == "dense+evict:streaming" for r in evicting)
+    by_key = {(r["task"], r["sample"], r["setting"]): r for r in records}
+    for r in evicting:
+        if r["task"] != "fidelity":  # generated answers: the cache held sink + window only
+            dense_bytes = by_key[(r["task"], r["sample"], "dense")]["kv_bytes"]
+            assert r["kv_bytes"] < 0.2 * dense_bytes
 
     # rerunning skips everything; a line cut short by an interrupt is redone, nothing else
     assert run_frontier(config, tmp_path, model, tok, progress=False) == 0
@@ -78,7 +89,7 @@ def test_records_resume_and_report(tiny, tmp_path):
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]) + lines[-1][:25])
     assert run_frontier(config, tmp_path, model, tok, progress=False) == 1
-    assert len(read_records(path)) == 8
+    assert len(read_records(path)) == 12
 
     write_report(tmp_path)
     with open(tmp_path / "summary.csv") as f:
@@ -113,7 +124,7 @@ def test_bad_input_fails_before_compute(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"below what task niah_single\[haystack=noise\] needs"):
         run_frontier(make_config(lengths=[20]), tmp_path / "short", model, tok, progress=False)
     assert not (tmp_path / "short" / "results.jsonl").exists()
-    no_profile = make_config(settings=[Setting("dense", {}), Setting("minference", {})])
+    no_profile = make_config(settings=[Setting(), Setting.single("minference")])
     with pytest.raises(ValueError, match="no shipped minference profile"):
         run_frontier(no_profile, tmp_path / "noprofile", model, tok, progress=False)
     assert not (tmp_path / "noprofile" / "results.jsonl").exists()
@@ -121,7 +132,7 @@ def test_bad_input_fails_before_compute(tiny, tmp_path):
         expand_settings(["dense", "nope"], {})
     with pytest.raises(ValueError, match="unknown knob"):
         expand_settings(["streaming"], parse_grid_args(["streaming.windw=3"]))
-    with pytest.raises(ValueError, match="not in --methods"):
+    with pytest.raises(ValueError, match="not among the swept methods"):
         expand_settings(["dense"], parse_grid_args(["streaming.window=3"]))
     with pytest.raises(ValueError, match="nope"):
         parse_task_list("nope")
@@ -138,6 +149,28 @@ def test_task_list_and_grid_parsing():
         "streaming[sink=0,window=64]",
         "streaming[sink=0,window=128]",
     ]
+    mixed = expand_settings(
+        ["dense"],
+        parse_grid_args(["evict:streaming.window=8,16"]),
+        evict=["streaming"],
+        combos=["prefill=tri_shape[window=64];decode=streaming[window=32];evict=streaming"],
+    )
+    assert [s.label for s in mixed] == [
+        "dense",
+        "evict=streaming[window=8]",
+        "evict=streaming[window=16]",
+        "prefill=tri_shape[window=64];decode=streaming[window=32];evict=streaming",
+    ]
+    assert mixed[3].phase_policy() == {
+        "prefill": "tri_shape",
+        "decode": "streaming",
+        "evict": "streaming",
+    }
+    assert Setting.parse(mixed[3].label) == mixed[3]
+    with pytest.raises(ValueError, match="unknown eviction policy 'nope'"):
+        expand_settings(["dense"], {}, evict=["nope"])
+    with pytest.raises(ValueError, match="roles are prefill=, decode=, evict="):
+        Setting.parse("prefil=dense")
 
 
 def test_cli_frontier_end_to_end(tmp_path, capsys):

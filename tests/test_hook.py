@@ -173,9 +173,91 @@ def test_dense_method_runs_the_models_own_sdpa_path():
     """A user-built `dense` must take the SDPA fast path (no selection, no flex/gather copy)."""
     model = make_model("llama")
     ids, mask = left_padded_batch([64, 64])
-    with sparseattn.sparse_attention(model, "dense", min_length=0) as stats:
+    with sparseattn.sparse_attention(model, "dense", min_length=0, timing=True) as stats:
         model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
         )
-    assert stats.seconds("prefill")["select_s"] == 0.0
-    assert stats.seconds("decode")["select_s"] == 0.0
+    assert stats.seconds("prefill")["select_s"] == 0.0 < stats.seconds("prefill")["attend_s"]
+    assert stats.seconds("decode")["select_s"] == 0.0 < stats.seconds("decode")["attend_s"]
+    assert set(stats.layer_methods("decode").values()) == {"dense"}
+
+
+def test_timers_run_only_when_asked():
+    model = make_model("llama")
+    ids, mask = left_padded_batch([64, 64])
+    with sparseattn.sparse_attention(model, "streaming", window=16, block_size=16, min_length=0):
+        model(input_ids=ids, attention_mask=mask)
+    assert sparseattn.last_stats(model).seconds("prefill") == {"select_s": 0.0, "attend_s": 0.0}
+
+
+def test_non_causal_mask_functions_are_refused_by_name():
+    """transformers hands the mask function over; a bidirectional (or packed) one must not
+    silently become causal."""
+    model = make_model("llama")
+    ids = torch.randint(1, 128, (1, 32), generator=torch.Generator().manual_seed(0))
+    model.config.is_causal = False
+    try:
+        with sparseattn.sparse_attention(model, "dense", min_length=0):
+            with pytest.raises(ValueError, match="bidirectional_mask_function.*not causal"):
+                model(input_ids=ids, use_cache=False)
+    finally:
+        del model.config.is_causal
+    packed = torch.cat([torch.arange(16), torch.arange(16)])[None]  # two sequences in one row
+    with sparseattn.sparse_attention(model, "dense", min_length=0):
+        with pytest.raises(ValueError, match="not causal"):
+            model(input_ids=ids, position_ids=packed, use_cache=False)
+
+
+def test_sliding_window_mask_function_is_accepted():
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    from sparseattn.integration.hf import check_mask_function
+
+    check_mask_function(sliding_window_causal_mask_function(8), 2, 0, 40, 8, "cpu")
+    with pytest.raises(ValueError, match="sliding window of 16"):
+        check_mask_function(sliding_window_causal_mask_function(8), 2, 0, 40, 16, "cpu")
+
+
+def test_layouts_are_not_shared_across_devices():
+    from sparseattn.integration.plan import HookOptions, SparsePlan
+    from sparseattn.integration.stats import RunStats
+    from sparseattn.methods.static import Dense
+    from sparseattn.types import AttentionContext, Phase
+
+    plan = SparsePlan(make_model("llama"), Dense(), Dense(), None, HookOptions(), RunStats())
+    common = dict(layer_idx=0, phase=Phase.PREFILL, batch=1, q_len=64, kv_len=64, q_offset=0)
+    common.update(kv_offset=0, num_q_heads=4, num_kv_heads=2, scaling=0.25)
+    on_cpu = plan.layout_for(AttentionContext(**common, device=torch.device("cpu")), 32)
+    on_meta = plan.layout_for(AttentionContext(**common, device=torch.device("meta")), 32)
+    assert on_cpu.ctx.device.type == "cpu" and on_meta.ctx.device.type == "meta"
+
+
+def test_layer_stats_name_every_method_a_layer_ran():
+    """A layer that ran dense for a short call and sparse for a long one reports both."""
+    model = make_model("llama")
+    short, long_ = left_padded_batch([40, 40]), left_padded_batch([128, 128], seed=1)
+    with sparseattn.sparse_attention(
+        model, "streaming", sink=16, window=16, block_size=16, min_length=64
+    ) as stats:
+        model(input_ids=long_[0], attention_mask=long_[1])  # sparse prefill
+        cache = sparseattn.SparseCache(model)
+        model(input_ids=short[0], attention_mask=short[1], past_key_values=cache)  # dense: short
+        step = torch.cat([short[1], torch.ones_like(short[1][:, :1])], 1)
+        model(input_ids=short[0][:, :1], attention_mask=step, past_key_values=cache)
+    # the second prompt started a new run: its prefill was dense
+    assert stats.layer_methods("prefill") == {0: "dense", 1: "dense"}
+    stats.record(0, sparseattn.Phase.DECODE, "streaming", torch.ones(2, 4), torch.ones(2, 4))
+    assert stats.layer_methods("decode")[0] in ("dense+streaming", "streaming+dense")
+
+
+def test_attention_without_mask_over_a_foreign_cache_is_refused():
+    """Without a mask the query positions over a cache that is not ours are unknown (a static
+    cache holds more slots than tokens): refuse rather than guess."""
+    from sparseattn.integration.hf import sparse_attention_forward
+
+    model = make_model("llama")
+    attn = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 64, 16)
+    with sparseattn.sparse_attention(model, "dense", min_length=0):
+        with pytest.raises(ValueError, match="query positions are unknown"):
+            sparse_attention_forward(attn, q, k, k, None)

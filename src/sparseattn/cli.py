@@ -9,21 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import DEFAULT_MODEL, builtin_models
-
-
-def parse_value(text: str) -> Any:
-    """'12' -> 12, '0.9' -> 0.9, 'true' -> True, 'none' -> None, else the string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+from .setting import Setting, Spec, parse_value
 
 
 def parse_knobs(pairs: list[str]) -> dict[str, Any]:
@@ -34,6 +20,39 @@ def parse_knobs(pairs: list[str]) -> dict[str, Any]:
         name, value = pair.split("=", 1)
         knobs[name.strip()] = parse_value(value.strip())
     return knobs
+
+
+def add_setting_args(p: argparse.ArgumentParser, method_default: str, method_help: str) -> None:
+    """--method/--knob (one method, or the prefill method with --decode), --decode, --evict,
+    or a whole --setting."""
+    p.add_argument("--method", default=method_default, help=method_help)
+    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable")
+    p.add_argument("--decode", help="decode method (then --method is the prefill method)")
+    p.add_argument("--decode-knob", action="append", metavar="NAME=VALUE", help="repeatable")
+    p.add_argument("--evict", help="eviction policy (see `sparseattn methods`)")
+    p.add_argument("--evict-knob", action="append", metavar="NAME=VALUE", help="repeatable")
+    p.add_argument(
+        "--setting",
+        help="a whole setting, e.g. 'prefill=xattention;decode=streaming[window=512];"
+        "evict=streaming[window=1024]' (instead of the flags above)",
+    )
+    p.add_argument("--page-size", type=int, default=16, help="cache page size in tokens")
+
+
+def setting_from_args(args) -> Setting:
+    """The Setting the --method/--decode/--evict/--setting flags describe (validated)."""
+    if args.setting:
+        setting = Setting.parse(args.setting)
+    else:
+        method = Spec(args.method, parse_knobs(args.knob))
+        evict = Spec(args.evict, parse_knobs(args.evict_knob)) if args.evict else None
+        if args.decode:
+            decode = Spec(args.decode, parse_knobs(args.decode_knob))
+            setting = Setting(prefill=method, decode=decode, evict=evict)
+        else:
+            setting = Setting(prefill=method, decode=method, evict=evict)
+    setting.parts  # builds every method and policy: bad names and knobs fail here
+    return setting
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -53,15 +72,20 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def cmd_methods(args) -> int:
-    from .registry import list_methods, method_info
+    from .registry import list_methods, list_policies, method_info, policy_info
 
     infos = [method_info(name) for name in list_methods()]
+    infos += [policy_info(name) for name in list_policies()]
     if args.json:
         print(json.dumps(infos, indent=2, default=str))
         return 0
     for info in infos:
-        flag = "" if info["speedup"] else "  [analysis only, not a speedup]"
-        print(f"{info['name']:<16} phases: {', '.join(info['phases'])}{flag}")
+        if info.get("kind") == "eviction":
+            queries = "  (scores the prompt's queries)" if info["needs_queries"] else ""
+            print(f"{info['name']:<16} eviction policy (--evict){queries}")
+        else:
+            flag = "" if info["speedup"] else "  [analysis only, not a speedup]"
+            print(f"{info['name']:<16} phases: {', '.join(info['phases'])}{flag}")
         print(f"    {info['summary']}")
         print(f"    paper: {info['paper']}")
         for knob in info["knobs"]:
@@ -71,9 +95,9 @@ def cmd_methods(args) -> int:
                 allowed = [knob.get("min"), knob.get("max")]
             else:
                 allowed = "text"
-            print(
-                f"    --knob {knob['name']}={knob['default']}  allowed {allowed}  {knob.get('help', '')}"
-            )
+            flag = "--evict-knob" if info["kind"] == "eviction" else "--knob"
+            default = f"{knob['name']}={knob['default']}"
+            print(f"    {flag} {default}  allowed {allowed}  {knob.get('help', '')}")
     return 0
 
 
@@ -85,6 +109,7 @@ def cmd_generate(args) -> int:
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if prompt is None:
         raise SystemExit("error: give --prompt-file FILE or --prompt TEXT")
+    setting_from_args(args)  # bad methods, policies and knobs fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if tok.chat_template and not args.no_chat_template:
         ids = tok.apply_chat_template(
@@ -96,10 +121,12 @@ def cmd_generate(args) -> int:
     else:
         ids = tok(prompt, return_tensors="pt").input_ids
     ids = ids.to(args.device)
-    knobs = parse_knobs(args.knob)
+    setting = setting_from_args(args)
     with (
         torch.inference_mode(),
-        sparse_attention(model, args.method, min_length=args.min_length, **knobs) as stats,
+        sparse_attention(
+            model, **setting.hook_kwargs(), min_length=args.min_length, page_size=args.page_size
+        ) as stats,
     ):
         out = model.generate(
             input_ids=ids,
@@ -110,6 +137,7 @@ def cmd_generate(args) -> int:
         )
     print(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     summary = {
+        "setting": setting.label,
         "prompt_tokens": ids.shape[1],
         **{
             p: {k: v for k, v in s.items() if k != "layer_density"} if isinstance(s, dict) else s
@@ -124,10 +152,14 @@ def cmd_bench(args) -> int:
     import torch
 
     records = []
-    if args.plot and args.kind != "recall":
-        raise ValueError(f"--plot draws recall curves; it does not apply to bench {args.kind}")
+    if args.plot and args.kind not in ("recall", "memory"):
+        raise ValueError(
+            f"--plot draws recall or memory curves; it does not apply to bench {args.kind}"
+        )
     if args.plot and not args.plot.endswith(".png"):
         raise ValueError(f"--plot {args.plot!r} must name a .png file")
+    if args.batch and min(args.batch) < 1:
+        raise ValueError(f"--batch {args.batch}: batch sizes must be >= 1")
     if args.kind == "kernel":
         from .bench.kernel import KernelShape, compile_report, run_kernel_bench
 
@@ -141,35 +173,69 @@ def cmd_bench(args) -> int:
             _emit(record, args.json)
     else:
         from . import load_model
-        from .bench.decode import run_decode_bench
-        from .bench.prefill import run_prefill_bench
+        from .integration.plan import HookOptions
 
+        setting = None if args.kind == "recall" else setting_from_args(args)
+        options = HookOptions(
+            dense_layers=frozenset(args.dense_layers), min_length=0, page_size=args.page_size
+        )
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
         torch.set_grad_enabled(False)
-        knobs = parse_knobs(args.knob)
-        hook = {"dense_layers": args.dense_layers}
         lengths = parse_lengths(args.lengths or "8k")
-        if args.kind == "prefill":
-            runs = run_prefill_bench(
-                model, tok, args.method, knobs, lengths, repeats=args.repeats, hook_options=hook
-            )
-        elif args.kind == "decode":
-            runs = run_decode_bench(
-                model, tok, args.method, knobs, lengths, steps=args.steps, hook_options=hook
-            )
-        else:
-            runs = _recall_runs(args, model, tok, lengths)
-        for record in runs:
+        for record in _bench_runs(args, model, tok, setting, options, lengths):
             records.append(record)
             _emit(record, args.json)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     if args.plot:
-        from .bench.plots import recall_curves
+        from .bench.plots import memory_curves, recall_curves
 
-        recall_curves(records, args.plot)
+        (memory_curves if args.kind == "memory" else recall_curves)(records, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0
+
+
+def _bench_runs(args, model, tok, setting, options, lengths: list[int]):
+    if args.kind == "prefill":
+        from .bench.prefill import run_prefill_bench
+
+        return run_prefill_bench(
+            model, tok, setting, lengths, repeats=args.repeats, options=options
+        )
+    if args.kind == "decode":
+        from .bench.decode import run_decode_bench
+
+        return run_decode_bench(
+            model,
+            tok,
+            setting,
+            lengths,
+            batches=tuple(args.batch or [1]),
+            steps=args.steps,
+            options=options,
+        )
+    if args.kind == "memory":
+        return _memory_runs(args, model, tok, setting, options)
+    return _recall_runs(args, model, tok, lengths)
+
+
+def _memory_runs(args, model, tok, setting, options):
+    from .bench.memory import dense_window_nll, run_memory_bench
+
+    tokens = parse_lengths(args.tokens)[0]
+    yield from run_memory_bench(
+        model,
+        tok,
+        setting,
+        tokens,
+        prompt=args.prompt_tokens,
+        every=args.every,
+        options=options,
+        progress=not args.json,
+    )
+    context = min(args.prompt_tokens + tokens, getattr(model.config, "max_position_embeddings", 0))
+    if args.dense_reference and context > args.every:
+        yield from dense_window_nll(model, tok, context, args.every)
 
 
 def _recall_runs(args, model, tok, lengths: list[int]):
@@ -179,7 +245,7 @@ def _recall_runs(args, model, tok, lengths: list[int]):
     methods = args.method.split(",")
     settings = expand_settings(methods, parse_grid_args(args.grid))
     if "dense" not in methods:
-        settings = [s for s in settings if s.method != "dense"]
+        settings = [s for s in settings if s.family != "dense"]
     n = model.config.num_hidden_layers
     layers = tuple(args.layers) if args.layers else tuple(sorted({0, n // 3, 2 * n // 3, n - 1}))
     return run_recall_bench(model, tok, settings, lengths, layers)
@@ -212,6 +278,7 @@ def cmd_frontier(args) -> int:
         parse_grid_args,
         parse_task_list,
     )
+    from .integration.plan import HookOptions
     from .registry import list_methods
 
     if args.quick:
@@ -220,11 +287,21 @@ def cmd_frontier(args) -> int:
         args.lengths = args.lengths or QUICK["lengths"]
         args.samples = args.samples or QUICK["samples"]
         args.grid = args.grid or QUICK["grid"]
-    methods = args.methods.split(",") if args.methods else list_methods()
+    swept_other = args.decode_methods or args.evict or args.setting
+    if args.methods:
+        methods = args.methods.split(",")
+    else:
+        methods = ["dense"] if swept_other else list_methods()
     grids = load_grid_file(args.grid_file) if args.grid_file else {}
     for method, knobs in parse_grid_args(args.grid).items():
         grids.setdefault(method, {}).update(knobs)
-    settings = expand_settings(methods, grids)
+    settings = expand_settings(
+        methods,
+        grids,
+        decode=args.decode_methods.split(",") if args.decode_methods else [],
+        evict=args.evict.split(",") if args.evict else [],
+        combos=args.setting or [],
+    )
     tasks = parse_task_list(args.tasks) if args.tasks else default_task_specs()
     config = FrontierConfig(
         model=args.model,
@@ -233,7 +310,11 @@ def cmd_frontier(args) -> int:
         lengths=parse_lengths(args.lengths or "4k,8k"),
         samples=args.samples or 20,
         seed=args.seed,
-        hook_options={"min_length": args.min_length, "dense_layers": args.dense_layers},
+        options=HookOptions(
+            min_length=args.min_length,
+            dense_layers=frozenset(args.dense_layers),
+            page_size=args.page_size,
+        ),
         dtype=args.dtype,
     )
     prepare_out_dir(Path(args.out), config, args.resume_anyway)  # before loading anything
@@ -353,10 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = (
         f"built-in name ({', '.join(builtin_models())}), local folder, .gguf file or cached HF id"
     )
-    p = sub.add_parser("generate", help="generate from a prompt with a sparse method")
+    p = sub.add_parser("generate", help="generate from a prompt with a sparse setting")
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument("--method", default="dense", help="registered method (see `sparseattn methods`)")
-    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable")
+    add_setting_args(p, "dense", "registered method (see `sparseattn methods`)")
     p.add_argument("--prompt-file", help="file holding the prompt")
     p.add_argument("--prompt", help="prompt text (instead of --prompt-file)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -371,9 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed vs dense, measured in the same run")
     p.add_argument(
         "kind",
-        choices=["kernel", "prefill", "decode", "recall"],
-        help="kernel: attention alone; prefill / decode: the whole model; "
-        "recall: share of the true attention mass kept vs measured density",
+        choices=["kernel", "prefill", "decode", "memory", "recall"],
+        help="kernel: attention alone; prefill / decode: the whole model; memory: a long stream "
+        "token by token (cache bytes, RSS, s/token, NLL); recall: share of the true attention "
+        "mass kept vs measured density",
     )
     p.add_argument("--json", action="store_true", help="one JSON record per line")
     p.add_argument(
@@ -387,18 +468,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="kernel: varied lengths for the compile count",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
-    p.add_argument("--steps", type=int, default=32, help="decode: tokens timed per length")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"prefill/decode: {model_help}")
+    p.add_argument("--steps", type=int, default=16, help="decode: tokens timed (median)")
     p.add_argument(
-        "--method",
-        default="streaming",
-        help="prefill/decode: method to compare with dense; recall: comma list of methods",
+        "--batch", type=int, nargs="*", help="decode: batch sizes, e.g. --batch 1 4 (default 1)"
     )
+    p.add_argument("--tokens", default="20k", help="memory: tokens streamed after the prompt")
+    p.add_argument("--prompt-tokens", type=int, default=1024, help="memory: prompt length")
+    p.add_argument("--every", type=int, default=512, help="memory: tokens per record")
     p.add_argument(
-        "--knob",
-        action="append",
-        metavar="NAME=VALUE",
-        help="prefill/decode: method knob, repeatable",
+        "--dense-reference",
+        action="store_true",
+        help="memory: also the dense NLL of the same text inside the model's context",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model: {model_help}")
+    add_setting_args(
+        p,
+        "streaming",
+        "prefill/decode/memory: method compared with dense; recall: comma list of methods",
     )
     p.add_argument(
         "--dense-layers", type=int, nargs="*", default=[], help="prefill/decode: layers kept dense"
@@ -420,7 +506,21 @@ def build_parser() -> argparse.ArgumentParser:
         "frontier", help="the sweep: accuracy, measured density and speed of every setting"
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument("--methods", help="comma list of methods (default: every registered method)")
+    p.add_argument(
+        "--methods",
+        help="comma list of methods, each for every phase it supports (default: every registered "
+        "method, or only dense when --decode-methods, --evict or --setting is given)",
+    )
+    p.add_argument(
+        "--decode-methods", help="comma list of decode methods, each after a dense prefill"
+    )
+    p.add_argument("--evict", help="comma list of eviction policies, each with dense attention")
+    p.add_argument(
+        "--setting",
+        action="append",
+        help="an explicit setting, repeatable, e.g. 'prefill=xattention;decode=quest[budget=512]'",
+    )
+    p.add_argument("--page-size", type=int, default=16, help="cache page size in tokens")
     p.add_argument(
         "--tasks", help="comma list of task specs, e.g. niah_single:haystack=kv,qa (default: all)"
     )
@@ -431,9 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         action="append",
         metavar="METHOD.KNOB=V1,V2",
-        help="knob values to sweep, repeatable",
+        help="knob values to sweep, repeatable; evict:POLICY.KNOB=... for a policy",
     )
-    p.add_argument("--grid-file", help="TOML file: one [method] table with knob = [values]")
+    p.add_argument(
+        "--grid-file",
+        help='TOML file: one [method] (or ["evict:policy"]) table with knob = [values]',
+    )
     p.add_argument(
         "--quick", action="store_true", help="small set that finishes in minutes on a CPU"
     )

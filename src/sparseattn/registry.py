@@ -53,6 +53,7 @@ def method_info(name: str) -> dict[str, Any]:
     cls = get_method_class(name)
     return {
         "name": cls.name,
+        "kind": "method",
         "phases": sorted(p.value for p in cls.phases),
         "paper": cls.paper,
         "speedup": cls.is_speedup,

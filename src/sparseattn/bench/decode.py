@@ -1,71 +1,156 @@
-"""Decode benchmark: seconds per generated token, dense vs a method, after the same prompt."""
+"""Decode benchmark: seconds per generated token, transformers' own SDPA vs the hook's dense path
+vs a setting, in one run, from the same prefilled prompt; with KV bytes and peak memory per
+setting, and the ceiling (dense decode over a cache of the size the setting keeps).
+"""
 
 from __future__ import annotations
 
 import copy
-import time
+import statistics
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from ..cache import cache_nbytes
 from ..integration.hf import sparse_attention
+from ..integration.plan import HookOptions
+from ..integration.stats import timed
+from ..setting import Setting
+from .peak import PeakMemory
 from .prefill import benchmark_input
 
+DENSE = Setting()
 
-def _decode_steps(model, cache: DynamicCache, first: torch.Tensor, steps: int) -> float:
-    """Seconds per step of greedy decoding ``steps`` tokens from ``cache``."""
-    next_id = first
-    if first.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(input_ids=next_id, past_key_values=cache, use_cache=True)
-        next_id = out.logits[:, -1:].argmax(-1)
-    if first.device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+
+def prefill_cache(model, ids: torch.Tensor, batch: int) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill one prompt densely (the model's own path) and repeat it ``batch`` times."""
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if batch > 1:
+        cache.batch_repeat_interleave(batch)
+    return cache, out.logits[:, -1:].argmax(-1).expand(batch, 1).contiguous()
+
+
+def decode_steps(model, cache, first: torch.Tensor, steps: int, warmup: int = 2) -> float:
+    """Median seconds per greedy step over ``steps`` steps after ``warmup`` untimed ones."""
+    token, times = first, []
+    for i in range(warmup + steps):
+        start = timed(token.device)
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        elapsed = timed(token.device) - start
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def run_setting(
+    model, setting: Setting, cache, first, steps: int, options: HookOptions, prompt=None
+) -> dict[str, Any]:
+    """Decode ``steps`` tokens under ``setting`` from a copy of ``cache`` (or a fresh prefill of
+    ``prompt`` inside the block when the policy scores the prompt's queries)."""
+    device = first.device
+    policy = setting.parts[2]
+    fresh = policy is not None and policy.needs_queries
+    work = None if fresh else copy.deepcopy(cache)  # before the peak scope: shared, not added
+    with PeakMemory(device) as peak:
+        with sparse_attention(
+            model, **setting.hook_kwargs(), **{**options.kwargs(), "timing": device.type == "cpu"}
+        ) as stats:
+            if fresh:
+                work, first = prefill_cache(model, prompt, first.shape[0])
+            seconds = decode_steps(model, work, first, steps)
+            kv_bytes = cache_nbytes(work)
+            held = [layer.get_seq_length() for layer in work.layers]
+            kept = max(getattr(layer, "width", 0) for layer in work.layers)
+    decode = stats.seconds("decode")
+    return {
+        "s_per_token": seconds,
+        "kv_bytes": kv_bytes,
+        "kept_tokens": kept,
+        "seen_tokens": max(held),
+        "density": stats.density("decode"),
+        "select_share": decode["select_s"] / max(decode["select_s"] + decode["attend_s"], 1e-12),
+        "peak_mb": peak.peak_mb,
+        "peak_added_mb": None if peak.peak_mb is None else peak.peak_mb - (peak.start_mb or 0.0),
+    }
 
 
 @torch.inference_mode()
 def run_decode_bench(
     model,
     tokenizer,
-    method: str,
-    knobs: dict[str, Any],
+    setting: Setting,
     lengths: list[int],
     *,
-    steps: int = 32,
-    hook_options: dict[str, Any] | None = None,
+    batches: tuple[int, ...] = (1,),
+    steps: int = 16,
+    options: HookOptions | None = None,
+    ceiling: bool = True,
     seed: int = 0,
-) -> Iterator[dict]:
-    """Yield one record per prompt length: dense and sparse seconds per token, measured density.
+) -> Iterator[dict[str, Any]]:
+    """One record per (length, batch): seconds per token of transformers' SDPA, of the hook's
+    dense path and of ``setting``, their ratios, KV bytes and per-setting peak memory.
 
-    The prompt is prefilled once densely; dense and sparse decoding each start from a copy of
-    that cache, so both attend to the same context.
+    Every measurement decodes from a copy of one dense prefill (repeated over the batch), so all
+    attend to the same context; the copy is made before each setting's peak-memory scope, so a
+    peak is what that setting reached while decoding (a policy that scores the prompt's queries
+    prefills inside its own scope), and settings never inherit each other's peaks. The ceiling
+    is the hook's dense decode over a prompt of the size the setting reads per step (kept tokens
+    x measured density): no sparse decode can beat it.
     """
-    options = {"min_length": 0, **(hook_options or {})}
+    options = options or HookOptions(min_length=0)
     device = next(model.parameters()).device
     for length in lengths:
-        ids = benchmark_input(tokenizer, length, seed).to(device)
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1:].argmax(-1)
-        _decode_steps(model, copy.deepcopy(cache), first, 2)  # warm-up
-        dense_s = _decode_steps(model, copy.deepcopy(cache), first, steps)
-        with sparse_attention(model, method, **knobs, **options) as stats:
-            _decode_steps(model, copy.deepcopy(cache), first, 2)  # warm-up
-            sparse_s = _decode_steps(model, copy.deepcopy(cache), first, steps)
-        yield {
-            "model": str(model.config._name_or_path),
-            "method": method,
-            "knobs": knobs,
-            "length": length,
-            "dense_s_per_token": round(dense_s, 5),
-            "sparse_s_per_token": round(sparse_s, 5),
-            "speedup": round(dense_s / sparse_s, 3),
-            "decode_density": round(stats.density("decode") or 1.0, 4),
-            "steps": steps,
-            "device": str(device),
-        }
+        prompt = benchmark_input(tokenizer, length, seed).to(device)
+        for batch in batches:
+            cache, first = prefill_cache(model, prompt, batch)
+            own_cache = copy.deepcopy(cache)
+            with PeakMemory(device) as own_peak:
+                own_s = decode_steps(model, own_cache, first, steps)
+            del own_cache
+            dense = run_setting(model, DENSE, cache, first, steps, options)
+            sparse = run_setting(model, setting, cache, first, steps, options, prompt)
+            record = {
+                "model": str(model.config._name_or_path),
+                "setting": setting.label,
+                "length": length,
+                "batch": batch,
+                "steps": steps,
+                "own_sdpa_s_per_token": round(own_s, 5),
+                "dense_hook_s_per_token": round(dense["s_per_token"], 5),
+                "setting_s_per_token": round(sparse["s_per_token"], 5),
+                "hook_vs_sdpa": round(own_s / dense["s_per_token"], 3),
+                "speedup_vs_sdpa": round(own_s / sparse["s_per_token"], 3),
+                "speedup_vs_dense_hook": round(dense["s_per_token"] / sparse["s_per_token"], 3),
+                "decode_density": round(sparse["density"] or 1.0, 4),
+                "select_share": round(sparse["select_share"], 4),
+                "kv_bytes_dense": dense["kv_bytes"],
+                "kv_bytes": sparse["kv_bytes"],
+                "kv_ratio": round(sparse["kv_bytes"] / max(dense["kv_bytes"], 1), 4),
+                "kept_tokens": sparse["kept_tokens"],
+                "peak_mb_own_sdpa": _round(own_peak.peak_mb),
+                "peak_mb_dense_hook": _round(dense["peak_mb"]),
+                "peak_mb_setting": _round(sparse["peak_mb"]),
+                "peak_added_mb_dense_hook": _round(dense["peak_added_mb"]),
+                "peak_added_mb_setting": _round(sparse["peak_added_mb"]),
+                "peak_memory_method": own_peak.method,
+                "device": str(device),
+            }
+            if ceiling:
+                read = max(1, round(sparse["kept_tokens"] * (sparse["density"] or 1.0)))
+                small_cache, small_first = prefill_cache(model, prompt[:, -read:], batch)
+                top = run_setting(model, DENSE, small_cache, small_first, steps, options)
+                record.update(
+                    ceiling_tokens=read,
+                    ceiling_s_per_token=round(top["s_per_token"], 5),
+                    ceiling_vs_dense_hook=round(dense["s_per_token"] / top["s_per_token"], 3),
+                    ceiling_vs_sdpa=round(own_s / top["s_per_token"], 3),
+                )
+            yield record
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

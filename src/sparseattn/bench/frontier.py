@@ -10,9 +10,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..registry import build_method, get_method_class
-from ..types import Phase
-from .runner import SampleRunner, Setting, versions
+from ..integration.plan import HookOptions
+from ..setting import Setting
+from .runner import SampleRunner, versions
 from .sweep import TaskSpec
 
 RESULTS = "results.jsonl"
@@ -29,18 +29,18 @@ class FrontierConfig:
     lengths: list[int]
     samples: int
     seed: int = 0
-    hook_options: dict[str, Any] = field(default_factory=dict)
+    options: HookOptions = field(default_factory=HookOptions)
     dtype: str = "float32"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "model": self.model,
-            "settings": [{"method": s.method, "knobs": s.knobs} for s in self.settings],
+            "settings": [s.to_json() for s in self.settings],
             "tasks": [{"name": t.name, "knobs": t.knobs} for t in self.tasks],
             "lengths": self.lengths,
             "samples": self.samples,
             "seed": self.seed,
-            "hook_options": self.hook_options,
+            "hook_options": self.options.kwargs(),
             "dtype": self.dtype,
         }
 
@@ -101,14 +101,6 @@ def record_key(task: str, length: int, sample: int, setting: str) -> tuple:
     return (task, length, sample, setting)
 
 
-def phase_policy(setting: Setting) -> dict[str, str]:
-    cls = get_method_class(setting.method)
-    return {
-        "prefill": setting.method if Phase.PREFILL in cls.phases else "dense",
-        "decode": setting.method if Phase.DECODE in cls.phases else "dense",
-    }
-
-
 def check_lengths(config: FrontierConfig, tokenizer) -> None:
     """ValueError before any compute when a length is below what a task needs."""
     for spec in config.tasks:
@@ -137,7 +129,8 @@ def run_frontier(
     out_dir = Path(out_dir)
     check_lengths(config, tokenizer)
     for setting in config.settings:  # a missing or mismatched profile fails before any compute
-        build_method(setting.method, **setting.knobs).bind(model.config)
+        for part in setting.parts[:2]:
+            part.bind(model.config)
     prepare_out_dir(out_dir, config, resume_anyway)
     results = out_dir / RESULTS
     repair_tail(results)
@@ -162,7 +155,7 @@ def run_frontier(
                     if not todo:
                         continue
                     sample = task.generate(tokenizer, length, config.seed, index)
-                    runner = SampleRunner(model, tokenizer, sample, config.hook_options)
+                    runner = SampleRunner(model, tokenizer, sample, config.options)
                     for setting in todo:
                         bar.set_postfix_str(
                             f"{spec.label} {length} #{index} {setting.label}", refresh=False
@@ -172,10 +165,11 @@ def run_frontier(
                             "task": spec.label,
                             "length": length,
                             "sample": index,
-                            "method": setting.method,
+                            "method": setting.family,
                             "setting": setting.label,
-                            "knobs": setting.knobs,
-                            "phase_policy": phase_policy(setting),
+                            "knobs": setting.prefill.knobs if setting.is_single else {},
+                            "spec": setting.to_json(),
+                            "phase_policy": setting.phase_policy(),
                             **measured,
                             "references": list(sample.references),
                             "n_input_tokens": len(sample.input_ids),

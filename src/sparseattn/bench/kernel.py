@@ -9,7 +9,6 @@ tiles from the difference between kernels.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import BlockLayout, flex_attend
+from ..integration.stats import timed
 from ..types import AttentionContext, Phase
 
 
@@ -35,13 +35,9 @@ def _timed(fn, repeats: int, device: str) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = timed(device)
         fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(timed(device) - start)
     return statistics.median(times)
 
 
@@ -134,11 +130,9 @@ def compile_report(lengths: list[int], shape: KernelShape) -> dict:
         k = torch.randn(1, shape.num_kv_heads, length, shape.head_dim).to(shape.device, shape.dtype)
         layout = BlockLayout(ctx, shape.block_size)
         sel = layout.finalize(random_tiles(layout, 0.3, 0))
-        start = time.perf_counter()
+        start = timed(shape.device)
         flex_attend(q, k, k, sel, ctx, layout)
-        if shape.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        first_calls.append(round(time.perf_counter() - start, 3))
+        first_calls.append(round(timed(shape.device) - start, 3))
     return {
         "kind": "compile",
         "lengths": lengths,

@@ -139,3 +139,32 @@ def recall_curves(records: list[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def memory_curves(records: list[dict], path: str | Path) -> None:
+    """``bench memory`` records: cache MiB, resident MiB, ms per token and perplexity against
+    the tokens seen, one line per setting (the dense reference has perplexity only)."""
+    panels = [
+        ("cache_bytes", "KV cache (MiB)", 2**-20),
+        ("rss_mb", "process resident (MiB)", 1.0),
+        ("s_per_token", "ms per token", 1e3),
+        ("ppl", "perplexity per record window", 1.0),
+    ]
+    by_setting: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_setting[r["setting"]].append(r)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+    for ax, (field, label, scale) in zip(axes[0], panels):
+        for setting, group in sorted(by_setting.items()):
+            xy = [(r["seen_tokens"], r[field] * scale) for r in group if r.get(field) is not None]
+            if field == "s_per_token":
+                xy = [(x, y) for (x, y), r in zip(xy, group) if r.get("streamed_tokens")]
+            if xy:
+                ax.plot([x for x, _ in xy], [y for _, y in xy], marker=".", label=setting)
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

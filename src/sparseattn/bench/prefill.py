@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from ..integration.hf import sparse_attention
+from ..integration.plan import HookOptions
+from ..integration.stats import timed
+from ..setting import Setting
 
 
 def benchmark_input(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
@@ -27,13 +29,9 @@ def benchmark_input(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
 def _time_forward(model, ids: torch.Tensor, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        if ids.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = timed(ids.device)
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        if ids.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(timed(ids.device) - start)
     return statistics.median(times)
 
 
@@ -41,13 +39,12 @@ def _time_forward(model, ids: torch.Tensor, repeats: int) -> float:
 def run_prefill_bench(
     model,
     tokenizer,
-    method: str,
-    knobs: dict[str, Any],
+    setting: Setting,
     lengths: list[int],
     *,
     repeats: int = 1,
     warmup_length: int = 1024,
-    hook_options: dict[str, Any] | None = None,
+    options: HookOptions | None = None,
     seed: int = 0,
 ) -> Iterator[dict]:
     """Yield one record per length: dense_s, sparse_s, speedup, measured density, time shares.
@@ -58,11 +55,12 @@ def run_prefill_bench(
     spent in attention by a dense pass through the hook, so ``select_share`` (estimation time
     over dense attention time) can be judged against the attention budget.
     """
-    options = {"min_length": 0, **(hook_options or {})}
+    options = options or HookOptions(min_length=0)
+    hook = {**setting.hook_kwargs(), **options.kwargs()}
     device = next(model.parameters()).device
     warm = benchmark_input(tokenizer, warmup_length, seed).to(device)
     model(input_ids=warm, use_cache=False, logits_to_keep=1)
-    with sparse_attention(model, method, **knobs, **options):
+    with sparse_attention(model, **hook):
         model(
             input_ids=warm, use_cache=False, logits_to_keep=1
         )  # compiles the kernel once (dynamic shapes)
@@ -74,17 +72,16 @@ def run_prefill_bench(
         # on CPU the per-layer timers cost nothing; on CUDA they synchronize, so the timed run
         # goes without them and one more pass measures the selection / attention shares
         on_cpu = device.type == "cpu"
-        with sparse_attention(model, method, **knobs, **options, timing=on_cpu) as stats:
+        with sparse_attention(model, **{**hook, "timing": on_cpu}) as stats:
             sparse_s = _time_forward(model, ids, repeats)
         if not on_cpu:
-            with sparse_attention(model, method, **knobs, **options, timing=True) as stats:
+            with sparse_attention(model, **{**hook, "timing": True}) as stats:
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
         seconds = stats.seconds("prefill")  # of the last repeat: a new prompt resets the stats
         dense_attention_s = dense_stats.seconds("prefill")["attend_s"]
         yield {
             "model": str(model.config._name_or_path),
-            "method": method,
-            "knobs": knobs,
+            "setting": setting.label,
             "length": length,
             "dense_s": round(dense_s, 4),
             "sparse_s": round(sparse_s, 4),

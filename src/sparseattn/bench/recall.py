@@ -17,10 +17,9 @@ from ..backends.masks import BlockLayout
 from ..integration.hf import sparse_attention
 from ..methods.base import Method
 from ..methods.oracle import true_tile_mass
-from ..registry import build_method
+from ..setting import Setting
 from ..types import AttentionContext, BlockSelection
 from .prefill import benchmark_input
-from .runner import Setting
 
 
 @dataclass
@@ -57,7 +56,7 @@ def run_recall_bench(
 ) -> Iterator[dict[str, Any]]:
     """One record per (length, setting, layer): measured density and recall of the true mass."""
     device = next(model.parameters()).device
-    methods = [build_method(s.method, **s.knobs) for s in settings]
+    methods = [s.parts[0] for s in settings]  # prefill selection (settings of one method)
     for method in methods:
         method.bind(model.config)  # once: a profile is read and checked before any capture
     for length in lengths:
@@ -74,7 +73,7 @@ def run_recall_bench(
                 yield {
                     "length": length,
                     "layer": layer,
-                    "method": setting.method,
+                    "method": setting.family,
                     "setting": setting.label,
                     "density": round(float(computed.sum() / visible.sum()), 4),
                     "recall": round(float((mass * selection.mask).sum() / mass.sum()), 4),

@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import platform
-import resource
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
+from ..cache import cache_nbytes
 from ..integration.hf import sparse_attention
+from ..integration.plan import HookOptions
+from ..integration.stats import timed
+from ..setting import Setting
+from .peak import PeakMemory
 
 FIDELITY_POSITIONS = 256  # next-token distributions compared over the last positions of the text
-
-
-def labelled(name: str, knobs: dict[str, Any]) -> str:
-    """'streaming' or 'streaming[sink=64,window=512]': how records and reports name a setting."""
-    if not knobs:
-        return name
-    return f"{name}[{','.join(f'{k}={v}' for k, v in sorted(knobs.items()))}]"
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One point of the sweep: a method with fixed knobs, applied to every phase it supports."""
-
-    method: str
-    knobs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return labelled(self.method, self.knobs)
 
 
 def versions() -> dict[str, str]:
@@ -48,68 +30,46 @@ def versions() -> dict[str, str]:
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """GPU: peak allocated since the last reset. CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def kv_cache_mb(cache: DynamicCache) -> float:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total / 2**20
-
-
 @torch.inference_mode()
 def generate_answer(
     model, ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int]
 ) -> dict[str, Any]:
-    """Greedy decode with separate prefill and per-token timing. ``ids``: (1, L)."""
+    """Greedy decode with separate prefill and per-token timing. ``ids``: (1, L).
+
+    The cache is whatever the model's forward supplies: inside ``sparse_attention`` the
+    library's own, so eviction policies act and ``kv_bytes`` is what that setting holds.
+    """
     device = ids.device
-    cache = DynamicCache(config=model.config)
-    _sync(device)
-    start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    _sync(device)
-    prefill_s = time.perf_counter() - start
+    start = timed(device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    prefill_s = timed(device) - start
+    cache = out.past_key_values
     tokens: list[int] = []
     next_id = out.logits[:, -1].argmax(-1)
     steps = 0  # forward passes after the prefill
-    start = time.perf_counter()
-    while int(next_id) not in eos_ids:
+    start = timed(device)
+    while int(next_id) not in eos_ids:  # the harness reads each token; the library does not
         tokens.append(int(next_id))
         if len(tokens) == max_new_tokens:
             break
         out = model(input_ids=next_id[:, None], past_key_values=cache, use_cache=True)
         next_id = out.logits[:, -1].argmax(-1)
         steps += 1
-    _sync(device)
-    decode_s = time.perf_counter() - start
+    decode_s = timed(device) - start
     return {
         "tokens": tokens,
         "prefill_s": prefill_s,
         "decode_s_per_token": decode_s / steps if steps else None,
-        "kv_cache_mb": kv_cache_mb(cache),
+        "kv_bytes": cache_nbytes(cache),
     }
 
 
 @torch.inference_mode()
 def last_logprobs(model, ids: torch.Tensor, positions: int) -> tuple[torch.Tensor, float]:
     """Log-probabilities (positions, V) of the last positions, and the prefill seconds."""
-    _sync(ids.device)
-    start = time.perf_counter()
+    start = timed(ids.device)
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions + 1).logits[0, :-1]
-    _sync(ids.device)
-    return torch.log_softmax(logits.float(), -1), time.perf_counter() - start
+    return torch.log_softmax(logits.float(), -1), timed(ids.device) - start
 
 
 def fidelity_scores(
@@ -134,9 +94,9 @@ def fidelity_scores(
 class SampleRunner:
     """Runs every setting on one generated sample; keeps the dense fidelity reference in memory."""
 
-    def __init__(self, model, tokenizer, sample, hook_options: dict[str, Any]) -> None:
+    def __init__(self, model, tokenizer, sample, options: HookOptions) -> None:
         self.model, self.tokenizer, self.sample = model, tokenizer, sample
-        self.hook_options = hook_options
+        self.options = options
         self.device = next(model.parameters()).device
         self.ids = torch.tensor([sample.input_ids], device=self.device)
         self._dense_logprobs: torch.Tensor | None = None
@@ -160,25 +120,24 @@ class SampleRunner:
 
     def run(self, setting: Setting, task) -> dict[str, Any]:
         """Record fields measured for ``setting`` (everything but the identifying ones)."""
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        with sparse_attention(
-            self.model, setting.method, **setting.knobs, **self.hook_options
-        ) as stats:
+        with (
+            PeakMemory(self.device) as peak,
+            sparse_attention(self.model, **setting.hook_kwargs(), **self.options.kwargs()) as stats,
+        ):
             if self.is_fidelity:
                 logprobs, prefill_s = last_logprobs(self.model, self.ids, self._positions())
                 result = {
                     "tokens": [],
                     "prefill_s": prefill_s,
                     "decode_s_per_token": None,
-                    "kv_cache_mb": None,
+                    "kv_bytes": None,
                 }
             else:
                 result = generate_answer(
                     self.model, self.ids, self.sample.max_new_tokens, self._eos_ids()
                 )
         answer = self.tokenizer.decode(result["tokens"], skip_special_tokens=True)
-        extra: dict[str, Any] = {"kv_cache_mb": result["kv_cache_mb"]}
+        extra: dict[str, Any] = {}
         if self.is_fidelity:
             targets = self.ids[0, -self._positions() :]
             extra.update(fidelity_scores(self._dense_reference(), logprobs, targets))
@@ -191,7 +150,9 @@ class SampleRunner:
             "decode_density": stats.density("decode"),
             "prefill_s": result["prefill_s"],
             "decode_s_per_token": result["decode_s_per_token"],
-            "peak_memory_mb": peak_memory_mb(self.device),
+            "kv_bytes": result["kv_bytes"],
+            "peak_memory_mb": peak.peak_mb,
+            "peak_memory_method": peak.method,
             "answer": answer,
             "extra": extra,
         }

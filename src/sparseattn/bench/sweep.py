@@ -1,28 +1,21 @@
-"""What a frontier run sweeps: method settings (knob grids) and task specs, parsed and validated."""
+"""What a frontier run sweeps: settings (knob grids of methods and policies) and task specs."""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from ..registry import build_method, get_method_class
-from .runner import Setting, labelled
+from ..registry import get_method_class, get_policy_class
+from ..setting import Setting, Spec, parse_value
+
+EVICT_PREFIX = "evict:"  # grid targets naming an eviction policy: evict:streaming.window=...
 
 
-@dataclass(frozen=True)
-class TaskSpec:
+class TaskSpec(Spec):
     """A task with fixed knobs; ``label`` names it in records and reports."""
-
-    name: str
-    knobs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return labelled(self.name, self.knobs)
 
     def build(self):
         from .tasks import build_task
@@ -32,8 +25,6 @@ class TaskSpec:
 
 def parse_task_spec(text: str) -> TaskSpec:
     """'niah_single' or 'niah_single:haystack=kv,needles=2'."""
-    from ..cli import parse_value
-
     name, _, rest = text.partition(":")
     knobs = {}
     for pair in filter(None, rest.split(",")):
@@ -73,9 +64,10 @@ def default_task_specs() -> list[TaskSpec]:
 
 
 def parse_grid_args(items: list[str]) -> dict[str, dict[str, list[Any]]]:
-    """['xattention.threshold=0.8,0.9'] -> {'xattention': {'threshold': [0.8, 0.9]}}."""
-    from ..cli import parse_value
+    """['xattention.threshold=0.8,0.9'] -> {'xattention': {'threshold': [0.8, 0.9]}}.
 
+    A target ``evict:POLICY.KNOB`` sets the grid of an eviction policy.
+    """
     grids: dict[str, dict[str, list[Any]]] = {}
     for item in items or []:
         target, _, values = item.partition("=")
@@ -87,7 +79,8 @@ def parse_grid_args(items: list[str]) -> dict[str, dict[str, list[Any]]]:
 
 
 def load_grid_file(path: str | Path) -> dict[str, dict[str, list[Any]]]:
-    """A TOML file with one table per method: ``[streaming]`` then ``window = [256, 512]``."""
+    """A TOML file with one table per method (``[streaming]`` then ``window = [256, 512]``) and
+    one per eviction policy (``["evict:streaming"]``)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"grid file not found: {path}")
@@ -98,24 +91,49 @@ def load_grid_file(path: str | Path) -> dict[str, dict[str, list[Any]]]:
     }
 
 
-def expand_settings(methods: list[str], grids: dict[str, dict[str, list[Any]]]) -> list[Setting]:
-    """Cartesian product of each method's grid (its default grid unless overridden); dense first.
+def _grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = sorted(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
-    Every setting is built once here so a bad method, knob or value fails before any compute.
+
+def expand_settings(
+    methods: list[str],
+    grids: dict[str, dict[str, list[Any]]],
+    *,
+    decode: list[str] = (),
+    evict: list[str] = (),
+    combos: list[str] = (),
+) -> list[Setting]:
+    """Every setting of a sweep, dense first; each is built once here, so a bad name, knob or
+    value fails before any compute.
+
+    Args:
+        methods: One method for every phase it supports: the cartesian product of its grid (its
+            default grid unless ``grids`` overrides it).
+        grids: Knob values per method name, and per ``evict:POLICY``.
+        decode: Decode methods run after a dense prefill (their grids as for ``methods``).
+        evict: Eviction policies with dense attention (their ``evict:`` grids).
+        combos: Explicit settings, e.g. 'prefill=xattention;decode=quest[budget=512]'.
     """
-    unknown_grid = sorted(set(grids) - set(methods))
+    named = set(methods) | set(decode) | {EVICT_PREFIX + p for p in evict}
+    unknown_grid = sorted(set(grids) - named)
     if unknown_grid:
         raise ValueError(
-            f"--grid names method(s) {unknown_grid} that are not in --methods {methods}"
+            f"--grid names {unknown_grid}, which are not among the swept methods {sorted(methods)}"
+            f", decode methods {sorted(decode)} or policies {sorted(evict)}"
         )
-    ordered = ["dense"] + [m for m in methods if m != "dense"]
-    settings: list[Setting] = []
-    for method in ordered:
-        cls = get_method_class(method)
-        grid = {**cls.default_grid, **grids.get(method, {})}
-        keys = sorted(grid)
-        for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-            knobs = dict(zip(keys, values))
-            build_method(method, **knobs)
-            settings.append(Setting(method, knobs))
-    return settings
+    settings: list[Setting] = [Setting()]
+    for method in [m for m in methods if m != "dense"]:
+        grid = {**get_method_class(method).default_grid, **grids.get(method, {})}
+        settings += [Setting.single(method, knobs) for knobs in _grid_points(grid)]
+    for method in decode:
+        grid = {**get_method_class(method).default_grid, **grids.get(method, {})}
+        settings += [Setting(decode=Spec(method, knobs)) for knobs in _grid_points(grid)]
+    for policy in evict:
+        grid = {**get_policy_class(policy).default_grid, **grids.get(EVICT_PREFIX + policy, {})}
+        settings += [Setting(evict=Spec(policy, knobs)) for knobs in _grid_points(grid)]
+    settings += [Setting.parse(text) for text in combos]
+    unique = list(dict.fromkeys(settings))
+    for setting in unique:
+        setting.parts  # builds and validates every method and policy now
+    return unique

@@ -69,6 +69,17 @@ class HookOptions:
         if bad or self.min_length < 0:
             raise ValueError(f"min_length={self.min_length!r} must be an integer >= 0")
 
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``sparse_attention`` (JSON-ready)."""
+        return {
+            "dense_layers": sorted(self.dense_layers),
+            "min_length": self.min_length,
+            "prefill_backend": self.prefill_backend,
+            "decode_backend": self.decode_backend,
+            "page_size": self.page_size,
+            "timing": self.timing,
+        }
+
 
 @dataclass
 class SparsePlan:
@@ -347,11 +358,13 @@ def _decode(
     method = plan.method_for(ctx)
     profile = plan.options.timing
     start = timed(ctx.device) if profile else 0.0
-    view = DecodeView(keys=k)
-    if layer is not None:
-        view = DecodeView(k, layer.state, layer.writes, layer.last_write)
-    selection = None if isinstance(method, Dense) else method.select_decode(q, view, ctx)
-    selected = timed(ctx.device) if profile else 0.0
+    selection, selected = None, start
+    if not isinstance(method, Dense):
+        view = (
+            DecodeView(k, layer.state, layer.writes, layer.last_write) if layer else DecodeView(k)
+        )
+        selection = method.select_decode(q, view, ctx)
+        selected = timed(ctx.device) if profile else 0.0
     all_visible = _all_visible(ctx, layer)
     visible = _decode_visible(ctx, all_visible)
     if selection is None:

@@ -1,0 +1,99 @@
+"""Memory benchmark: a long stream decoded token by token under a setting (StreamingLLM's test).
+
+A long generated text is fed one token per step after a short prompt (teacher forcing, so the
+text is the same for every setting). Every ``every`` steps the record holds the cache bytes,
+the process's resident memory, the seconds per token of the last steps and the negative
+log-likelihood of the tokens since the previous record: under a bounded cache all stay flat
+however long the stream runs, while a full cache grows until it leaves the model's context.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..cache import cache_nbytes
+from ..integration.hf import sparse_attention
+from ..integration.plan import HookOptions
+from ..integration.stats import timed
+from ..setting import Setting
+from .peak import rss_mb
+from .prefill import benchmark_input
+
+
+@torch.inference_mode()
+def run_memory_bench(
+    model,
+    tokenizer,
+    setting: Setting,
+    tokens: int,
+    *,
+    prompt: int = 1024,
+    every: int = 256,
+    options: HookOptions | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Yield one record per ``every`` streamed tokens (and one for the prompt).
+
+    Args:
+        setting: The setting to stream under (e.g. ``evict=streaming[rerotate=True]``).
+        tokens: Tokens streamed after the prompt.
+        prompt: Tokens prefilled first.
+        every: Steps per record.
+    """
+    from tqdm.auto import tqdm
+
+    options = options or HookOptions(min_length=0)
+    device = next(model.parameters()).device
+    text = benchmark_input(tokenizer, prompt + tokens + 1, seed).to(device)
+    with sparse_attention(model, **setting.hook_kwargs(), **options.kwargs()):
+        start = timed(device)
+        out = model(input_ids=text[:, :prompt], use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        yield _record(setting, prompt, 0, cache, timed(device) - start, None, 0)
+        nll, count, start = 0.0, 0, timed(device)
+        bar = tqdm(total=tokens, disable=not progress, desc=setting.label, unit="tok")
+        for step in range(tokens):
+            position = prompt + step
+            logits = out.logits[:, -1].float()
+            nll -= float(torch.log_softmax(logits, -1)[0, text[0, position]])
+            count += 1
+            out = model(input_ids=text[:, position : position + 1], past_key_values=cache)
+            bar.update(1)
+            if (step + 1) % every == 0 or step + 1 == tokens:
+                elapsed = (timed(device) - start) / count
+                yield _record(setting, position + 1, step + 1, cache, elapsed, nll, count)
+                nll, count, start = 0.0, 0, timed(device)
+        bar.close()
+
+
+def _record(setting, seen, streamed, cache, seconds, nll, count) -> dict[str, Any]:
+    return {
+        "setting": setting.label,
+        "seen_tokens": seen,
+        "streamed_tokens": streamed,
+        "cache_bytes": cache_nbytes(cache),
+        "rss_mb": rss_mb(),
+        "s_per_token": seconds,
+        "nll": None if nll is None else nll / max(count, 1),
+        "ppl": None if nll is None else math.exp(nll / max(count, 1)),
+    }
+
+
+@torch.inference_mode()
+def dense_window_nll(model, tokenizer, length: int, every: int, seed: int = 0) -> list[dict]:
+    """The dense reference inside the model's context: NLL per ``every`` tokens of the same text
+    in one teacher-forced forward (equal to decoding it token by token with a full cache)."""
+    device = next(model.parameters()).device
+    text = benchmark_input(tokenizer, length + 1, seed).to(device)
+    logits = model(input_ids=text[:, :length], use_cache=False).logits[0].float()
+    nll = -torch.log_softmax(logits, -1).gather(-1, text[0, 1 : length + 1, None])[:, 0]
+    out = []
+    for end in range(every, length + 1, every):
+        chunk = float(nll[end - every : end].mean())
+        out.append({"setting": "dense", "seen_tokens": end, "nll": chunk, "ppl": math.exp(chunk)})
+    return out

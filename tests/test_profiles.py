@@ -132,7 +132,9 @@ def test_xattention_per_head_thresholds(tmp_path):
 
 def test_profile_for_another_architecture_is_refused():
     method = build_method("minference", profile=CONTRACT)
-    with pytest.raises(ValueError, match="was made for .*llama \\(1 layers.*but the model is qwen2"):
+    with pytest.raises(
+        ValueError, match="was made for .*llama \\(1 layers.*but the model is qwen2"
+    ):
         method.bind(tiny_config("qwen2"))
 
 

@@ -46,6 +46,35 @@ def visible_slots(slots: torch.Tensor, valid: torch.Tensor, ctx: AttentionContex
     return valid & visible
 
 
+def _rows_view(x: torch.Tensor, row: int) -> tuple[torch.Tensor, int]:
+    """(B * H * capacity / row, row * D) view of a cache tensor's storage, and its capacity.
+
+    ``x`` is (B, H, S, D), typically a slice of a contiguous (B, H, capacity, D) buffer; one row
+    of the view holds ``row`` consecutive slots of one (batch row, head). Copies only when the
+    storage does not have that shape.
+    """
+    B, H, S, D = x.shape
+    capacity = x.stride(1) // D if x.stride(1) % D == 0 else 0
+    strided = x.stride(3) == 1 and x.stride(2) == D and x.stride(0) == H * x.stride(1)
+    if not strided or capacity % row or capacity < S:
+        capacity = -(-S // row) * row
+        x = torch.nn.functional.pad(x.contiguous(), (0, 0, 0, capacity - S))
+    view = x.as_strided((B * H * capacity // row, row * D), (row * D, 1), x.storage_offset())
+    return view, capacity
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, heads: torch.Tensor, row: int) -> torch.Tensor:
+    """Rows (pages or tokens) ``index`` (B, Hs, n) of head ``heads`` (Hs,) per batch row:
+    (B, Hs, n * row, D), one ``index_select`` of contiguous rows."""
+    B, H, _, D = x.shape
+    view, capacity = _rows_view(x, row)
+    per_head = capacity // row
+    base = (torch.arange(B, device=x.device)[:, None] * H + heads[None, :]) * per_head  # (B, Hs)
+    flat = (base[..., None] + index).flatten()
+    Hs, n = index.shape[1], index.shape[2]
+    return view.index_select(0, flat).view(B, Hs, n * row, D)
+
+
 def gather_attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,8 +87,8 @@ def gather_attend(
 
     Args:
         q: (B, Hq, 1, D).
-        k: (B, Hkv, S, D) keys; for a PageSelection S covers whole pages (slots past
-            ``ctx.kv_len`` are never visible).
+        k: (B, Hkv, S, D) keys, usually a view of the cache's buffer (pages are read straight
+            from its storage; slots past ``ctx.kv_len`` are never visible).
         v: (B, Hkv, S, Dv).
         selection: Pages or tokens, one row per KV head (grouped) or per query head.
         ctx: The call's context (q_len must be 1).
@@ -73,18 +102,14 @@ def gather_attend(
     slots, valid = selection_slots(selection)
     mask = visible_slots(slots, valid, ctx) if visible is None else visible  # (B, Hs, K)
     B, Hq, _, D = q.shape
-    Hkv, g, K = k.shape[1], ctx.groups, slots.shape[-1]
-    if slots.shape[1] == Hkv:  # grouped: the g query heads of a KV head are g query rows
-        index = slots.clamp(max=k.shape[2] - 1)[..., None]
-        k_sel = k.gather(2, index.expand(B, Hkv, K, D))  # (B, Hkv, K, D)
-        v_sel = v.gather(2, index.expand(B, Hkv, K, v.shape[-1]))
-        rows = q.view(B, Hkv, g, D)
+    Hkv, g, Hs = k.shape[1], ctx.groups, slots.shape[1]
+    heads = torch.arange(Hs, device=q.device) // (1 if Hs == Hkv else g)
+    if isinstance(selection, PageSelection):
+        index, row = selection.pages, selection.page_size
     else:
-        b_idx = torch.arange(B, device=q.device)[:, None, None]
-        h_idx = (torch.arange(Hq, device=q.device) // g)[None, :, None]
-        index = slots.clamp(max=k.shape[2] - 1)
-        k_sel, v_sel = k[b_idx, h_idx, index], v[b_idx, h_idx, index]  # (B, Hq, K, D)
-        rows = q
+        index, row = selection.indices, 1
+    k_sel, v_sel = _gather(k, index, heads, row), _gather(v, index, heads, row)  # (B, Hs, K, D)
+    rows = q.view(B, Hkv, g, D) if Hs == Hkv else q  # grouped: g query rows per KV head
     out = attend_rows(rows, k_sel, v_sel, mask[:, :, None, :], ctx)
     return out.reshape(B, Hq, 1, -1).transpose(1, 2)
 

@@ -2,11 +2,16 @@
 
 On CUDA the allocator's peak is reset before the setting runs. On Linux the kernel's resident
 high-water mark (VmHWM) is reset by writing 5 to /proc/self/clear_refs, so the peak read after
-the setting is the peak *during* it. Elsewhere a sampling thread polls the resident size.
+the setting is the peak *during* it; memory earlier settings freed is first handed back to the
+OS (``malloc_trim``), so it is not counted again. Elsewhere a sampling thread polls the
+resident size.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import threading
 from pathlib import Path
 
@@ -24,6 +29,19 @@ def _status_kb(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so the
+    resident size a setting starts from holds no memory an earlier setting already freed."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def rss_mb() -> float | None:
@@ -64,6 +82,7 @@ class PeakMemory:
             self.start_mb = torch.cuda.memory_allocated(self.device) / 2**20
             self.method = "cuda-allocator"
             return self
+        release_freed_memory()
         self.start_mb = rss_mb()
         try:
             _CLEAR_REFS.write_text("5")

@@ -191,13 +191,6 @@ class KVLayer(CacheLayerMixin):
         """Keys, values and explicit positions (None: slot j holds position j) of this call."""
         return self._call
 
-    def paged_keys(self) -> torch.Tensor:
-        """(B, Hkv, nP * page_size, D) keys over whole pages (slots past ``width`` are stale)."""
-        return self._buf_k[:, :, : round_up(self.width, self.page_size)]
-
-    def paged_values(self) -> torch.Tensor:
-        return self._buf_v[:, :, : round_up(self.width, self.page_size)]
-
     def all_visible_at_decode(self) -> bool:
         """True when a decode query sees every held slot (no padding, no holes, window kept)."""
         return not (self.padded or self.holes or self._pending or self._marked)

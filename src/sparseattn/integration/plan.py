@@ -24,7 +24,7 @@ from ..cache import KVLayer, SparseCache, adopt, build_layers, is_empty
 from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
-from ..types import AttentionContext, DecodeView, PageSelection, Phase, Selection
+from ..types import AttentionContext, DecodeView, Phase, Selection
 from .stats import RunStats, timed
 
 PREFILL_BACKENDS = ("flex", "reference")
@@ -410,9 +410,7 @@ def _run_selection(
     visible = visible_slots(slots, valid, ctx)  # (B, Hs, K)
     if plan.options.decode_backend == "reference":
         out = reference_attend(q, k, v, selection, ctx)
-    else:
-        if isinstance(selection, PageSelection) and layer is not None:
-            k, v = layer.paged_keys(), layer.paged_values()  # whole pages, a view
+    else:  # k and v are views of the cache's buffer: pages are read from its storage
         out = gather_attend(q, k, v, selection, ctx, visible)
     computed = visible.sum(-1, dtype=torch.float64)  # (B, Hs)
     if computed.shape[1] != ctx.num_q_heads:

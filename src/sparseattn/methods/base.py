@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -112,11 +112,10 @@ class Method(ABC):
         Methods driven by a per-model profile load it (or check it matches) here; others ignore it.
         """
 
-    @abstractmethod
     def select(
         self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, layout: BlockLayout
     ) -> BlockSelection:
-        """Choose tiles.
+        """Choose tiles (prefill and chunked prefill; called only for the phases supported).
 
         Args:
             q: (B, Hq, Lq, D) queries.
@@ -127,6 +126,7 @@ class Method(ABC):
         Returns:
             A finalized BlockSelection (``layout.finalize``): diagonal kept, invisible tiles dropped.
         """
+        raise TypeError(f"method {self.name!r} declares prefill support but has no select")
 
     def select_decode(
         self, q: torch.Tensor, view: DecodeView, ctx: AttentionContext

@@ -14,7 +14,9 @@ from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
 from .common import keep_cumulative_mass
 
-_GROUP_CHUNK = 512  # query groups scored at once: memory O(chunk x Lk / S); later key groups skipped
+_GROUP_CHUNK = (
+    512  # query groups scored at once: memory O(chunk x Lk / S); later key groups skipped
+)
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,1 +1,6 @@
-"""Decode-time selection: methods that choose, per generated token, which cached tokens to read."""
+"""Decode-time selection: methods that choose, per generated token, which cached tokens to read.
+
+Importing this package registers the built-in ones.
+"""
+
+from . import quest  # noqa: F401  (registration side effects)

@@ -1,0 +1,187 @@
+"""Decode selection methods: a contract for every registered one, and Quest's state life cycle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import left_padded_batch, make_model
+from test_cache import CountScalarReads, generate
+
+import sparseattn
+from sparseattn.backends import gather_attend, reference_attend
+from sparseattn.backends.gather import selection_slots
+from sparseattn.cache import SparseCache
+from sparseattn.methods.decode.quest import Quest, page_bounds
+from sparseattn.registry import METHODS, build_method
+from sparseattn.types import AttentionContext, DecodeView, PageSelection, Phase, TokenSelection
+
+torch.set_grad_enabled(False)
+
+# knobs that make every decode method sparse on a 300-token cache
+SPARSE = {
+    "streaming": {"sink": 16, "window": 32, "block_size": 16},
+    "strided": {"stride": 4, "sink": 16, "window": 32, "block_size": 16},
+    "oracle": {"top_p": 0.5},
+    "quest": {"budget": 64, "block_size": 16},
+}
+
+
+def decode_methods() -> list[str]:
+    return sorted(n for n in sparseattn.list_methods() if Phase.DECODE in METHODS[n].phases)
+
+
+def decode_call(kv_len=300, batch=2, hq=4, hkv=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, 1, d, generator=g)
+    k = torch.randn(batch, hkv, kv_len, d, generator=g)
+    v = torch.randn(batch, hkv, kv_len, d, generator=g)
+    ctx = AttentionContext(
+        layer_idx=0,
+        phase=Phase.DECODE,
+        batch=batch,
+        q_len=1,
+        kv_len=kv_len,
+        q_offset=kv_len - 1,
+        kv_offset=0,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        scaling=d**-0.5,
+    )
+    return q, k, v, ctx
+
+
+def test_every_decode_method_is_covered():
+    assert set(decode_methods()) - {"dense"} <= set(SPARSE)
+
+
+@pytest.mark.parametrize("name", decode_methods())
+def test_decode_contract(name):
+    """Static shapes, the current token always read, budget respected, deterministic, the
+    gather backend equals the reference, and the dense limit reads everything."""
+    q, k, v, ctx = decode_call()
+    method = build_method(name, **SPARSE.get(name, {}))
+    selection = method.select_decode(q, DecodeView(k), ctx)
+    if name == "dense":
+        assert selection is None
+        return
+    assert isinstance(selection, PageSelection | TokenSelection)
+    slots, valid = selection_slots(selection)
+    assert slots.shape[:2] in ((ctx.batch, ctx.num_kv_heads), (ctx.batch, ctx.num_q_heads))
+    current = ((slots == ctx.kv_len - 1) & valid).any(-1)
+    assert current.all() or not METHODS[name].is_speedup  # the oracle reads only top mass
+    chosen = (valid & (slots < ctx.kv_len)).sum(-1).float()
+    assert (chosen < ctx.kv_len).all()  # sparse at these knobs
+    again = method.select_decode(q, DecodeView(k), ctx)
+    assert torch.equal(selection_slots(again)[0], slots)
+    torch.testing.assert_close(
+        gather_attend(q, k, v, selection, ctx),
+        reference_attend(q, k, v, selection, ctx),
+        atol=2e-5,
+        rtol=1e-4,
+    )
+    limit = build_method(name, **{**SPARSE.get(name, {}), **METHODS[name].dense_limit})
+    assert limit.select_decode(q, DecodeView(k), ctx) is None
+
+
+def test_quest_budget_is_respected_and_counts_pages():
+    q, k, v, ctx = decode_call(kv_len=512)
+    selection = Quest(budget=128, block_size=16).select_decode(q, DecodeView(k), ctx)
+    assert selection.pages.shape == (2, 2, 8)  # 128 tokens = 8 pages per KV head
+    assert len(set(selection.pages[0, 0].tolist())) == 8
+
+
+def test_quest_selects_a_planted_key():
+    """A key built to have the largest q.k of head 0 lands on a page Quest reads."""
+    q, k, v, ctx = decode_call(kv_len=512, seed=3)
+    target = 137
+    k[:, 0, target] = 8.0 * q[:, 0, 0] / q[:, 0, 0].norm(dim=-1, keepdim=True)
+    selection = Quest(budget=64, block_size=16).select_decode(q, DecodeView(k), ctx)
+    assert ((selection.pages[:, 0] == target // 16).any(-1)).all()
+
+
+def test_quest_bounds_are_upper_bounds_of_every_key():
+    q, k, _, ctx = decode_call(kv_len=333)
+    low, high = page_bounds(k, 16)
+    scores = torch.maximum(
+        q.view(2, 2, 2, 1, 16) * low[:, :, None], q.view(2, 2, 2, 1, 16) * high[:, :, None]
+    ).sum(-1)
+    exact = torch.matmul(q.view(2, 2, 2, 16), k.transpose(-1, -2))  # (B, Hkv, g, Lk)
+    exact = torch.nn.functional.pad(exact, (0, 21 * 16 - 333), value=float("-inf"))
+    per_page = exact.view(2, 2, 2, 21, 16).amax(-1)
+    assert (scores >= per_page - 1e-5).all()
+
+
+@pytest.mark.parametrize("evict", [None, {"sink": 8, "window": 40}], ids=["full", "ring"])
+def test_quest_incremental_bounds_equal_a_rebuild(evict):
+    """After N decode steps the page bounds kept with the cache equal bounds rebuilt from keys
+    (a full cache appends; a bounded ring cache overwrites slots)."""
+    model = make_model("llama")
+    ids, mask = left_padded_batch([90, 90], seed=2)
+    quest = Quest(budget=32, block_size=16)
+    kwargs = {"evict": "streaming", "evict_knobs": evict} if evict else {}
+    with sparseattn.sparse_attention(model, decode=quest, min_length=0, **kwargs):
+        out = generate(model, ids, mask, steps=23)
+    for layer in out.past_key_values.layers:
+        state = layer.state[quest.state_key]
+        low, high = page_bounds(layer.keys, 16)
+        assert state.writes == layer.writes
+        torch.testing.assert_close(state.low, low)
+        torch.testing.assert_close(state.high, high)
+
+
+def test_quest_at_full_budget_equals_dense_generate():
+    model = make_model("qwen2")
+    ids, mask = left_padded_batch([70, 51], seed=4)
+    expected = generate(model, ids, mask)
+    with sparseattn.sparse_attention(model, decode="quest", decode_knobs={"budget": 10**6}):
+        got = generate(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+
+
+def test_quest_state_never_crosses_batch_rows_or_calls():
+    """Each row selects from its own keys: a batch of two prompts decodes each exactly as
+    alone; a second generate starts from a fresh cache and state."""
+    model = make_model("llama")
+    ids, mask = left_padded_batch([80, 80], seed=5)
+    knobs = {"budget": 32, "block_size": 16}
+    with sparseattn.sparse_attention(model, decode="quest", decode_knobs=knobs, min_length=0):
+        both = generate(model, ids, mask, steps=10)
+        alone = [generate(model, ids[i : i + 1], mask[i : i + 1], steps=10) for i in range(2)]
+        again = generate(model, ids, mask, steps=10)
+    for row in range(2):
+        assert torch.equal(both.sequences[row], alone[row].sequences[0])
+        torch.testing.assert_close(
+            torch.stack(both.logits)[:, row],
+            torch.stack(alone[row].logits)[:, 0],
+            atol=1e-4,
+            rtol=1e-4,
+        )
+    assert torch.equal(both.sequences, again.sequences)
+    state = both.past_key_values.layers[0].state
+    assert state and again.past_key_values.layers[0].state is not state
+
+
+def test_quest_decode_has_no_host_sync():
+    model = make_model("llama")
+    ids, mask = left_padded_batch([120, 97], seed=6)
+    with sparseattn.sparse_attention(
+        model, decode="quest", decode_knobs={"budget": 48}, min_length=0
+    ):
+        cache = SparseCache(model)
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        token, running = out.logits[:, -1:].argmax(-1), mask
+        counter = CountScalarReads()
+        with counter:
+            for _ in range(4):
+                running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
+                out = model(input_ids=token, attention_mask=running, past_key_values=cache)
+                token = out.logits[:, -1:].argmax(-1)
+    assert counter.count == 0
+    assert 0 < sparseattn.last_stats(model).density("decode") < 0.6
+
+
+def test_quest_bad_budget_names_the_knob():
+    with pytest.raises(ValueError, match="budget=24 is below what is always read"):
+        Quest(budget=24, block_size=16, window=16)
+    with pytest.raises(ValueError, match="block_size=12 is not allowed"):
+        Quest(block_size=12)

@@ -11,6 +11,7 @@ from transformers import DynamicCache, LlamaConfig
 
 import sparseattn
 from sparseattn.cache import KVLayer, SparseCache
+from sparseattn.methods.eviction import EvictionPolicy
 from sparseattn.types import EMPTY_POSITION
 
 torch.set_grad_enabled(False)
@@ -306,10 +307,12 @@ def one_layer_llama():
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
 
 
-def test_rerotate_places_kept_tokens_consecutively():
+@pytest.mark.parametrize("prompt", [12, 5])  # longer than sink + window (compacted), shorter
+def test_rerotate_places_kept_tokens_consecutively(prompt):
     """With one layer, K and V depend only on the token and its rotation: a step over a
     re-rotated streaming cache equals a dense run over [sink tokens + window tokens] at
-    consecutive positions, whatever the absolute position reached."""
+    consecutive positions, whatever the absolute position reached, whether the ring started
+    from a compacted prompt or filled up by decode steps."""
     model = one_layer_llama()
     sink, window = 3, 6
     tokens = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(0))
@@ -320,8 +323,8 @@ def test_rerotate_places_kept_tokens_consecutively():
         min_length=0,
     ):
         cache = SparseCache(model)
-        model(input_ids=tokens[:, :12], past_key_values=cache, use_cache=True)
-        for t in range(12, 39):
+        model(input_ids=tokens[:, :prompt], past_key_values=cache, use_cache=True)
+        for t in range(prompt, 39):
             got = model(input_ids=tokens[:, t : t + 1], past_key_values=cache).logits[:, -1]
     kept = torch.cat([tokens[:, :sink], tokens[:, 39 - window : 39]], 1)
     expected = model(input_ids=kept).logits[:, -1]
@@ -330,8 +333,8 @@ def test_rerotate_places_kept_tokens_consecutively():
         model, evict="streaming", evict_knobs={"sink": sink, "window": window}, min_length=0
     ):
         cache = SparseCache(model)
-        model(input_ids=tokens[:, :12], past_key_values=cache, use_cache=True)
-        for t in range(12, 39):
+        model(input_ids=tokens[:, :prompt], past_key_values=cache, use_cache=True)
+        for t in range(prompt, 39):
             original = model(input_ids=tokens[:, t : t + 1], past_key_values=cache).logits[:, -1]
     assert not torch.allclose(original, expected, atol=1e-3)  # without it the offsets differ
 
@@ -339,3 +342,77 @@ def test_rerotate_places_kept_tokens_consecutively():
 def test_kv_layer_rejects_bad_window():
     with pytest.raises(ValueError, match="window=0"):
         KVLayer(window=0)
+
+
+class KeepPerHead(EvictionPolicy):
+    """Test policy: KV head 0 keeps every other prompt token, head 1 only the last 10: heads
+    hold different counts (empty slots, no placeholder keys)."""
+
+    name = "test_keep_per_head"
+    needs_queries = True
+
+    def after_prefill(self, layer, query, ctx):
+        length = ctx.kv_len
+        every_other = torch.arange(0, length, 2)
+        last = torch.arange(length - 10, length)
+        width = len(every_other)
+        slots = torch.zeros(ctx.batch, ctx.num_kv_heads, width, dtype=torch.long)
+        valid = torch.zeros_like(slots, dtype=torch.bool)
+        slots[:, 0], valid[:, 0] = every_other, True
+        slots[:, 1, :10], valid[:, 1, :10] = last, True
+        layer.retain(slots, valid)
+
+    @staticmethod
+    def kept(length: int, head: int) -> set[int]:
+        return set(range(0, length, 2)) if head == 0 else set(range(length - 10, length))
+
+
+def test_per_head_retention_frees_memory_and_equals_a_per_head_mask():
+    model = make_model("llama")
+    model.config._attn_implementation = "sdpa"
+    ids, mask = left_padded_batch([60, 47], seed=13)
+    policy = KeepPerHead()
+    with sparseattn.sparse_attention(model, evict=policy, min_length=0):
+        cache = SparseCache(model)
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        layer = cache.layers[0]
+        held = layer.held_tokens()
+        # row 1 is padded for 13 slots: those are never kept
+        assert held[0].tolist() == [30, 10] and held[1].tolist() == [30 - 7, 10]
+        assert layer.width == 30 and layer.kv_nbytes() < dynamic_layer_bytes(ids, model) / 1.5
+        tokens, logits, running = [], [], mask
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(5):
+            tokens.append(token)
+            running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
+            out = model(input_ids=token, attention_mask=running, past_key_values=cache)
+            logits.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+    # oracle: dense transformers with a (B, Hq, 1, total) mask of what each KV head kept
+    dense = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=dense)
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    running = mask
+    for step, token in enumerate(tokens):
+        running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
+        total = running.shape[1]
+        keep = torch.zeros(2, model.config.num_attention_heads, 1, total, dtype=torch.bool)
+        for h in range(keep.shape[1]):
+            for p in KeepPerHead.kept(60, h // groups) | set(range(60, total)):
+                keep[:, h, 0, p] = True
+        keep &= running.bool()[:, None, None, :]
+        additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+        out = model(
+            input_ids=token,
+            attention_mask=additive,
+            position_ids=running.sum(-1, keepdim=True) - 1,
+            past_key_values=dense,
+        )
+        torch.testing.assert_close(logits[step], out.logits[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def dynamic_layer_bytes(ids, model) -> int:
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * ids.shape[0] * config.num_key_value_heads * ids.shape[1] * head_dim * 4

@@ -86,6 +86,7 @@ class KVLayer(CacheLayerMixin):
         self._call: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._pending = False  # the latest call overflowed a bounded layer: finish_call compacts
         self._marked = False  # padding was emptied in this call: finish_call recounts holes
+        self._call_valid: torch.Tensor | None = None  # (B, Lk) padding of this call's keys
 
     # -- what transformers calls ---------------------------------------------------------
     @property
@@ -130,6 +131,7 @@ class KVLayer(CacheLayerMixin):
         if self._pending:  # the previous call ran outside our attention hook: compact now
             self.finish_call()
         n = key_states.shape[2]
+        self._call_valid = None
         first = self.seen
         self.seen += n
         self.writes += 1
@@ -205,6 +207,7 @@ class KVLayer(CacheLayerMixin):
         Args:
             key_valid: (B, Lk) bool over this call's keys.
         """
+        self._call_valid = key_valid
         _, _, positions = self._call
         if positions is None:
             self.padded = True
@@ -266,8 +269,10 @@ class KVLayer(CacheLayerMixin):
 
     def _rerotate_sink(self) -> None:
         """Move the sink keys' rotation next to the oldest window token (positions in the cache)."""
-        if self.rotation is None or self.sink == 0 or self.sink_keys is None:
+        if self.rotation is None or self.sink == 0:
             return
+        if self.sink_keys is None:  # the layer filled up by appends: keep the sinks as written
+            self.sink_keys = self._buf_k[:, :, : self.sink].clone()
         window_pos = self.positions[:, 0, self.sink : self.width]  # (B, window)
         oldest = window_pos.min(-1, keepdim=True).values  # (B, 1)
         target = oldest - self.sink + torch.arange(self.sink, device=self.device)  # (B, sink)
@@ -278,6 +283,9 @@ class KVLayer(CacheLayerMixin):
     def retain(self, slots: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Keep only ``slots`` per (row, KV head), in that order; memory is really freed.
 
+        Called by an eviction policy after a prefill call (a host sync is allowed). Padding of
+        that call is never kept: a padded slot becomes empty.
+
         Args:
             slots: (B, Hkv, C) long slot indices into the held keys.
             valid: (B, Hkv, C) bool, False where a head keeps fewer than C tokens (an empty
@@ -287,7 +295,7 @@ class KVLayer(CacheLayerMixin):
             raise ValueError("retain() acts on full layers; a bounded layer keeps sink + window")
         keys, values, positions = self._call
         B, H, C = slots.shape
-        capacity = round_up(C + (0 if self.bounded else GROWTH), self.page_size)
+        capacity = round_up(C + 1, self.page_size)  # later appends grow it by GROWTH
         take = torch.nn.functional.pad(slots, (0, capacity - C))
         D, Dv = keys.shape[-1], values.shape[-1]
         self._buf_k = keys.gather(2, take[..., None].expand(B, H, capacity, D))
@@ -295,11 +303,15 @@ class KVLayer(CacheLayerMixin):
         if positions is None:
             positions = torch.arange(keys.shape[2], device=keys.device).expand(B, H, -1)
         kept = positions.expand(B, H, -1).gather(-1, take)
-        filled = torch.arange(capacity, device=keys.device) < C
+        filled = (torch.arange(capacity, device=keys.device) < C).expand(B, H, -1)
         if valid is not None:
             filled = filled & torch.nn.functional.pad(valid, (0, capacity - C))
+        if self._call_valid is not None:  # the call's padding: never kept
+            not_pad = self._call_valid[:, None, :].expand(B, H, -1).gather(-1, take)
+            filled = filled & not_pad
         self.positions = torch.where(filled, kept, EMPTY_POSITION)
-        self.holes = valid is not None and bool((~valid).any())
+        self.holes = bool((~filled[..., :C]).any())
+        self.padded = False  # padding is now empty slots
         self.width, self.cursor, self._pending = C, 0, False
         self.state.clear()
         self._publish()

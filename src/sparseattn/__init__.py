@@ -2,6 +2,9 @@
 
 from .integration.hf import last_stats, sparse_attention
 from .integration.stats import RunStats
+
+# importing the method modules registers the built-in methods
+from .methods import flexprefill, minference, oracle, static, xattention  # noqa: F401
 from .models import load_model
 from .registry import build_method, list_methods, method_info, register_method
 from .types import AttentionContext, BlockSelection, KVSelection, Phase

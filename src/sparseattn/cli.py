@@ -9,21 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import DEFAULT_MODEL, builtin_models
-
-
-def parse_value(text: str) -> Any:
-    """'12' -> 12, '0.9' -> 0.9, 'true' -> True, 'none' -> None, else the string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+from .parsing import parse_value
 
 
 def parse_knobs(pairs: list[str]) -> dict[str, Any]:

@@ -1,12 +1,15 @@
-"""Method registry: a plain dict from name to method class, filled by a decorator."""
+"""Method registry: a plain dict from name to method class, filled by a decorator.
+
+The registry knows no method: each method module registers its class with ``@register_method``
+when it is imported, and ``import sparseattn`` imports the built-in ones.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .methods.base import Method
+from .methods.base import Method, build_checked
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -19,19 +22,13 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _ensure_loaded() -> None:
-    from . import methods  # noqa: F401  (importing registers the built-in methods)
-
-
 def list_methods() -> list[str]:
     """Names of every registered method, sorted."""
-    _ensure_loaded()
     return sorted(METHODS)
 
 
 def get_method_class(name: str) -> type[Method]:
     """The class registered as ``name``; ValueError listing the known names otherwise."""
-    _ensure_loaded()
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
@@ -43,8 +40,6 @@ def build_method(name: str, **knobs: Any) -> Method:
     Raises:
         ValueError: unknown method, unknown knob, or a knob value outside its allowed range.
     """
-    from .methods.base import build_checked
-
     return build_checked(get_method_class(name), "method", name, knobs)
 
 

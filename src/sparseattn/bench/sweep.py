@@ -9,6 +9,7 @@ from typing import Any
 
 import tomllib
 
+from ..parsing import parse_value
 from ..registry import build_method, get_method_class
 from .runner import Setting, labelled
 
@@ -32,8 +33,6 @@ class TaskSpec:
 
 def parse_task_spec(text: str) -> TaskSpec:
     """'niah_single' or 'niah_single:haystack=kv,needles=2'."""
-    from ..cli import parse_value
-
     name, _, rest = text.partition(":")
     knobs = {}
     for pair in filter(None, rest.split(",")):
@@ -74,8 +73,6 @@ def default_task_specs() -> list[TaskSpec]:
 
 def parse_grid_args(items: list[str]) -> dict[str, dict[str, list[Any]]]:
     """['xattention.threshold=0.8,0.9'] -> {'xattention': {'threshold': [0.8, 0.9]}}."""
-    from ..cli import parse_value
-
     grids: dict[str, dict[str, list[Any]]] = {}
     for item in items or []:
         target, _, values = item.partition("=")

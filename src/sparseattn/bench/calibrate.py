@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..backends.masks import BlockLayout
-from ..methods.common import keep_cumulative_mass
+from ..methods.estimators import keep_cumulative_mass
 from ..methods.oracle import true_tile_mass
 from ..methods.xattention import antidiagonal_tile_scores
 from ..profiles import KINDS, fingerprint, save_profile
@@ -29,7 +29,10 @@ from .recall import capture_qk
 
 CALIBRATION_TASKS = ("fidelity", "niah_single", "variable_tracking")
 MINFERENCE_CHOICES: tuple[dict[str, Any], ...] = (
-    *({"pattern": "streaming", "knobs": {"sink": 128, "window": w}} for w in (256, 512, 1024, 2048)),
+    *(
+        {"pattern": "streaming", "knobs": {"sink": 128, "window": w}}
+        for w in (256, 512, 1024, 2048)
+    ),
     *(
         {"pattern": "vertical_slash", "knobs": {"vertical_size": n, "slash_size": n}}
         for n in (8, 16, 32, 64, 128)

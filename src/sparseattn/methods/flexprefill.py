@@ -11,8 +11,13 @@ from ..backends.masks import BlockLayout, num_blocks
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
-from .common import keep_cumulative_mass, pool_blocks
-from .minference import diagonal_mass, last_query_probs, lines_to_tiles
+from .estimators import (
+    diagonal_mass,
+    keep_cumulative_mass,
+    last_query_probs,
+    lines_to_tiles,
+    pool_blocks,
+)
 
 _BIG = 2**31 - 1
 

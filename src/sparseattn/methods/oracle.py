@@ -11,7 +11,7 @@ from ..backends.masks import BlockLayout, base_token_mask
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection
 from .base import Method, knob
-from .common import keep_cumulative_mass
+from .estimators import keep_cumulative_mass
 
 _QUERY_CHUNK = 1024
 

@@ -12,9 +12,10 @@ from ..profiles import bind_profile, open_profile
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
-from .common import keep_cumulative_mass
+from .estimators import keep_cumulative_mass
 
-_GROUP_CHUNK = 512  # query groups scored at once: memory O(chunk x Lk / S); later key groups skipped
+# query groups scored at once: memory O(chunk x Lk / S); later key groups are skipped
+_GROUP_CHUNK = 512
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Estimators shared by methods: cheap views of where attention mass lies, and rules that
 turn estimated mass into kept lines or tiles.
 
+- ``grouped_scores``: query-key dot products under grouped-query attention, the keys read
+  once per KV head (never copied per query head);
 - ``pool_blocks``: mean-pooled queries or keys, one vector per tile;
 - ``last_query_probs``: the exact attention of the last queries, and ``diagonal_mass`` its
   mass per diagonal offset (vertical lines and slashes);
@@ -20,6 +22,25 @@ FORCED_COLUMNS = 4  # the first keys (attention sink) are always vertical lines
 FORCED_DIAGONALS = 64  # the main diagonals (local window) are always slashes
 
 
+def grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Dot products of every query with every key of its own KV head.
+
+    The g = Hq / Hkv query heads sharing a KV head are stacked into one matrix, so one matmul
+    per KV head reads its keys once: no copy of the keys per query head.
+
+    Args:
+        q: (B, Hq, n, D) queries.
+        k: (B, Hkv, Lk, D) keys, of q's dtype.
+
+    Returns:
+        (B, Hq, n, Lk) scores (unscaled).
+    """
+    B, Hq, n, D = q.shape
+    Hkv = k.shape[1]
+    rows = q.reshape(B, Hkv, Hq // Hkv * n, D)  # (B, Hkv, g n, D): query head h = kv g + j
+    return torch.matmul(rows, k.transpose(-1, -2)).view(B, Hq, n, -1)  # (B, Hq, n, Lk)
+
+
 def pool_blocks(x: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, nB, D) mean over each block of ``block_size`` (ragged end padded)."""
     n = num_blocks(length, block_size)
@@ -35,8 +56,7 @@ def last_query_probs(
 ) -> torch.Tensor:
     """(B, Hq, n, Lk) float32 true attention of the last ``n`` queries (causal, window, padding)."""
     n = min(n_last, ctx.q_len)
-    kf = k.float().repeat_interleave(ctx.groups, dim=1)  # (B, Hq, Lk, D)
-    scores = torch.matmul(q[:, :, -n:].float(), kf.transpose(-1, -2)) * ctx.scaling
+    scores = grouped_scores(q[:, :, -n:].float(), k.float()) * ctx.scaling  # (B, Hq, n, Lk)
     visible = base_token_mask(ctx, ctx.q_len - n)  # (B, 1, n, Lk)
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
 

@@ -17,6 +17,7 @@ from .estimators import (
     FORCED_COLUMNS,
     FORCED_DIAGONALS,
     diagonal_mass,
+    grouped_scores,
     last_query_probs,
     lines_to_tiles,
     pool_blocks,
@@ -90,10 +91,8 @@ class BlockSparse(Method):
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         qp = pool_blocks(q, ctx.q_len, layout.block_size)  # (B, Hq, nQ, D)
-        kp = pool_blocks(k, ctx.kv_len, layout.block_size).repeat_interleave(
-            ctx.groups, dim=1
-        )  # (B, Hq, nK, D)
-        scores = torch.matmul(qp, kp.transpose(-1, -2)) * ctx.scaling
+        kp = pool_blocks(k, ctx.kv_len, layout.block_size)  # (B, Hkv, nK, D)
+        scores = grouped_scores(qp, kp) * ctx.scaling  # (B, Hq, nQ, nK)
         scores = scores.masked_fill(~layout.visible[:, None], float("-inf"))
         top = scores.softmax(-1).topk(min(self.top_k, layout.n_kv_blocks), dim=-1).indices
         mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)

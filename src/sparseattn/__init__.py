@@ -1,5 +1,6 @@
 """sparseattn: training-free sparse attention for Hugging Face causal LMs, measured honestly."""
 
+from .errors import UsageError
 from .integration.hf import last_stats, sparse_attention
 from .integration.stats import RunStats
 
@@ -17,6 +18,7 @@ __all__ = [
     "KVSelection",
     "Phase",
     "RunStats",
+    "UsageError",
     "build_method",
     "last_stats",
     "list_methods",

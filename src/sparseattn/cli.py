@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
 from .models import DEFAULT_MODEL, builtin_models
 from .parsing import parse_value
 
@@ -16,7 +17,7 @@ def parse_knobs(pairs: list[str]) -> dict[str, Any]:
     knobs = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"error: --knob expects name=value, got {pair!r}")
+            raise UsageError(f"--knob expects name=value, got {pair!r}")
         name, value = pair.split("=", 1)
         knobs[name.strip()] = parse_value(value.strip())
     return knobs
@@ -32,9 +33,7 @@ def parse_lengths(text: str) -> list[int]:
         try:
             lengths.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
         except ValueError:
-            raise SystemExit(
-                f"error: bad length {part!r}; use integers or NNk, e.g. 4k,8k"
-            ) from None
+            raise UsageError(f"bad length {part!r}; use integers or NNk, e.g. 4k,8k") from None
     return lengths
 
 
@@ -70,7 +69,7 @@ def cmd_generate(args) -> int:
 
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if prompt is None:
-        raise SystemExit("error: give --prompt-file FILE or --prompt TEXT")
+        raise UsageError("give --prompt-file FILE or --prompt TEXT")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if tok.chat_template and not args.no_chat_template:
         ids = tok.apply_chat_template(
@@ -111,15 +110,20 @@ def cmd_bench(args) -> int:
 
     records = []
     if args.plot and args.kind != "recall":
-        raise ValueError(f"--plot draws recall curves; it does not apply to bench {args.kind}")
+        raise UsageError(f"--plot draws recall curves; it does not apply to bench {args.kind}")
     if args.plot and not args.plot.endswith(".png"):
-        raise ValueError(f"--plot {args.plot!r} must name a .png file")
+        raise UsageError(f"--plot {args.plot!r} must name a .png file")
     if args.kind == "kernel":
         from .bench.kernel import KernelShape, compile_report, run_kernel_bench
 
         shape = KernelShape(block_size=args.block_size, device=args.device)
         lengths = parse_lengths(args.lengths or "4k,8k,16k,32k")
-        densities = [float(x) for x in (args.densities or "0.05,0.1,0.25,0.5").split(",")]
+        try:
+            densities = [float(x) for x in (args.densities or "0.05,0.1,0.25,0.5").split(",")]
+        except ValueError:
+            raise UsageError(
+                f"--densities {args.densities!r}: give numbers, e.g. 0.1,0.25"
+            ) from None
         records.append(compile_report(parse_lengths(args.compile_lengths), shape))
         _emit(records[-1], args.json)
         for record in run_kernel_bench(lengths, densities, shape, repeats=args.repeats):
@@ -257,7 +261,7 @@ def cmd_report(args) -> int:
     from .bench.report import write_report
 
     if not (Path(args.dir) / "results.jsonl").exists():
-        raise ValueError(
+        raise UsageError(
             f"{args.dir}/results.jsonl not found; run `sparseattn frontier --out {args.dir}` first"
         )
     write_report(args.dir)
@@ -276,14 +280,14 @@ def cmd_profile(args) -> int:
 
     lengths = parse_lengths(args.lengths)
     if not lengths or min(lengths) < 256:
-        raise ValueError(f"--lengths {args.lengths!r}: give lengths of at least 256 tokens")
+        raise UsageError(f"--lengths {args.lengths!r}: give lengths of at least 256 tokens")
     if args.samples < 1:
-        raise ValueError(f"--samples {args.samples} must be >= 1")
+        raise UsageError(f"--samples {args.samples} must be >= 1")
     out = Path(args.out)
     if out.suffix != ".json":
-        raise ValueError(f"--out {args.out!r} must name a .json file")
+        raise UsageError(f"--out {args.out!r} must name a .json file")
     if not out.parent.is_dir():
-        raise ValueError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+        raise UsageError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     model.eval()
     start = time.perf_counter()
@@ -466,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except UsageError as err:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .errors import UsageError
 from .methods.base import Method, build_checked
 
 METHODS: dict[str, type[Method]] = {}
@@ -28,9 +29,9 @@ def list_methods() -> list[str]:
 
 
 def get_method_class(name: str) -> type[Method]:
-    """The class registered as ``name``; ValueError listing the known names otherwise."""
+    """The class registered as ``name``; UsageError listing the known names otherwise."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+        raise UsageError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
@@ -38,7 +39,7 @@ def build_method(name: str, **knobs: Any) -> Method:
     """Instantiate method ``name`` with ``knobs`` (validated by the method itself).
 
     Raises:
-        ValueError: unknown method, unknown knob, or a knob value outside its allowed range.
+        UsageError: unknown method, unknown knob, or a knob value outside its allowed range.
     """
     return build_checked(get_method_class(name), "method", name, knobs)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import tomllib
 
+from ..errors import UsageError
 from ..parsing import parse_value
 from ..registry import build_method, get_method_class
 from .runner import Setting, labelled
@@ -37,7 +38,7 @@ def parse_task_spec(text: str) -> TaskSpec:
     knobs = {}
     for pair in filter(None, rest.split(",")):
         if "=" not in pair:
-            raise ValueError(
+            raise UsageError(
                 f"bad task spec {text!r}: knobs are name=value, e.g. niah_single:haystack=kv"
             )
         key, value = pair.split("=", 1)
@@ -78,7 +79,7 @@ def parse_grid_args(items: list[str]) -> dict[str, dict[str, list[Any]]]:
         target, _, values = item.partition("=")
         method, _, knob = target.partition(".")
         if not method or not knob or not values:
-            raise ValueError(f"bad --grid {item!r}; expected METHOD.KNOB=V1,V2,...")
+            raise UsageError(f"bad --grid {item!r}; expected METHOD.KNOB=V1,V2,...")
         grids.setdefault(method, {})[knob] = [parse_value(v) for v in values.split(",")]
     return grids
 
@@ -87,8 +88,11 @@ def load_grid_file(path: str | Path) -> dict[str, dict[str, list[Any]]]:
     """A TOML file with one table per method: ``[streaming]`` then ``window = [256, 512]``."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"grid file not found: {path}")
-    data = tomllib.loads(path.read_text())
+        raise UsageError(f"grid file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"grid file {path} is not valid TOML: {err}") from None
     return {
         m: {k: v if isinstance(v, list) else [v] for k, v in knobs.items()}
         for m, knobs in data.items()

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends.masks import BlockLayout
+from ..errors import UsageError
 from ..profiles import bind_profile, open_profile
 from ..registry import build_method, register_method
 from ..types import AttentionContext, BlockSelection
@@ -146,7 +147,7 @@ class MInference(Method):
         if self._profile is not None:
             for choice in self._profile.choices:
                 if choice.get("pattern") not in PROFILE_PATTERNS:
-                    raise ValueError(
+                    raise UsageError(
                         f"profile {self._profile.source}: pattern {choice.get('pattern')!r} "
                         f"is not one of {list(PROFILE_PATTERNS)}"
                     )
@@ -167,7 +168,7 @@ class MInference(Method):
         if self.budget >= 1.0 or ctx.sliding_window is not None:
             return layout.every_tile(ctx.num_q_heads)  # a sliding layer is already local
         if self._profile is None:
-            raise ValueError(
+            raise UsageError(
                 f"minference with profile={self.profile!r} has no profile: use 'auto' through "
                 "sparse_attention(model, ...) (which needs the model), or pass profile=FILE.json"
             )

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends.masks import BlockLayout
+from ..errors import UsageError
 from ..profiles import bind_profile, open_profile
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection
@@ -133,7 +134,7 @@ class XAttention(Method):
         """The threshold knob, or (1, Hq, 1, 1) per-head thresholds from the profile."""
         if self._profile is None:
             if self.profile == "auto":
-                raise ValueError(
+                raise UsageError(
                     "xattention with profile='auto' needs the model: run it through "
                     "sparse_attention(model, ...), or pass profile=FILE.json"
                 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import UsageError
 from .architecture import describe_architecture, fingerprint
 from .profile import Profile, load_profile, shipped_profiles
 
@@ -17,7 +18,7 @@ def shipped_for(config: Any, kind: str) -> Profile:
     """The shipped profile of ``kind`` whose fingerprint matches ``config``.
 
     Raises:
-        ValueError: none matches; the message says how to make one.
+        UsageError: none matches; the message says how to make one.
     """
     have = fingerprint(config)
     for name, path in shipped_profiles().items():
@@ -26,7 +27,7 @@ def shipped_for(config: Any, kind: str) -> Profile:
         profile = load_profile(str(path), kind)
         if profile.fingerprint == have:
             return profile
-    raise ValueError(
+    raise UsageError(
         f"no shipped {kind} profile matches {describe_architecture(have)}; make one with "
         f"`sparseattn profile --model MODEL --kind {kind} --out FILE.json` and pass profile=FILE"
     )

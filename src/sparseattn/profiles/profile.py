@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .architecture import FINGERPRINT_KEYS, describe_architecture, fingerprint
 
 FORMAT = 1
@@ -50,24 +51,24 @@ class Profile:
         return {k: self.model.get(k) for k in FINGERPRINT_KEYS}
 
     def check_model(self, config: Any) -> None:
-        """ValueError when the profile was made for another architecture than ``config``'s."""
+        """UsageError when the profile was made for another architecture than ``config``'s."""
         have, want = fingerprint(config), self.fingerprint
         if have != want:
-            raise ValueError(
+            raise UsageError(
                 f"profile {self.source} was made for {self.model.get('id', '?')}: "
                 f"{describe_architecture(want)}, but the model is {describe_architecture(have)}; make one for it with "
                 f"`sparseattn profile --model MODEL --kind {self.kind} --out FILE.json`"
             )
 
     def check_settings(self, **settings: Any) -> None:
-        """ValueError when a knob differs from the value the profile was calibrated with.
+        """UsageError when a knob differs from the value the profile was calibrated with.
 
         Knobs the calibration did not record are not checked.
         """
         for name, value in settings.items():
             made = self.calibration.get(name)
             if made is not None and made != value:
-                raise ValueError(
+                raise UsageError(
                     f"profile {self.source} was calibrated with {name}={made}, but the method has "
                     f"{name}={value}; set {name}={made} or calibrate with --{name.replace('_', '-')} "
                     f"{value}"
@@ -91,12 +92,12 @@ class Profile:
         """One layer's per-head entries at ``level``: choice dicts (minference) or thresholds.
 
         Raises:
-            ValueError: the profile does not cover this layer and head count.
+            UsageError: the profile does not cover this layer and head count.
         """
         table = self.heads[level]
         if layer_idx >= len(table) or len(table[layer_idx]) != num_heads:
             covered = f"{len(table)} layers x {len(table[0]) if table else 0} heads"
-            raise ValueError(
+            raise UsageError(
                 f"profile {self.source} covers {covered}, but the call is layer {layer_idx} "
                 f"with {num_heads} query heads: it was made for another model"
             )
@@ -105,16 +106,16 @@ class Profile:
 
 
 def resolve(name_or_path: str) -> Path:
-    """A file path, or the name of a shipped profile; ValueError listing the shipped ones."""
+    """A file path, or the name of a shipped profile; UsageError listing the shipped ones."""
     path = Path(name_or_path).expanduser()
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
-            raise ValueError(f"profile file {str(path)!r} does not exist")
+            raise UsageError(f"profile file {str(path)!r} does not exist")
         return path
     shipped = shipped_profiles()
     if name_or_path in shipped:
         return shipped[name_or_path]
-    raise ValueError(
+    raise UsageError(
         f"profile {name_or_path!r} is neither a .json file nor a shipped profile; "
         f"shipped: {', '.join(shipped) or '(none)'}"
     )
@@ -124,26 +125,26 @@ def load_profile(name_or_path: str, kind: str) -> Profile:
     """Read and check a profile of the given kind.
 
     Raises:
-        ValueError: missing file, not a sparseattn profile, wrong kind or malformed tables.
+        UsageError: missing file, not a sparseattn profile, wrong kind or malformed tables.
     """
     path = resolve(name_or_path)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"profile {path} is not valid JSON: {err}") from None
+        raise UsageError(f"profile {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or "heads" not in data:
-        raise ValueError(f"{path} is not a sparseattn profile (format {FORMAT})")
+        raise UsageError(f"{path} is not a sparseattn profile (format {FORMAT})")
     if data.get("kind") != kind:
-        raise ValueError(f"profile {path} is a {data.get('kind')!r} profile; {kind!r} is needed")
+        raise UsageError(f"profile {path} is a {data.get('kind')!r} profile; {kind!r} is needed")
     heads = {float(level): table for level, table in data["heads"].items()}
     if not heads or not all(isinstance(t, list) and t for t in heads.values()):
-        raise ValueError(f"profile {path} holds no per-head tables")
+        raise UsageError(f"profile {path} holds no per-head tables")
     choices = data.get("choices", [])
     if kind == "minference":
         n = len(choices)
         bad = [i for t in heads.values() for row in t for i in row if not 0 <= i < n]
         if bad:
-            raise ValueError(f"profile {path}: choice index {bad[0]} outside 0..{n - 1}")
+            raise UsageError(f"profile {path}: choice index {bad[0]} outside 0..{n - 1}")
     return Profile(
         kind=kind,
         model=data.get("model", {}),

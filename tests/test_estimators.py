@@ -80,6 +80,27 @@ class _Shapes(TorchDispatchMode):
         return out
 
 
+def minference_profile(tmp_path_factory) -> str:
+    """A profile for gqa_call(4): vertical_slash on every head but one, block_sparse on head 7."""
+    from sparseattn.profiles import save_profile
+
+    path = tmp_path_factory.mktemp("profile") / "gqa.json"
+    fp = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 8}
+    save_profile(
+        path,
+        kind="minference",
+        model={"id": "test", **fp, "num_key_value_heads": 2, "head_dim": 16},
+        calibration={},
+        choices=[
+            {"pattern": "vertical_slash", "knobs": {"vertical_size": 16, "slash_size": 16}},
+            {"pattern": "block_sparse", "knobs": {"top_k": 2}},
+        ],
+        heads={0.5: [[0, 0, 0, 0, 0, 0, 0, 1]]},
+        summary={0.5: {"recall": [0.0], "density": [0.0]}},
+    )
+    return str(path)
+
+
 ESTIMATES = {
     "last_query_probs": lambda q, k, ctx, layout: last_query_probs(q, k, ctx, 40),
     "true_tile_mass": true_tile_mass,
@@ -89,14 +110,40 @@ ESTIMATES = {
 }
 
 
-@pytest.mark.parametrize("estimate", ESTIMATES)
-def test_keys_are_not_copied_per_query_head(estimate):
+@pytest.mark.parametrize("estimate", [*ESTIMATES, "minference"])
+def test_keys_are_not_copied_per_query_head(estimate, tmp_path_factory):
     """No intermediate holds the keys (or the pooled keys) once per query head."""
     q, k, _, ctx = gqa_call(4, q_len=96, kv_len=300)  # Lq != Lk: no query shape looks like K
     layout = BlockLayout(ctx, 32)
-    B, Hq, D = ctx.batch, ctx.num_q_heads, q.shape[-1]
-    per_head = {(B, Hq, n, D) for n in (ctx.kv_len, layout.n_kv_blocks)}
-    per_head |= {(B, Hq, D, n) for n in (ctx.kv_len, layout.n_kv_blocks)}  # transposed
+    if estimate == "minference":  # the heads of one pattern run together: 7 of them here
+        profile = minference_profile(tmp_path_factory)
+        run = build_method("minference", block_size=32, budget=0.5, profile=profile).select
+    else:
+        run = ESTIMATES[estimate]
+    B, D = ctx.batch, q.shape[-1]
+    per_head = set()
+    for H in range(3, ctx.num_q_heads + 1):  # more heads than KV heads: some copied
+        for n in (ctx.kv_len, layout.n_kv_blocks):
+            per_head |= {(B, H, n, D), (B, H, D, n)}  # keys or pooled keys, maybe transposed
     with _Shapes() as seen:
-        ESTIMATES[estimate](q, k.to(torch.bfloat16), ctx, layout)
+        run(q, k.to(torch.bfloat16), ctx, layout)
     assert not seen.shapes & per_head, f"keys repeated per query head: {seen.shapes & per_head}"
+
+
+def test_minference_heads_of_one_pattern_equal_each_head_alone(tmp_path_factory):
+    """Grouping a pattern's heads by KV head changes nothing: each head selects as if alone."""
+    import dataclasses
+
+    q, k, _, ctx = gqa_call(4, q_len=96, kv_len=300)
+    layout = BlockLayout(ctx, 32)
+    profile = minference_profile(tmp_path_factory)
+    got = build_method("minference", block_size=32, budget=0.5, profile=profile)
+    got = got.select(q, k, ctx, layout).mask
+    one = dataclasses.replace(ctx, num_q_heads=1, num_kv_heads=1)
+    for head in range(ctx.num_q_heads):
+        pattern = "block_sparse" if head == 7 else "vertical_slash"
+        knobs = {"top_k": 2} if head == 7 else {"vertical_size": 16, "slash_size": 16}
+        alone = build_method(pattern, block_size=32, **knobs)
+        kv = head // ctx.groups
+        want = alone.select(q[:, head : head + 1], k[:, kv : kv + 1], one, layout).mask
+        assert torch.equal(got[:, head], want[:, 0]), head

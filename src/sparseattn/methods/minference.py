@@ -103,6 +103,28 @@ class BlockSparse(Method):
         return self.top_k + 1
 
 
+def _gqa_calls(heads: list[int], groups: int) -> list[tuple[list[int], list[int]]]:
+    """Split query heads that run one pattern into calls shaped like grouped-query attention.
+
+    A call takes the KV heads that give it the same number of its query heads, so each KV
+    head's keys serve its query heads as they are, never copied once per query head.
+
+    Args:
+        heads: Ascending query head indices.
+        groups: Query heads per KV head in the model.
+
+    Returns:
+        (query heads ordered by KV head, their ascending KV heads) per call.
+    """
+    by_kv: dict[int, list[int]] = {}
+    for head in heads:
+        by_kv.setdefault(head // groups, []).append(head)
+    by_count: dict[int, list[int]] = {}  # KV heads by how many of their query heads are here
+    for kv, q_heads in by_kv.items():
+        by_count.setdefault(len(q_heads), []).append(kv)
+    return [([h for kv in kvs for h in by_kv[kv]], kvs) for kvs in by_count.values()]
+
+
 PROFILE_PATTERNS = ("streaming", "vertical_slash", "block_sparse")  # A-shape, VS, block-sparse
 
 
@@ -183,9 +205,14 @@ class MInference(Method):
         )  # fmt: skip
         for heads in groups.values():
             method = self._pattern(entries[heads[0]])
-            index = torch.tensor(heads, device=q.device)
-            sub_ctx = dataclasses.replace(ctx, num_q_heads=len(heads), num_kv_heads=len(heads))
-            sub_k = k.index_select(1, index // ctx.groups)  # each head's own KV head
-            chosen = method.select(q.index_select(1, index), sub_k, sub_ctx, layout)
-            mask[:, index] = chosen.mask
+            for q_heads, kv_heads in _gqa_calls(heads, ctx.groups):
+                q_index = torch.tensor(q_heads, device=q.device)
+                sub_k = k  # (B, Hkv, Lk, D), or the KV heads of this call
+                if len(kv_heads) < ctx.num_kv_heads:
+                    sub_k = k.index_select(1, torch.tensor(kv_heads, device=k.device))
+                sub_ctx = dataclasses.replace(
+                    ctx, num_q_heads=len(q_heads), num_kv_heads=len(kv_heads)
+                )
+                chosen = method.select(q.index_select(1, q_index), sub_k, sub_ctx, layout)
+                mask[:, q_index] = chosen.mask
         return layout.finalize(mask)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +107,34 @@ def test_flex_equals_reference(case, block_size):
     got = flex_attend(q, k, v, sel, ctx, layout)
     rows = valid_rows(ctx).expand_as(got)
     torch.testing.assert_close(got[rows], expected[rows], atol=2e-5, rtol=1e-4)
+
+
+def test_flex_leaves_the_global_dynamo_limit_alone():
+    """A library must not change process-wide settings: compiling and running flex (in a fresh
+    process, so it really compiles) leaves dynamo's global recompile limit as it was."""
+    code = textwrap.dedent(
+        """
+        import torch._dynamo
+        from test_backends import make_call, random_selection
+        from sparseattn.backends import flex_attend
+
+        before = torch._dynamo.config.cache_size_limit
+        q, k, v, ctx = make_call(64, 64)
+        flex_attend(q, k, v, random_selection(ctx, 32)[1], ctx)
+        after = torch._dynamo.config.cache_size_limit
+        assert after == before, f"cache_size_limit {before} -> {after}"
+        """
+    )
+    env = {**os.environ, "SPARSEATTN_FLEX_COMPILE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("batches", [(1, 3), (3, 1)], ids=str)

@@ -8,6 +8,7 @@ import pytest
 
 import sparseattn
 from sparseattn.cli import main, parse_knobs, parse_lengths
+from sparseattn.errors import UsageError
 
 
 def test_methods_json_lists_every_method_with_knobs(capsys):
@@ -40,7 +41,7 @@ def test_parsers():
         "profile": None,
         "name": "x",
     }
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="bad length '4q'"):
         parse_lengths("4q")
 
 
@@ -246,3 +247,42 @@ def test_recall_curve_families_and_plot_errors(capsys):
     assert "does not apply to bench prefill" in capsys.readouterr().err
     assert main(["bench", "recall", "--plot", "x.pdf"]) == 2
     assert "must name a .png file" in capsys.readouterr().err
+
+
+def test_only_bad_input_becomes_a_one_line_error(monkeypatch, capsys):
+    """A UsageError prints `error: ...` and exits 2; any other ValueError is a bug: traceback."""
+    from sparseattn import cli
+
+    def bug(args):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(cli, "cmd_methods", bug)
+    with pytest.raises(ValueError, match="a bug, not bad input"):
+        main(["methods"])
+
+    def bad_input(args):
+        raise UsageError("--thing 3 must be even")
+
+    monkeypatch.setattr(cli, "cmd_methods", bad_input)
+    assert main(["methods"]) == 2
+    assert capsys.readouterr().err == "error: --thing 3 must be even\n"
+
+
+TINY = "tiny-random-llama"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate"], "give --prompt-file FILE or --prompt TEXT"),
+        (["generate", "--model", "nowhere/model.gguf", "--prompt", "hi"], "GGUF file not found"),
+        (["generate", "--model", TINY, "--prompt", "hi", "--knob", "window"], "name=value"),
+        (["generate", "--model", TINY, "--prompt", "hi", "--method", "nope"], "unknown method"),
+        (["bench", "kernel", "--lengths", "4q"], "bad length '4q'"),
+        (["bench", "kernel", "--densities", "0.1,x"], "--densities '0.1,x'"),
+        (["report", "/nowhere/run"], "results.jsonl not found"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

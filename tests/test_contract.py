@@ -92,16 +92,17 @@ def test_oracle_keeps_requested_mass():
     from sparseattn.methods.oracle import true_tile_mass
 
     method, layout, sel, (q, k, v, ctx) = select("oracle", PREFILL_CALLS["prefill"], top_p=0.8)
-    mass = true_tile_mass(q, k, ctx, layout)
-    kept = (mass * sel.mask).sum(-1) / mass.sum(-1)
+    mass = true_tile_mass(q, k, ctx, layout)  # (B, H, nQ, nK)
+    total = mass.sum(-1)
+    kept = (mass * sel.mask).sum(-1) / total
     assert (kept >= 0.8 - 1e-5).all()
     # minimal: per row, exactly the shortest prefix of tiles by decreasing mass that reaches
     # the target, plus the forced diagonal (recomputed here row by row)
     expected = torch.zeros_like(sel.mask)
     for b, h, i in itertools.product(*map(range, mass.shape[:3])):
-        total, running = float(mass[b, h, i].sum()), 0.0
+        row_total, running = float(mass[b, h, i].sum()), 0.0
         for j in mass[b, h, i].argsort(descending=True).tolist():
-            if running >= 0.8 * total or mass[b, h, i, j] <= 0:
+            if running >= 0.8 * row_total or mass[b, h, i, j] <= 0:
                 break
             expected[b, h, i, j] = True
             running += float(mass[b, h, i, j])

@@ -23,6 +23,8 @@ SPARSE = {
     "strided": {"stride": 4, "sink": 16, "window": 32, "block_size": 16},
     "oracle": {"top_p": 0.5},
     "quest": {"budget": 64, "block_size": 16},
+    "tokenselect": {"budget": 64, "sink": 4, "window": 8},
+    "decode_oracle": {"budget": 64},
 }
 
 

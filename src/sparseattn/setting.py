@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from .errors import UsageError
 from .methods.base import Method
 from .methods.eviction import EvictionPolicy
+from .parsing import parse_value
 from .registry import build_method, build_policy, get_method_class
 
 
@@ -22,21 +24,6 @@ def labelled(name: str, knobs: dict[str, Any]) -> str:
     if not knobs:
         return name
     return f"{name}[{','.join(f'{k}={v}' for k, v in sorted(knobs.items()))}]"
-
-
-def parse_value(text: str) -> Any:
-    """'12' -> 12, '0.9' -> 0.9, 'true' -> True, 'none' -> None, else the string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 @dataclass(frozen=True)
@@ -58,11 +45,11 @@ class Spec:
         """'quest' or 'quest[budget=1024,page_size=16]' -> Spec."""
         match = re.fullmatch(r"\s*([\w.-]+)\s*(?:\[(.*)\])?\s*", text)
         if not match:
-            raise ValueError(f"bad spec {text!r}; expected NAME or NAME[knob=value,...]")
+            raise UsageError(f"bad spec {text!r}; expected NAME or NAME[knob=value,...]")
         knobs = {}
         for pair in filter(None, (match.group(2) or "").split(",")):
             if "=" not in pair:
-                raise ValueError(f"bad spec {text!r}: knobs are name=value")
+                raise UsageError(f"bad spec {text!r}: knobs are name=value")
             key, value = pair.split("=", 1)
             knobs[key.strip()] = parse_value(value.strip())
         return cls(match.group(1), knobs)
@@ -98,7 +85,7 @@ class Setting:
         for item in filter(None, (p.strip() for p in text.split(";"))):
             role, _, spec = item.partition("=")
             if role not in ("prefill", "decode", "evict"):
-                raise ValueError(
+                raise UsageError(
                     f"bad setting {text!r}: roles are prefill=, decode=, evict= (got {role!r})"
                 )
             parts[role] = Spec.parse(spec)

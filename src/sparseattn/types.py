@@ -152,12 +152,27 @@ class DecodeView:
         writes: Updates the layer has received so far; state records the count it has seen,
             so a method knows whether it missed an update and must rebuild.
         last_write: Slots [start, stop) written by the latest update ((0, 0) after a compaction).
+        seen: Tokens the layer has seen (the query's position + 1); equal across the layers of
+            one decode step, so it names the step.
+        shared: State shared by the layers of one cache (a selection made by one layer and
+            reused by the next ones, as TidalDecode and DELTA do); dropped with the cache.
+        counters: Device-side counters of the run (``count`` adds to them; ``last_stats``
+            reports them), for what a method wants to report (cache hits, recall ...).
     """
 
     keys: torch.Tensor
     state: dict = field(default_factory=dict)
     writes: int = 0
     last_write: tuple[int, int] = (0, 0)
+    seen: int = 0
+    shared: dict = field(default_factory=dict)
+    counters: dict = field(default_factory=dict)
+
+    def count(self, name: str, value: torch.Tensor | float) -> None:
+        """Add ``value`` to the counter ``name`` (a device tensor stays on the device: no sync)."""
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to(torch.float64).sum()
+        self.counters[name] = self.counters.get(name, 0.0) + value
 
 
 Selection = BlockSelection | PageSelection | TokenSelection

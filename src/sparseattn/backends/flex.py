@@ -20,10 +20,13 @@ from ..types import AttentionContext, BlockSelection
 from .masks import BlockLayout
 
 _NO_WINDOW = 2**62
+# graphs the compiled kernel may hold: one per (batch, heads, head size) seen, lengths symbolic
+_RECOMPILE_LIMIT = 64
 _compiled = None
 _FROM_KV_ACCEPTS_Q_BLOCKS = (
     "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 )
+_COMPILE_TAKES_RECOMPILE_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
 def compile_enabled() -> bool:
@@ -32,15 +35,34 @@ def compile_enabled() -> bool:
 
 
 def _flex_fn():
+    """flex_attention, compiled once with a recompile limit of its own.
+
+    The limit applies to this compiled function only; dynamo's process-wide limit is never
+    changed (on a torch whose ``torch.compile`` has no ``recompile_limit``, it is raised only for
+    the duration of each call).
+    """
     global _compiled
     if not compile_enabled():
         return flex_attention
     if _compiled is None:
         import torch._dynamo
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _compiled = torch.compile(flex_attention, dynamic=True)
+        limit = max(torch._dynamo.config.cache_size_limit, _RECOMPILE_LIMIT)
+        if _COMPILE_TAKES_RECOMPILE_LIMIT:
+            _compiled = torch.compile(flex_attention, dynamic=True, recompile_limit=limit)
+        else:
+            _compiled = _with_recompile_limit(torch.compile(flex_attention, dynamic=True), limit)
     return _compiled
+
+
+def _with_recompile_limit(fn, limit: int):
+    """``fn`` run with dynamo's recompile limit at ``limit``, restored when the call returns."""
+
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(cache_size_limit=limit):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _mark_static(t: torch.Tensor, *dims: int) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ..backends.masks import BlockLayout
-from ..methods.common import keep_cumulative_mass
+from ..errors import UsageError
+from ..methods.estimators import keep_cumulative_mass
 from ..methods.oracle import true_tile_mass
 from ..methods.xattention import antidiagonal_tile_scores
 from ..profiles import KINDS, fingerprint, save_profile
@@ -138,7 +139,7 @@ def calibrate(
         progress: Called with a label before each input.
     """
     if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}; allowed: {list(KINDS)}")
+        raise UsageError(f"kind={kind!r}; allowed: {list(KINDS)}")
     device = next(model.parameters()).device
     n_layers = fingerprint(model.config)["num_hidden_layers"]
     total: torch.Tensor | None = None

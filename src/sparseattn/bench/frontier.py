@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..integration.plan import HookOptions
 from ..setting import Setting
 from .runner import SampleRunner, versions
@@ -56,7 +57,7 @@ def prepare_out_dir(out_dir: Path, config: FrontierConfig, resume_anyway: bool) 
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise ValueError(
+        raise UsageError(
             f"cannot write to output directory {out_dir}: {err.strerror or err}"
         ) from err
     path = out_dir / CONFIG
@@ -67,7 +68,7 @@ def prepare_out_dir(out_dir: Path, config: FrontierConfig, resume_anyway: bool) 
             k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k)
         )
         if differing and not resume_anyway:
-            raise ValueError(
+            raise UsageError(
                 f"{out_dir} already holds a run with a different configuration (differs in: "
                 f"{', '.join(differing)}); use a new --out DIR, or --resume-anyway to add to it"
             )
@@ -107,7 +108,7 @@ def check_lengths(config: FrontierConfig, tokenizer) -> None:
         minimum = spec.build().min_length(tokenizer)
         short = [n for n in config.lengths if n < minimum]
         if short:
-            raise ValueError(
+            raise UsageError(
                 f"length(s) {short} are below what task {spec.label} needs (minimum {minimum} tokens)"
             )
 

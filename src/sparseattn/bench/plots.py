@@ -163,6 +163,7 @@ def memory_curves(records: list[dict], path: str | Path) -> None:
                 ax.plot([x for x, _ in xy], [y for _, y in xy], marker=".", label=setting)
         ax.set_xlabel("tokens seen")
         ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)  # flat reads as flat, not as noise magnified
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()

@@ -8,6 +8,7 @@ import html
 import json
 from pathlib import Path
 
+from ..errors import UsageError
 from .frontier import RESULTS, read_records
 from .plots import write_plots
 from .summary import SummaryRow, summarize
@@ -126,7 +127,7 @@ def write_report(out_dir: str | Path) -> list[SummaryRow]:
     out_dir = Path(out_dir)
     records = read_records(out_dir / RESULTS)
     if not records:
-        raise ValueError(f"{out_dir / RESULTS} holds no records")
+        raise UsageError(f"{out_dir / RESULTS} holds no records")
     rows = summarize(records)
     write_csv(rows, out_dir / "summary.csv")
     images = write_plots(rows, out_dir)

@@ -8,8 +8,10 @@ from typing import Any
 
 import tomllib
 
+from ..errors import UsageError
+from ..parsing import parse_value
 from ..registry import get_method_class, get_policy_class
-from ..setting import Setting, Spec, parse_value
+from ..setting import Setting, Spec
 
 EVICT_PREFIX = "evict:"  # grid targets naming an eviction policy: evict:streaming.window=...
 
@@ -29,7 +31,7 @@ def parse_task_spec(text: str) -> TaskSpec:
     knobs = {}
     for pair in filter(None, rest.split(",")):
         if "=" not in pair:
-            raise ValueError(
+            raise UsageError(
                 f"bad task spec {text!r}: knobs are name=value, e.g. niah_single:haystack=kv"
             )
         key, value = pair.split("=", 1)
@@ -73,7 +75,7 @@ def parse_grid_args(items: list[str]) -> dict[str, dict[str, list[Any]]]:
         target, _, values = item.partition("=")
         method, _, knob = target.partition(".")
         if not method or not knob or not values:
-            raise ValueError(f"bad --grid {item!r}; expected METHOD.KNOB=V1,V2,...")
+            raise UsageError(f"bad --grid {item!r}; expected METHOD.KNOB=V1,V2,...")
         grids.setdefault(method, {})[knob] = [parse_value(v) for v in values.split(",")]
     return grids
 
@@ -83,8 +85,11 @@ def load_grid_file(path: str | Path) -> dict[str, dict[str, list[Any]]]:
     one per eviction policy (``["evict:streaming"]``)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"grid file not found: {path}")
-    data = tomllib.loads(path.read_text())
+        raise UsageError(f"grid file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"grid file {path} is not valid TOML: {err}") from None
     return {
         m: {k: v if isinstance(v, list) else [v] for k, v in knobs.items()}
         for m, knobs in data.items()
@@ -118,7 +123,7 @@ def expand_settings(
     named = set(methods) | set(decode) | {EVICT_PREFIX + p for p in evict}
     unknown_grid = sorted(set(grids) - named)
     if unknown_grid:
-        raise ValueError(
+        raise UsageError(
             f"--grid names {unknown_grid}, which are not among the swept methods {sorted(methods)}"
             f", decode methods {sorted(decode)} or policies {sorted(evict)}"
         )

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import UsageError
+
 
 @dataclass
 class RopeRotation:
@@ -48,7 +50,7 @@ def rope_rotation(model: nn.Module, layer_type: str | None = None) -> RopeRotati
         inv_freq = typed if typed is not None else getattr(module, "inv_freq", None)
         if isinstance(inv_freq, torch.Tensor):
             return RopeRotation(inv_freq.detach().float())
-    raise ValueError(
+    raise UsageError(
         f"rerotate=True needs a rotary position embedding with `inv_freq`; "
         f"{type(model).__name__} has none (use rerotate=False)"
     )

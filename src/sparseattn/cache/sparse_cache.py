@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from ..errors import UsageError
 from .layers import KVLayer
 
 
@@ -46,7 +47,7 @@ def build_layers(
             layer.origin = (policy.name, tuple(sorted(policy.knobs().items())))
             layers.append(layer)
         else:
-            raise ValueError(
+            raise UsageError(
                 f"sparseattn's cache cannot hold layer {i} of {type(model).__name__} "
                 f"({type(template).__name__}); supported: full and sliding-window attention layers"
             )
@@ -72,7 +73,7 @@ class SparseCache(Cache):
     ) -> None:
         if layers is None:
             if model is None:
-                raise ValueError("SparseCache needs the model (or ready-made layers)")
+                raise UsageError("SparseCache needs the model (or ready-made layers)")
             layers = build_layers(model, policy, page_size)
         super().__init__(layers=layers)
 
@@ -150,13 +151,13 @@ def _held(layer: Any, index: int):
     if isinstance(layer, KVLayer):
         keys, values, positions = layer.call_view()
         if positions is not None:
-            raise ValueError(
+            raise UsageError(
                 f"cache layer {index} already evicted tokens under another setting; a cache "
                 "can be taken over only while it holds a contiguous run of tokens"
             )
         return keys, values, None, layer.seen
     if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-        raise ValueError(
+        raise UsageError(
             f"cannot take over cache layer {index} ({type(layer).__name__}) filled outside "
             "sparse_attention; pass an empty cache or none"
         )

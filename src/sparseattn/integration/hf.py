@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..errors import UsageError
 from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..registry import build_method, build_policy
@@ -92,7 +93,7 @@ def check_mask_function(
     if not torch.equal(got, want.expand(batch, -1, -1)):
         name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
         kind = f"causal with a sliding window of {local_size}" if local_size else "causal"
-        raise ValueError(
+        raise UsageError(
             f"sparseattn supports causal attention (with the model's sliding windows); this "
             f"model's mask function {name} is not {kind} (chunked attention, packed sequences, "
             "bidirectional or blockwise masks are refused rather than silently made causal)"
@@ -155,13 +156,13 @@ def sparse_attention_forward(
     """
     plan = _plan_of(module)
     if isinstance(attention_mask, torch.Tensor):
-        raise ValueError(
+        raise UsageError(
             "sparseattn received a ready-made 4-D attention mask; pass a 2-D padding mask "
             "(attention_mask of shape (batch, length)) so transformers builds our mask instead"
         )
     if attention_mask is None:
         if plan.cache_layer(module.layer_idx, key) is None and query.shape[2] != key.shape[2]:
-            raise ValueError(
+            raise UsageError(
                 f"{type(module).__name__} called attention without a mask over a cache that is "
                 "not sparseattn's; the query positions are unknown (pass attention_mask, or let "
                 "sparse_attention supply the cache)"
@@ -218,7 +219,7 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
             if missing
             else "none found"
         )
-        raise ValueError(
+        raise UsageError(
             f"unsupported model {type(model).__name__}: its attention does not go through "
             f"transformers' AttentionInterface (layers missing support: {listed}); supported are "
             "models whose attention layers call ALL_ATTENTION_FUNCTIONS (Llama, Qwen2/3, Mistral, "
@@ -243,7 +244,7 @@ def _configs(model: nn.Module) -> list[PretrainedConfig]:
 def _as_method(method: str | Method, knobs: dict[str, Any]) -> Method:
     if isinstance(method, Method):
         if knobs:
-            raise ValueError(
+            raise UsageError(
                 f"knobs {sorted(knobs)} given with a method instance; set them on the instance"
             )
         return method
@@ -253,11 +254,11 @@ def _as_method(method: str | Method, knobs: dict[str, Any]) -> Method:
 def _as_policy(evict: str | EvictionPolicy | None, knobs: dict[str, Any]) -> EvictionPolicy | None:
     if evict is None:
         if knobs:
-            raise ValueError(f"evict_knobs {sorted(knobs)} given without evict=")
+            raise UsageError(f"evict_knobs {sorted(knobs)} given without evict=")
         return None
     if isinstance(evict, EvictionPolicy):
         if knobs:
-            raise ValueError(
+            raise UsageError(
                 f"evict_knobs {sorted(knobs)} given with a policy instance; set them on it"
             )
         return evict
@@ -323,9 +324,9 @@ def sparse_attention(
         ``last_stats(model)``).
     """
     if method is not None and (prefill or decode or prefill_knobs or decode_knobs):
-        raise ValueError("give either `method` (with its knobs) or prefill=/decode=, not both")
+        raise UsageError("give either `method` (with its knobs) or prefill=/decode=, not both")
     if method is None and knobs:
-        raise ValueError(
+        raise UsageError(
             f"knobs {sorted(knobs)} given without `method`; use prefill_knobs/decode_knobs"
         )
     if method is not None:
@@ -344,13 +345,13 @@ def sparse_attention(
     )
     layers = attention_layers(model)
     if any(m in _ACTIVE for m in layers):
-        raise ValueError(
+        raise UsageError(
             "this model is already inside a sparse_attention() block; nesting is not supported"
         )
     n_layers = len(layers)
     bad = [i for i in dense_layers if not 0 <= i < n_layers]
     if bad:
-        raise ValueError(f"dense_layers {bad} out of range; the model has layers 0..{n_layers - 1}")
+        raise UsageError(f"dense_layers {bad} out of range; the model has layers 0..{n_layers - 1}")
 
     for bound in {id(m): m for m in (prefill_method, decode_method)}.values():
         bound.bind(model.config)  # profile-driven methods load / check their profile here
@@ -393,7 +394,7 @@ def sparse_attention(
 def last_stats(model: nn.Module) -> RunStats:
     """Measured density and timing of the latest run of ``model`` under sparse_attention()."""
     if model not in _LAST_STATS:
-        raise ValueError(
+        raise UsageError(
             "no stats: run the model inside `with sparseattn.sparse_attention(model, ...)` first"
         )
     return _LAST_STATS[model]

@@ -21,6 +21,7 @@ from ..backends import (
 from ..backends.gather import selection_slots, visible_slots
 from ..backends.sdpa import decode_key_mask, visible_keys, window_matters
 from ..cache import KVLayer, SparseCache, adopt, build_layers, is_empty
+from ..errors import UsageError
 from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
@@ -56,18 +57,18 @@ class HookOptions:
 
     def __post_init__(self) -> None:
         if self.prefill_backend not in PREFILL_BACKENDS:
-            raise ValueError(
+            raise UsageError(
                 f"prefill_backend={self.prefill_backend!r}; allowed: {list(PREFILL_BACKENDS)}"
             )
         if self.decode_backend not in DECODE_BACKENDS:
-            raise ValueError(
+            raise UsageError(
                 f"decode_backend={self.decode_backend!r}; allowed: {list(DECODE_BACKENDS)}"
             )
         if self.page_size not in PAGE_SIZES:
-            raise ValueError(f"page_size={self.page_size!r}; allowed: {list(PAGE_SIZES)}")
+            raise UsageError(f"page_size={self.page_size!r}; allowed: {list(PAGE_SIZES)}")
         bad = isinstance(self.min_length, bool) or not isinstance(self.min_length, int)
         if bad or self.min_length < 0:
-            raise ValueError(f"min_length={self.min_length!r} must be an integer >= 0")
+            raise UsageError(f"min_length={self.min_length!r} must be an integer >= 0")
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``sparse_attention`` (JSON-ready)."""
@@ -93,6 +94,9 @@ class SparsePlan:
     stats: RunStats
     cache: Cache | None = None  # the cache of the forward running now
     _prepared: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    _shared: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False
+    )  # per cache: decode state shared by its layers
     _layouts: dict = field(default_factory=dict, repr=False)
 
     # -- the cache -----------------------------------------------------------------------
@@ -124,7 +128,7 @@ class SparsePlan:
         ours = all(isinstance(layer, KVLayer) for layer in cache.layers) and cache.layers
         if not (ours or isinstance(cache, DynamicCache)):
             if self.evict is not None or getattr(self.decode, "needs_cache_state", False):
-                raise ValueError(
+                raise UsageError(
                     f"{type(cache).__name__} cannot forget or keep decode state; "
                     f"evict={self.evict.name if self.evict else None!r} and decode="
                     f"{self.decode.name!r} need sparseattn's cache: pass no cache (or a "
@@ -134,7 +138,7 @@ class SparsePlan:
             return
         if not is_empty(cache) and self.evict is not None and not self._built_here(cache):
             if self.evict.needs_queries:
-                raise ValueError(
+                raise UsageError(
                     f"eviction policy {self.evict.name!r} scores the prompt with its queries, "
                     "but this cache was filled outside this sparse_attention block, so the "
                     "queries are gone; pass an empty cache (or none) and prefill inside it"
@@ -360,9 +364,7 @@ def _decode(
     start = timed(ctx.device) if profile else 0.0
     selection, selected = None, start
     if not isinstance(method, Dense):
-        view = (
-            DecodeView(k, layer.state, layer.writes, layer.last_write) if layer else DecodeView(k)
-        )
+        view = _decode_view(plan, k, layer)
         selection = method.select_decode(q, view, ctx)
         selected = timed(ctx.device) if profile else 0.0
     all_visible = _all_visible(ctx, layer)
@@ -394,6 +396,14 @@ def _decode_visible(ctx: AttentionContext, all_visible: bool) -> torch.Tensor | 
     counts = decode_key_mask(ctx).sum(-1, dtype=torch.float64)[..., 0]  # (B, 1 or Hkv)
     counts = counts.repeat_interleave(ctx.groups, 1) if counts.shape[1] > 1 else counts
     return counts.expand(ctx.batch, ctx.num_q_heads)
+
+
+def _decode_view(plan: SparsePlan, k: torch.Tensor, layer: KVLayer | None) -> DecodeView:
+    counters = plan.stats.counters
+    if layer is None:  # a cache we only read: no state survives the step
+        return DecodeView(k, counters=counters)
+    shared = plan._shared.setdefault(plan.cache, {}) if plan.cache is not None else {}
+    return DecodeView(k, layer.state, layer.writes, layer.last_write, layer.seen, shared, counters)
 
 
 def _run_selection(

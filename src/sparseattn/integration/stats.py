@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UsageError
 from ..types import Phase
 
 
@@ -98,6 +99,7 @@ class RunStats:
 
     prefill: dict[int, LayerStats] = field(default_factory=dict)
     decode: dict[int, LayerStats] = field(default_factory=dict)
+    counters: dict[str, Any] = field(default_factory=dict)  # methods' own, summed on device
     _cache: Any = field(default=None, repr=False)
 
     def record(
@@ -113,6 +115,7 @@ class RunStats:
         if phase is Phase.PREFILL and layer_idx in self.prefill:  # a new prompt starts a new run
             self.prefill.clear()
             self.decode.clear()
+            self.counters.clear()
         group = self.prefill if phase.is_prefill else self.decode
         if layer_idx not in group:
             group[layer_idx] = LayerStats(layer_idx)
@@ -156,8 +159,14 @@ class RunStats:
             "attend_s": sum(s.attend_s for s in group),
         }
 
+    def counter(self, name: str) -> float | None:
+        """A method's counter summed over the run (e.g. ``tokenselect_hits``); None if unseen."""
+        value = self.counters.get(name)
+        return None if value is None else float(value)
+
     def summary(self) -> dict[str, Any]:
-        """JSON-ready: density and timing per phase, density per layer, KV bytes held."""
+        """JSON-ready: density and timing per phase, density per layer, KV bytes held, the
+        methods' counters."""
         out: dict[str, Any] = {}
         for phase in ("prefill", "decode"):
             if self._group(phase):
@@ -167,11 +176,13 @@ class RunStats:
                     "layer_density": self.layer_density(phase),
                 }
         out["kv_bytes"] = self.kv_bytes()
+        if self.counters:
+            out["counters"] = {name: self.counter(name) for name in sorted(self.counters)}
         return out
 
     def _group(self, phase: str) -> dict[int, LayerStats]:
         if phase not in ("prefill", "decode"):
-            raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+            raise UsageError(f"phase must be 'prefill' or 'decode', got {phase!r}")
         return self.prefill if phase == "prefill" else self.decode
 
 

@@ -1,14 +1,9 @@
-"""Methods choose what to compute; importing this package registers the built-in ones."""
+"""Methods choose what to compute: one module per method, each registering its class.
 
-from . import (  # noqa: F401  (registration side effects)
-    decode,
-    eviction,
-    flexprefill,
-    minference,
-    oracle,
-    static,
-    xattention,
-)
+``import sparseattn`` imports the built-in method modules, which fills the registry; this
+package itself imports only the base class, so the registry can build on it.
+"""
+
 from .base import Method, knob
 
 __all__ = ["Method", "knob"]

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends.masks import BlockLayout
+from ..errors import UsageError
 from ..types import (
     AttentionContext,
     BlockSelection,
@@ -45,18 +46,18 @@ def validate_knobs(obj: Any) -> None:
         value, meta = getattr(obj, f.name), f.metadata
         if meta.get("choices") is not None:
             if value not in meta["choices"]:
-                raise ValueError(
+                raise UsageError(
                     f"{owner}: knob {f.name}={value!r} is not allowed; choose one of {list(meta['choices'])}"
                 )
             continue
         if meta.get("min") is None and meta.get("max") is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ValueError(f"{owner}: knob {f.name}={value!r} must be a number")
+            raise UsageError(f"{owner}: knob {f.name}={value!r} must be a number")
         low = -math.inf if meta["min"] is None else meta["min"]
         high = math.inf if meta["max"] is None else meta["max"]
         if not low <= value <= high:
-            raise ValueError(
+            raise UsageError(
                 f"{owner}: knob {f.name}={value!r} is out of range; allowed: [{low}, {high}]"
             )
 
@@ -73,7 +74,7 @@ def build_checked(cls: type, kind: str, name: str, knobs: dict[str, Any]) -> Any
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(knobs) - allowed)
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"unknown knob(s) {', '.join(map(repr, unknown))} for {kind} {name!r}; "
             f"allowed knobs: {', '.join(sorted(allowed)) or '(none)'}"
         )

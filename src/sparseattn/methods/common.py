@@ -1,10 +1,10 @@
-"""Selection helpers shared by methods: static tile patterns, cumulative-mass selection."""
+"""Static tile patterns shared by methods: tile position ranges, sink and window tiles."""
 
 from __future__ import annotations
 
 import torch
 
-from ..backends.masks import BlockLayout, num_blocks
+from ..backends.masks import BlockLayout
 
 
 def tile_ranges(
@@ -45,35 +45,3 @@ def window_tiles(layout: BlockLayout, window: int) -> torch.Tensor:
 def per_head(tiles: torch.Tensor, layout: BlockLayout, num_heads: int) -> torch.Tensor:
     """(nQ, nK) -> (B, H, nQ, nK) view shared by every batch row and head."""
     return tiles[None, None].expand(layout.ctx.batch, num_heads, -1, -1)
-
-
-def keep_cumulative_mass(scores: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
-    """Keep the fewest highest-scoring entries whose share of the row's total is >= threshold.
-
-    Args:
-        scores: (..., n) non-negative scores (zero where not allowed).
-        threshold: Fraction in (0, 1], or a tensor of fractions broadcastable to (..., 1)
-            (e.g. one per head); >= 1 keeps every positive entry.
-
-    Returns:
-        (..., n) bool.
-    """
-    if not isinstance(threshold, torch.Tensor) and threshold >= 1.0:
-        return scores > 0
-    if isinstance(threshold, torch.Tensor):
-        threshold = torch.where(threshold >= 1.0, torch.inf, threshold)
-    total = scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    before = (sorted_scores.cumsum(-1) - sorted_scores) / total  # mass strictly before each entry
-    keep_sorted = (before < threshold) & (sorted_scores > 0)
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-
-
-def pool_blocks(x: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, nB, D) mean over each block of ``block_size`` (ragged end padded)."""
-    n = num_blocks(length, block_size)
-    x = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block_size - length))
-    sums = x.view(*x.shape[:2], n, block_size, -1).sum(3)
-    counts = torch.full((n,), float(block_size), device=x.device)
-    counts[-1] = length - (n - 1) * block_size
-    return sums / counts[:, None]

@@ -11,8 +11,14 @@ from ..backends.masks import BlockLayout, num_blocks
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
-from .common import keep_cumulative_mass, pool_blocks
-from .minference import diagonal_mass, last_query_probs, lines_to_tiles
+from .estimators import (
+    diagonal_mass,
+    grouped_scores,
+    keep_cumulative_mass,
+    last_query_probs,
+    lines_to_tiles,
+    pool_blocks,
+)
 
 _BIG = 2**31 - 1
 
@@ -69,20 +75,16 @@ class FlexPrefill(Method):
             .view(B, H, nK, b)
             .sum(-1)
         )
-        pooled_k = pool_blocks(k, ctx.kv_len, b).repeat_interleave(
-            ctx.groups, dim=1
-        )  # (B, H, nK, D)
+        pooled_k = pool_blocks(k, ctx.kv_len, b)  # (B, Hkv, nK, D)
         pooled_q = pool_blocks(q, ctx.q_len, b)  # (B, H, nQ, D)
-        scores = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * ctx.scaling  # (B, H, nQ, nK)
+        scores = grouped_scores(pooled_q, pooled_k) * ctx.scaling  # (B, H, nQ, nK)
         scores = (
             scores.masked_fill(~layout.visible[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
         )
         last_q = (
             q[:, :, -n:].float().mean(2, keepdim=True)
         )  # (B, H, 1, D): the same queries as true_tiles
-        estimate = (
-            torch.matmul(last_q, pooled_k.transpose(-1, -2)).squeeze(2) * ctx.scaling
-        )  # (B, H, nK)
+        estimate = grouped_scores(last_q, pooled_k).squeeze(2) * ctx.scaling  # (B, H, nK)
         estimate = estimate.masked_fill(~layout.visible[:, None, -1], float("-inf")).softmax(-1)
         query_aware = js_divergence(true_tiles, estimate) < self.tau  # (B, H)
 

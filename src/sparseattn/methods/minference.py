@@ -8,91 +8,24 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..backends.masks import BlockLayout, base_token_mask
+from ..backends.masks import BlockLayout
+from ..errors import UsageError
 from ..profiles import bind_profile, open_profile
 from ..registry import build_method, register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
-from .common import pool_blocks, sink_tiles, window_tiles
+from .estimators import (
+    FORCED_COLUMNS,
+    FORCED_DIAGONALS,
+    diagonal_mass,
+    grouped_scores,
+    last_query_probs,
+    lines_to_tiles,
+    pool_blocks,
+    top_lines,
+)
 
 _BIG = 2**31 - 1
-_FORCED_COLUMNS = 4  # the first keys (attention sink) are always vertical lines
-_FORCED_DIAGONALS = 64  # the main diagonals (local window) are always slashes
-
-
-def last_query_probs(
-    q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, n_last: int
-) -> torch.Tensor:
-    """(B, Hq, n, Lk) float32 true attention of the last ``n`` queries (causal, window, padding)."""
-    n = min(n_last, ctx.q_len)
-    kf = k.float().repeat_interleave(ctx.groups, dim=1)  # (B, Hq, Lk, D)
-    scores = torch.matmul(q[:, :, -n:].float(), kf.transpose(-1, -2)) * ctx.scaling
-    visible = base_token_mask(ctx, ctx.q_len - n)  # (B, 1, n, Lk)
-    return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
-
-
-def diagonal_mass(probs: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    """(B, Hq, O) attention mass of the last queries summed per diagonal offset (query - key).
-
-    Args:
-        probs: (B, Hq, n, Lk) attention of the last n queries.
-    """
-    B, H, n, Lk = probs.shape
-    dev = probs.device
-    q_pos = torch.arange(ctx.q_len - n, ctx.q_len, device=dev) + ctx.q_offset  # (n,)
-    offsets = q_pos[:, None] - (torch.arange(Lk, device=dev) + ctx.kv_offset)[None, :]  # (n, Lk)
-    max_offset = ctx.q_offset + ctx.q_len - ctx.kv_offset
-    index = offsets.clamp(0, max_offset).expand(B, H, n, Lk).reshape(B, H, -1)
-    return torch.zeros(B, H, max_offset + 1, device=dev).scatter_add_(
-        -1, index, probs.reshape(B, H, -1)
-    )
-
-
-def lines_to_tiles(
-    columns: torch.Tensor, offsets: torch.Tensor, ctx: AttentionContext, layout: BlockLayout
-) -> torch.Tensor:
-    """(B, Hq, nQ, nK) bool tiles crossed by the kept key columns and diagonals, plus the forced ones.
-
-    Args:
-        columns: (B, Hq, Lk) bool, key columns to keep for every query.
-        offsets: (B, Hq, O) bool, diagonal offsets (query position - key position) to keep.
-    """
-    B, H, Lk = columns.shape
-    b, dev = layout.block_size, ctx.device
-    nQ, nK = layout.n_q_blocks, layout.n_kv_blocks
-    pad = nK * b - Lk
-    col_tiles = torch.nn.functional.pad(columns, (0, pad)).view(B, H, nK, b).any(-1)  # (B, H, nK)
-    # offset o, query tile i: keys [i b + e, i b + e + b - 1] with e = (q_offset - kv_offset) - o,
-    # so the crossed key tiles are i + floor(e / b) and i + floor((e + b - 1) / b)
-    o = torch.arange(offsets.shape[-1], device=dev)
-    e = (ctx.q_offset - ctx.kv_offset) - o
-    shifts = torch.stack(
-        [torch.div(e, b, rounding_mode="floor"), torch.div(e + b - 1, b, rounding_mode="floor")]
-    )
-    low = int(shifts.min())
-    width = int(shifts.max()) - low + 1
-    rel = torch.zeros(B, H, width, dtype=torch.bool, device=dev)
-    for shift in shifts:  # two edges of a query tile
-        rel.scatter_reduce_(-1, (shift - low).expand(B, H, -1), offsets, reduce="amax")
-    j_minus_i = (
-        torch.arange(nK, device=dev)[None, :] - torch.arange(nQ, device=dev)[:, None] - low
-    )  # (nQ, nK)
-    inside = (j_minus_i >= 0) & (j_minus_i < width)
-    diag_tiles = rel[:, :, j_minus_i.clamp(0, width - 1)] & inside  # (B, H, nQ, nK)
-    forced = sink_tiles(layout, ctx.kv_offset + _FORCED_COLUMNS) | window_tiles(
-        layout, _FORCED_DIAGONALS
-    )
-    return diag_tiles | col_tiles[:, :, None, :] | forced
-
-
-def top_lines(scores: torch.Tensor, size: int, forced: int) -> torch.Tensor:
-    """(..., n) bool: the first ``forced`` entries and the ``size`` highest of the others."""
-    ranked = scores.clone()
-    ranked[..., :forced] = float("-inf")
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep.scatter_(-1, ranked.topk(min(size, scores.shape[-1]), dim=-1).indices, True)
-    keep[..., :forced] = True
-    return keep
 
 
 @register_method
@@ -125,12 +58,12 @@ class VerticalSlash(Method):
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         probs = last_query_probs(q, k, ctx, self.last_queries)  # (B, Hq, n, Lk)
-        columns = top_lines(probs.sum(2), self.vertical_size, _FORCED_COLUMNS)
-        offsets = top_lines(diagonal_mass(probs, ctx), self.slash_size, _FORCED_DIAGONALS)
+        columns = top_lines(probs.sum(2), self.vertical_size, FORCED_COLUMNS)
+        offsets = top_lines(diagonal_mass(probs, ctx), self.slash_size, FORCED_DIAGONALS)
         return layout.finalize(lines_to_tiles(columns, offsets, ctx, layout))
 
     def max_tiles_per_row(self, layout: BlockLayout) -> int:
-        forced = 1 + -(-(_FORCED_DIAGONALS + layout.block_size - 1) // layout.block_size) + 1
+        forced = 1 + -(-(FORCED_DIAGONALS + layout.block_size - 1) // layout.block_size) + 1
         return min(layout.n_kv_blocks, self.vertical_size + 2 * self.slash_size + forced)
 
 
@@ -159,10 +92,8 @@ class BlockSparse(Method):
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         qp = pool_blocks(q, ctx.q_len, layout.block_size)  # (B, Hq, nQ, D)
-        kp = pool_blocks(k, ctx.kv_len, layout.block_size).repeat_interleave(
-            ctx.groups, dim=1
-        )  # (B, Hq, nK, D)
-        scores = torch.matmul(qp, kp.transpose(-1, -2)) * ctx.scaling
+        kp = pool_blocks(k, ctx.kv_len, layout.block_size)  # (B, Hkv, nK, D)
+        scores = grouped_scores(qp, kp) * ctx.scaling  # (B, Hq, nQ, nK)
         scores = scores.masked_fill(~layout.visible[:, None], float("-inf"))
         top = scores.softmax(-1).topk(min(self.top_k, layout.n_kv_blocks), dim=-1).indices
         mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
@@ -170,6 +101,28 @@ class BlockSparse(Method):
 
     def max_tiles_per_row(self, layout: BlockLayout) -> int:
         return self.top_k + 1
+
+
+def _gqa_calls(heads: list[int], groups: int) -> list[tuple[list[int], list[int]]]:
+    """Split query heads that run one pattern into calls shaped like grouped-query attention.
+
+    A call takes the KV heads that give it the same number of its query heads, so each KV
+    head's keys serve its query heads as they are, never copied once per query head.
+
+    Args:
+        heads: Ascending query head indices.
+        groups: Query heads per KV head in the model.
+
+    Returns:
+        (query heads ordered by KV head, their ascending KV heads) per call.
+    """
+    by_kv: dict[int, list[int]] = {}
+    for head in heads:
+        by_kv.setdefault(head // groups, []).append(head)
+    by_count: dict[int, list[int]] = {}  # KV heads by how many of their query heads are here
+    for kv, q_heads in by_kv.items():
+        by_count.setdefault(len(q_heads), []).append(kv)
+    return [([h for kv in kvs for h in by_kv[kv]], kvs) for kvs in by_count.values()]
 
 
 PROFILE_PATTERNS = ("streaming", "vertical_slash", "block_sparse")  # A-shape, VS, block-sparse
@@ -216,7 +169,7 @@ class MInference(Method):
         if self._profile is not None:
             for choice in self._profile.choices:
                 if choice.get("pattern") not in PROFILE_PATTERNS:
-                    raise ValueError(
+                    raise UsageError(
                         f"profile {self._profile.source}: pattern {choice.get('pattern')!r} "
                         f"is not one of {list(PROFILE_PATTERNS)}"
                     )
@@ -237,7 +190,7 @@ class MInference(Method):
         if self.budget >= 1.0 or ctx.sliding_window is not None:
             return layout.every_tile(ctx.num_q_heads)  # a sliding layer is already local
         if self._profile is None:
-            raise ValueError(
+            raise UsageError(
                 f"minference with profile={self.profile!r} has no profile: use 'auto' through "
                 "sparse_attention(model, ...) (which needs the model), or pass profile=FILE.json"
             )
@@ -252,9 +205,14 @@ class MInference(Method):
         )  # fmt: skip
         for heads in groups.values():
             method = self._pattern(entries[heads[0]])
-            index = torch.tensor(heads, device=q.device)
-            sub_ctx = dataclasses.replace(ctx, num_q_heads=len(heads), num_kv_heads=len(heads))
-            sub_k = k.index_select(1, index // ctx.groups)  # each head's own KV head
-            chosen = method.select(q.index_select(1, index), sub_k, sub_ctx, layout)
-            mask[:, index] = chosen.mask
+            for q_heads, kv_heads in _gqa_calls(heads, ctx.groups):
+                q_index = torch.tensor(q_heads, device=q.device)
+                sub_k = k  # (B, Hkv, Lk, D), or the KV heads of this call
+                if len(kv_heads) < ctx.num_kv_heads:
+                    sub_k = k.index_select(1, torch.tensor(kv_heads, device=k.device))
+                sub_ctx = dataclasses.replace(
+                    ctx, num_q_heads=len(q_heads), num_kv_heads=len(kv_heads)
+                )
+                chosen = method.select(q.index_select(1, q_index), sub_k, sub_ctx, layout)
+                mask[:, q_index] = chosen.mask
         return layout.finalize(mask)

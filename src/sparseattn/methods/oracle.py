@@ -12,7 +12,7 @@ from ..backends.sdpa import decode_key_mask
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection, DecodeView, TokenSelection
 from .base import Method, knob
-from .common import keep_cumulative_mass
+from .estimators import grouped_scores, keep_cumulative_mass
 
 _QUERY_CHUNK = 1024
 
@@ -22,17 +22,18 @@ def true_tile_mass(
 ) -> torch.Tensor:
     """(B, Hq, nQ, nK) float32: attention probability mass of every tile, summed over its queries.
 
-    Computed exactly in float32 in query chunks of 1024 (memory O(chunk x Lk) per head).
+    Computed exactly in float32 in query chunks of 1024 (memory O(chunk x Lk) per head), each
+    KV head's keys shared by its query heads.
     """
     b = layout.block_size
-    kf = k.float().repeat_interleave(ctx.groups, dim=1)  # (B, Hq, Lk, D)
+    kf = k.float()  # (B, Hkv, Lk, D): one fp32 copy at most, shared by each KV head's queries
     mass = torch.zeros(
         ctx.batch, ctx.num_q_heads, layout.n_q_blocks, layout.n_kv_blocks, device=q.device
     )
     pad_k = layout.n_kv_blocks * b - ctx.kv_len
     for start in range(0, ctx.q_len, _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, ctx.q_len)
-        scores = torch.matmul(q[:, :, start:stop].float(), kf.transpose(-1, -2)) * ctx.scaling
+        scores = grouped_scores(q[:, :, start:stop].float(), kf) * ctx.scaling  # (B, Hq, c, Lk)
         scores = scores.masked_fill(~base_token_mask(ctx, start, stop), float("-inf"))
         probs = torch.softmax(scores, -1).nan_to_num(0.0)  # (B, Hq, c, Lk)
         probs = torch.nn.functional.pad(probs, (0, pad_k))

@@ -8,15 +8,15 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends.masks import BlockLayout
+from ..errors import UsageError
 from ..profiles import bind_profile, open_profile
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection
 from .base import PREFILL_PHASES, Method, knob
-from .common import keep_cumulative_mass
+from .estimators import keep_cumulative_mass
 
-_GROUP_CHUNK = (
-    512  # query groups scored at once: memory O(chunk x Lk / S); later key groups skipped
-)
+# query groups scored at once: memory O(chunk x Lk / S); later key groups are skipped
+_GROUP_CHUNK = 512
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -134,7 +134,7 @@ class XAttention(Method):
         """The threshold knob, or (1, Hq, 1, 1) per-head thresholds from the profile."""
         if self._profile is None:
             if self.profile == "auto":
-                raise ValueError(
+                raise UsageError(
                     "xattention with profile='auto' needs the model: run it through "
                     "sparse_attention(model, ...), or pass profile=FILE.json"
                 )

@@ -14,258 +14,30 @@ per (layer, head) and level. Two kinds exist:
 Shipped profiles live next to this module as ``<model>-<kind>.json``.
 """
 
-from __future__ import annotations
-
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-FORMAT = 1
-KINDS = ("minference", "xattention")
-SHIPPED_DIR = Path(__file__).parent
-_FINGERPRINT_KEYS = (
-    "model_type",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
+from .architecture import fingerprint
+from .binding import bind_profile, open_profile, shipped_for
+from .profile import (
+    FORMAT,
+    KINDS,
+    SHIPPED_DIR,
+    Profile,
+    load_profile,
+    resolve,
+    save_profile,
+    shipped_profiles,
 )
 
-
-def fingerprint(config: Any) -> dict[str, Any]:
-    """The architecture facts a profile must match: model type, layers, heads, head size.
-
-    Args:
-        config: A transformers config (a multimodal config is reduced to its text config).
-    """
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return {
-        "model_type": config.model_type,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": head_dim,
-    }
-
-
-def _describe(fp: dict[str, Any]) -> str:
-    return (
-        f"{fp['model_type']} ({fp['num_hidden_layers']} layers, {fp['num_attention_heads']} "
-        f"query / {fp['num_key_value_heads']} key-value heads, head dim {fp['head_dim']})"
-    )
-
-
-def shipped_profiles() -> dict[str, Path]:
-    """{name: path} of the profiles shipped in the package, e.g. 'smollm2-135m-minference'."""
-    return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.json"))}
-
-
-@dataclass(frozen=True)
-class Profile:
-    """A loaded profile.
-
-    Attributes:
-        kind: "minference" or "xattention".
-        model: The fingerprint plus ``id`` (the name the model was loaded by).
-        calibration: How it was made: lengths, seed, inputs, block size, ...
-        levels: The budgets (minference, tile density) or target recalls (xattention) it holds,
-            ascending.
-        heads: heads[level][layer][head] -> a choice index (minference) or a threshold.
-        choices: The candidate patterns ({"pattern", "knobs"}) of a minference profile.
-        summary: summary[level] -> {"recall": [...], "density": [...]} per layer.
-        source: The file it was read from.
-    """
-
-    kind: str
-    model: dict[str, Any]
-    calibration: dict[str, Any]
-    levels: tuple[float, ...]
-    heads: dict[float, list[list[Any]]]
-    choices: list[dict[str, Any]]
-    summary: dict[float, dict[str, list[float]]]
-    source: str
-
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        """The architecture facts of the model the profile was made for."""
-        return {k: self.model.get(k) for k in _FINGERPRINT_KEYS}
-
-    def check_model(self, config: Any) -> None:
-        """ValueError when the profile was made for another architecture than ``config``'s."""
-        have, want = fingerprint(config), self.fingerprint
-        if have != want:
-            raise ValueError(
-                f"profile {self.source} was made for {self.model.get('id', '?')}: "
-                f"{_describe(want)}, but the model is {_describe(have)}; make one for it with "
-                f"`sparseattn profile --model MODEL --kind {self.kind} --out FILE.json`"
-            )
-
-    def check_settings(self, **settings: Any) -> None:
-        """ValueError when a knob differs from the value the profile was calibrated with.
-
-        Knobs the calibration did not record are not checked.
-        """
-        for name, value in settings.items():
-            made = self.calibration.get(name)
-            if made is not None and made != value:
-                raise ValueError(
-                    f"profile {self.source} was calibrated with {name}={made}, but the method has "
-                    f"{name}={value}; set {name}={made} or calibrate with --{name.replace('_', '-')} "
-                    f"{value}"
-                )
-
-    def level_at_least(self, value: float) -> float:
-        """The smallest stored level >= value (the largest if none is): a conservative choice."""
-        for level in self.levels:
-            if level >= value - 1e-9:
-                return level
-        return self.levels[-1]
-
-    def level_at_most(self, value: float) -> float:
-        """The largest stored level <= value (the smallest if none is)."""
-        for level in reversed(self.levels):
-            if level <= value + 1e-9:
-                return level
-        return self.levels[0]
-
-    def layer(self, level: float, layer_idx: int, num_heads: int) -> list[Any]:
-        """One layer's per-head entries at ``level``: choice dicts (minference) or thresholds.
-
-        Raises:
-            ValueError: the profile does not cover this layer and head count.
-        """
-        table = self.heads[level]
-        if layer_idx >= len(table) or len(table[layer_idx]) != num_heads:
-            covered = f"{len(table)} layers x {len(table[0]) if table else 0} heads"
-            raise ValueError(
-                f"profile {self.source} covers {covered}, but the call is layer {layer_idx} "
-                f"with {num_heads} query heads: it was made for another model"
-            )
-        row = table[layer_idx]
-        return [self.choices[i] for i in row] if self.kind == "minference" else row
-
-
-def resolve(name_or_path: str) -> Path:
-    """A file path, or the name of a shipped profile; ValueError listing the shipped ones."""
-    path = Path(name_or_path).expanduser()
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise ValueError(f"profile file {str(path)!r} does not exist")
-        return path
-    shipped = shipped_profiles()
-    if name_or_path in shipped:
-        return shipped[name_or_path]
-    raise ValueError(
-        f"profile {name_or_path!r} is neither a .json file nor a shipped profile; "
-        f"shipped: {', '.join(shipped) or '(none)'}"
-    )
-
-
-def load_profile(name_or_path: str, kind: str) -> Profile:
-    """Read and check a profile of the given kind.
-
-    Raises:
-        ValueError: missing file, not a sparseattn profile, wrong kind or malformed tables.
-    """
-    path = resolve(name_or_path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"profile {path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or "heads" not in data:
-        raise ValueError(f"{path} is not a sparseattn profile (format {FORMAT})")
-    if data.get("kind") != kind:
-        raise ValueError(f"profile {path} is a {data.get('kind')!r} profile; {kind!r} is needed")
-    heads = {float(level): table for level, table in data["heads"].items()}
-    if not heads or not all(isinstance(t, list) and t for t in heads.values()):
-        raise ValueError(f"profile {path} holds no per-head tables")
-    choices = data.get("choices", [])
-    if kind == "minference":
-        n = len(choices)
-        bad = [i for t in heads.values() for row in t for i in row if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"profile {path}: choice index {bad[0]} outside 0..{n - 1}")
-    return Profile(
-        kind=kind,
-        model=data.get("model", {}),
-        calibration=data.get("calibration", {}),
-        levels=tuple(sorted(heads)),
-        heads=heads,
-        choices=choices,
-        summary={float(k): v for k, v in data.get("summary", {}).items()},
-        source=str(path),
-    )
-
-
-def shipped_for(config: Any, kind: str) -> Profile:
-    """The shipped profile of ``kind`` whose fingerprint matches ``config``.
-
-    Raises:
-        ValueError: none matches; the message says how to make one.
-    """
-    have = fingerprint(config)
-    for name, path in shipped_profiles().items():
-        if not name.endswith("-" + kind):
-            continue
-        profile = load_profile(str(path), kind)
-        if profile.fingerprint == have:
-            return profile
-    raise ValueError(
-        f"no shipped {kind} profile matches {_describe(have)}; make one with "
-        f"`sparseattn profile --model MODEL --kind {kind} --out FILE.json` and pass profile=FILE"
-    )
-
-
-def open_profile(name: str, kind: str, **settings: Any) -> Profile | None:
-    """The profile a method's ``profile`` knob names, loaded and checked against its knobs.
-
-    '' (none) and 'auto' (the hooked model's shipped profile, found at bind time) give None.
-    """
-    if name in ("", "auto"):
-        return None
-    profile = load_profile(name, kind)
-    profile.check_settings(**settings)
-    return profile
-
-
-def bind_profile(
-    profile: Profile | None, name: str, kind: str, config: Any, **settings: Any
-) -> Profile | None:
-    """At bind time: resolve 'auto' for ``config``, or check a loaded profile matches it."""
-    if name == "auto":
-        profile = shipped_for(config, kind)
-        profile.check_settings(**settings)
-    elif profile is not None:
-        profile.check_model(config)
-    return profile
-
-
-def save_profile(
-    path: str | Path,
-    *,
-    kind: str,
-    model: dict[str, Any],
-    calibration: dict[str, Any],
-    heads: dict[float, list[list[Any]]],
-    summary: dict[float, dict[str, list[float]]],
-    choices: list[dict[str, Any]] | None = None,
-) -> None:
-    """Write a profile as compact JSON, one line per level's table."""
-    key = "{:g}".format
-    parts = [
-        f'"format": {FORMAT}',
-        f'"kind": {json.dumps(kind)}',
-        f'"model": {json.dumps(model)}',
-        f'"calibration": {json.dumps(calibration)}',
-    ]
-    if choices is not None:
-        parts.append('"choices": [\n  ' + ",\n  ".join(map(json.dumps, choices)) + "\n]")
-    tables = ",\n  ".join(f'"{key(lv)}": {json.dumps(t)}' for lv, t in sorted(heads.items()))
-    parts.append('"heads": {\n  ' + tables + "\n}")
-    sums = ",\n  ".join(f'"{key(lv)}": {json.dumps(v)}' for lv, v in sorted(summary.items()))
-    parts.append('"summary": {\n  ' + sums + "\n}")
-    Path(path).write_text("{\n" + ",\n".join(parts) + "\n}\n")
+__all__ = [
+    "FORMAT",
+    "KINDS",
+    "SHIPPED_DIR",
+    "Profile",
+    "bind_profile",
+    "fingerprint",
+    "load_profile",
+    "open_profile",
+    "resolve",
+    "save_profile",
+    "shipped_for",
+    "shipped_profiles",
+]

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ...errors import UsageError
 from ...methods.base import build_checked, validate_knobs
 
 TASKS: dict[str, type[Task]] = {}
@@ -25,9 +26,9 @@ def list_tasks() -> list[str]:
 
 
 def build_task(name: str, **knobs: Any) -> Task:
-    """Instantiate task ``name``; ValueError for an unknown task, knob or knob value."""
+    """Instantiate task ``name``; UsageError for an unknown task, knob or knob value."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
+        raise UsageError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
     return build_checked(TASKS[name], "task", name, knobs)
 
 
@@ -103,14 +104,14 @@ def fit(tokenizer, prompt: Prompt, length: int, chat: bool = True) -> list[int]:
     """Token ids of exactly ``length``: most filler units that fit, then filler tokens.
 
     Raises:
-        ValueError: the prompt without any filler is already longer than ``length``.
+        UsageError: the prompt without any filler is already longer than ``length``.
     """
 
     def build(n: int) -> list[int]:
         return prompt_tokens(tokenizer, prompt, n, chat)
 
     if len(build(0)) > length:
-        raise ValueError(
+        raise UsageError(
             f"length {length} is too short for this task: it needs at least {len(build(0))} tokens"
         )
     low, high = 0, 1
@@ -149,7 +150,7 @@ class Task:
     def generate(self, tokenizer, length: int, seed: int, sample: int) -> TaskSample:
         minimum = self.min_length(tokenizer)
         if length < minimum:
-            raise ValueError(
+            raise UsageError(
                 f"task {self.name}: length {length} is too short; it needs at least {minimum} tokens"
             )
         knobs = dataclasses.asdict(self)
@@ -157,8 +158,8 @@ class Task:
         prompt, references, meta = self.make_prompt(rng, sample)
         try:
             ids = fit(tokenizer, prompt, length, self.chat)
-        except ValueError as err:
-            raise ValueError(f"task {self.name}: {err}") from None
+        except UsageError as err:
+            raise UsageError(f"task {self.name}: {err}") from None
         return TaskSample(
             self.name, length, sample, seed, ids, references, self.max_new_tokens, meta
         )

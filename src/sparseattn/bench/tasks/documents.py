@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from ...errors import UsageError
 from ...methods.base import knob
 from .base import Prompt, Task, depth_of, register_task, seeded_rng
 from .words import (
@@ -121,7 +122,7 @@ class Fidelity(Task):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.text_file is not None and not Path(self.text_file).is_file():
-            raise ValueError(f"fidelity: text_file={self.text_file!r} does not exist")
+            raise UsageError(f"fidelity: text_file={self.text_file!r} does not exist")
 
     def make_prompt(self, rng, sample):
         if self.text_file is not None:
@@ -129,7 +130,7 @@ class Fidelity(Task):
                 s.strip() + "." for s in Path(self.text_file).read_text().split(".") if s.strip()
             ]
             if not sentences:
-                raise ValueError(f"fidelity: text_file={self.text_file!r} holds no text")
+                raise UsageError(f"fidelity: text_file={self.text_file!r} holds no text")
             filler = lambda i: sentences[i % len(sentences)]  # noqa: E731
         else:
             salt = rng.random()

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from ...errors import UsageError
 from ...registry import register_method
 from ...types import EMPTY_POSITION, AttentionContext, DecodeView, PageSelection, Phase
 from ..base import Method, knob
@@ -81,7 +82,7 @@ class Quest(Method):
         super().__post_init__()
         forced = self.sink + self.window + self.block_size
         if self.budget < forced:
-            raise ValueError(
+            raise UsageError(
                 f"quest: knob budget={self.budget} is below what is always read (sink {self.sink}"
                 f" + window {self.window} + the current page {self.block_size} = {forced}); "
                 f"allowed: budget >= {forced}"

@@ -1,0 +1,184 @@
+"""The Profile type and its files: names resolved (a path or a shipped profile), read, written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .architecture import FINGERPRINT_KEYS, describe_architecture, fingerprint
+
+FORMAT = 1
+KINDS = ("minference", "xattention")
+SHIPPED_DIR = Path(__file__).parent
+
+
+def shipped_profiles() -> dict[str, Path]:
+    """{name: path} of the profiles shipped in the package, e.g. 'smollm2-135m-minference'."""
+    return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.json"))}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A loaded profile.
+
+    Attributes:
+        kind: "minference" or "xattention".
+        model: The fingerprint plus ``id`` (the name the model was loaded by).
+        calibration: How it was made: lengths, seed, inputs, block size, ...
+        levels: The budgets (minference, tile density) or target recalls (xattention) it holds,
+            ascending.
+        heads: heads[level][layer][head] -> a choice index (minference) or a threshold.
+        choices: The candidate patterns ({"pattern", "knobs"}) of a minference profile.
+        summary: summary[level] -> {"recall": [...], "density": [...]} per layer.
+        source: The file it was read from.
+    """
+
+    kind: str
+    model: dict[str, Any]
+    calibration: dict[str, Any]
+    levels: tuple[float, ...]
+    heads: dict[float, list[list[Any]]]
+    choices: list[dict[str, Any]]
+    summary: dict[float, dict[str, list[float]]]
+    source: str
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The architecture facts of the model the profile was made for."""
+        return {k: self.model.get(k) for k in FINGERPRINT_KEYS}
+
+    def check_model(self, config: Any) -> None:
+        """UsageError when the profile was made for another architecture than ``config``'s."""
+        have, want = fingerprint(config), self.fingerprint
+        if have != want:
+            raise UsageError(
+                f"profile {self.source} was made for {self.model.get('id', '?')}: "
+                f"{describe_architecture(want)}, but the model is {describe_architecture(have)}; make one for it with "
+                f"`sparseattn profile --model MODEL --kind {self.kind} --out FILE.json`"
+            )
+
+    def check_settings(self, **settings: Any) -> None:
+        """UsageError when a knob differs from the value the profile was calibrated with.
+
+        Knobs the calibration did not record are not checked.
+        """
+        for name, value in settings.items():
+            made = self.calibration.get(name)
+            if made is not None and made != value:
+                raise UsageError(
+                    f"profile {self.source} was calibrated with {name}={made}, but the method has "
+                    f"{name}={value}; set {name}={made} or calibrate with --{name.replace('_', '-')} "
+                    f"{value}"
+                )
+
+    def level_at_least(self, value: float) -> float:
+        """The smallest stored level >= value (the largest if none is): a conservative choice."""
+        for level in self.levels:
+            if level >= value - 1e-9:
+                return level
+        return self.levels[-1]
+
+    def level_at_most(self, value: float) -> float:
+        """The largest stored level <= value (the smallest if none is)."""
+        for level in reversed(self.levels):
+            if level <= value + 1e-9:
+                return level
+        return self.levels[0]
+
+    def layer(self, level: float, layer_idx: int, num_heads: int) -> list[Any]:
+        """One layer's per-head entries at ``level``: choice dicts (minference) or thresholds.
+
+        Raises:
+            UsageError: the profile does not cover this layer and head count.
+        """
+        table = self.heads[level]
+        if layer_idx >= len(table) or len(table[layer_idx]) != num_heads:
+            covered = f"{len(table)} layers x {len(table[0]) if table else 0} heads"
+            raise UsageError(
+                f"profile {self.source} covers {covered}, but the call is layer {layer_idx} "
+                f"with {num_heads} query heads: it was made for another model"
+            )
+        row = table[layer_idx]
+        return [self.choices[i] for i in row] if self.kind == "minference" else row
+
+
+def resolve(name_or_path: str) -> Path:
+    """A file path, or the name of a shipped profile; UsageError listing the shipped ones."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise UsageError(f"profile file {str(path)!r} does not exist")
+        return path
+    shipped = shipped_profiles()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise UsageError(
+        f"profile {name_or_path!r} is neither a .json file nor a shipped profile; "
+        f"shipped: {', '.join(shipped) or '(none)'}"
+    )
+
+
+def load_profile(name_or_path: str, kind: str) -> Profile:
+    """Read and check a profile of the given kind.
+
+    Raises:
+        UsageError: missing file, not a sparseattn profile, wrong kind or malformed tables.
+    """
+    path = resolve(name_or_path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"profile {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "heads" not in data:
+        raise UsageError(f"{path} is not a sparseattn profile (format {FORMAT})")
+    if data.get("kind") != kind:
+        raise UsageError(f"profile {path} is a {data.get('kind')!r} profile; {kind!r} is needed")
+    heads = {float(level): table for level, table in data["heads"].items()}
+    if not heads or not all(isinstance(t, list) and t for t in heads.values()):
+        raise UsageError(f"profile {path} holds no per-head tables")
+    choices = data.get("choices", [])
+    if kind == "minference":
+        n = len(choices)
+        bad = [i for t in heads.values() for row in t for i in row if not 0 <= i < n]
+        if bad:
+            raise UsageError(f"profile {path}: choice index {bad[0]} outside 0..{n - 1}")
+    return Profile(
+        kind=kind,
+        model=data.get("model", {}),
+        calibration=data.get("calibration", {}),
+        levels=tuple(sorted(heads)),
+        heads=heads,
+        choices=choices,
+        summary={float(k): v for k, v in data.get("summary", {}).items()},
+        source=str(path),
+    )
+
+
+def save_profile(
+    path: str | Path,
+    *,
+    kind: str,
+    model: dict[str, Any],
+    calibration: dict[str, Any],
+    heads: dict[float, list[list[Any]]],
+    summary: dict[float, dict[str, list[float]]],
+    choices: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write a profile as compact JSON, one line per level's table."""
+    key = "{:g}".format
+    parts = [
+        f'"format": {FORMAT}',
+        f'"kind": {json.dumps(kind)}',
+        f'"model": {json.dumps(model)}',
+        f'"calibration": {json.dumps(calibration)}',
+    ]
+    if choices is not None:
+        parts.append('"choices": [\n  ' + ",\n  ".join(map(json.dumps, choices)) + "\n]")
+    tables = ",\n  ".join(f'"{key(lv)}": {json.dumps(t)}' for lv, t in sorted(heads.items()))
+    parts.append('"heads": {\n  ' + tables + "\n}")
+    sums = ",\n  ".join(f'"{key(lv)}": {json.dumps(v)}' for lv, v in sorted(summary.items()))
+    parts.append('"summary": {\n  ' + sums + "\n}")
+    Path(path).write_text("{\n" + ",\n".join(parts) + "\n}\n")

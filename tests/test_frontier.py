@@ -205,3 +205,55 @@ def test_cli_frontier_end_to_end(tmp_path, capsys):
     bad = [a if a != "fidelity" else "fidelity:nope=1" for a in args]
     assert main(bad) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_prefill_reuse_gives_the_records_of_recomputation(tiny):
+    """Settings that run the prompt as dense does decode from one dense prefill's cache (copied
+    per setting): the same answers, scores, densities and KV bytes as prefilling each time."""
+    from sparseattn.bench.runner import SampleRunner
+    from sparseattn.bench.tasks import build_task
+
+    model, tok = tiny
+    task = build_task("niah_single", haystack="noise")
+    sample = task.generate(tok, LENGTH, 3, 0)
+    settings = [
+        Setting(),
+        Setting.single("quest", {"budget": 64}),
+        Setting(decode=Spec("tokenselect", {"budget": 48, "window": 8})),
+        Setting.single("streaming", {"sink": 16, "window": 64, "block_size": 32}),
+    ]
+    options = HookOptions(min_length=0)
+    reused = SampleRunner(model, tok, sample, options)
+    fresh = SampleRunner(model, tok, sample, options, reuse_prefill=False)
+    for setting in settings:
+        a, b = reused.run(setting, task), fresh.run(setting, task)
+        assert a["prefill_reused"] == (setting.prefill.name != "streaming")
+        assert not b["prefill_reused"]
+        for key in ("answer", "score", "prefill_density", "decode_density", "kv_bytes"):
+            assert a[key] == b[key], (setting.label, key)
+        assert a["answer_logprob"] == pytest.approx(b["answer_logprob"], abs=1e-4)
+    assert 0 < reused.run(settings[1], task)["decode_density"] < 1  # quest was sparse
+
+
+def test_answer_logprob_is_the_teacher_forced_likelihood(tiny):
+    """Through the hook's prefill and decode steps it equals one plain forward over prompt +
+    answer; dense against dense differs by exactly 0 per sample."""
+    from sparseattn.bench.runner import SampleRunner
+    from sparseattn.bench.tasks import build_task
+
+    model, tok = tiny
+    task = build_task("niah_single", haystack="noise")
+    sample = task.generate(tok, LENGTH, 3, 1)
+    runner = SampleRunner(model, tok, sample, HookOptions(min_length=0))
+    answer = runner.answer_ids()
+    assert answer
+    first, second = runner.run(Setting(), task), runner.run(Setting(), task)
+    assert first["answer_logprob"] - second["answer_logprob"] == 0.0
+    ids = torch.tensor([list(sample.input_ids) + answer])
+    logits = model(input_ids=ids).logits[0, len(sample.input_ids) - 1 : -1].float()
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer)[:, None]).sum()
+    assert first["answer_logprob"] == pytest.approx(float(expected), abs=1e-3)
+    fresh = SampleRunner(model, tok, sample, HookOptions(min_length=0), reuse_prefill=False)
+    assert fresh.run(Setting(), task)["answer_logprob"] == pytest.approx(
+        first["answer_logprob"], abs=1e-4
+    )

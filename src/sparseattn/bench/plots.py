@@ -35,7 +35,23 @@ def score_vs(rows: list[SummaryRow], x_field: str, xlabel: str, path: Path) -> N
             if method == "dense":
                 ax.scatter(xs, ys, marker="*", s=180, color="black", label="dense", zorder=3)
             else:
-                ax.plot(xs, ys, marker="o", label=method)
+                line = ax.plot(xs, ys, marker="o", label=method)[0]
+                # the paired 95% interval of (setting - dense), drawn around the setting's mean
+                bars = [
+                    (x, y, r.score_delta - r.score_delta_low, r.score_delta_high - r.score_delta)
+                    for x, y, r in zip(xs, ys, group)
+                    if r.score_delta is not None
+                ]
+                if bars:
+                    ax.errorbar(
+                        [b[0] for b in bars],
+                        [b[1] for b in bars],
+                        yerr=[[b[2] for b in bars], [b[3] for b in bars]],
+                        fmt="none",
+                        ecolor=line.get_color(),
+                        capsize=3,
+                        alpha=0.7,
+                    )
         ax.set_title(f"{length} tokens")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean score over tasks")

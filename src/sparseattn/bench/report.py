@@ -30,6 +30,25 @@ def write_csv(rows: list[SummaryRow], path: Path) -> None:
             )
 
 
+MARKS = {"better": " ↑", "worse": " ↓", "indistinguishable": " =", "reference": ""}
+
+
+def _versus_dense(r: SummaryRow) -> str:
+    """' (Δ -0.10 [-0.25, +0.05] =; ll -0.8 [-1.2, -0.4] ↓)': paired differences from dense."""
+    parts = []
+    if r.score_delta is not None:
+        parts.append(
+            f"Δ {r.score_delta:+.2f} [{r.score_delta_low:+.2f}, {r.score_delta_high:+.2f}]"
+            + MARKS[r.verdict]
+        )
+    if r.loglik_delta is not None:
+        parts.append(
+            f"ll {r.loglik_delta:+.2f} [{r.loglik_delta_low:+.2f}, {r.loglik_delta_high:+.2f}]"
+            + MARKS[r.loglik_verdict]
+        )
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def tables(rows: list[SummaryRow]) -> list[tuple[int, list[str], list[list[str]]]]:
     """Per length: header and body of the settings x tasks table."""
     out = []
@@ -47,7 +66,7 @@ def tables(rows: list[SummaryRow]) -> list[tuple[int, list[str], list[list[str]]
                 if r is None:
                     line.append("")
                     continue
-                text = f"{r.score_mean:.2f} ± {r.score_std:.2f}" + (" *" if r.pareto else "")
+                text = f"{r.score_mean:.2f}" + _versus_dense(r) + (" *" if r.pareto else "")
                 line.append(text + ("" if r.informative else " (uninformative)"))
             overall = cell[("ALL", setting)]
             line += [
@@ -68,10 +87,15 @@ def write_markdown(rows, records, images, path: Path) -> None:
         f"Model: `{first.get('model')}`; seed {first.get('seed')}; {len(records)} records; "
         f"versions: {json.dumps(first.get('versions', {}))}",
         "",
-        "Cells: mean score ± spread over samples; `*` = Pareto-optimal in (score, measured prefill "
-        "density) for that task and length; `(uninformative)` = dense scores below 0.3 there, so "
-        "the cell says little about sparsity. Density is measured (fraction of causal pairs "
-        "computed); speedups are dense time / setting time from the same run.",
+        "Cells: mean score over samples, then the paired difference from dense on the same "
+        "samples with its 95% bootstrap interval (`Δ`), and the same for the log-likelihood of "
+        "the reference answer in nats (`ll`); `↑` / `↓` = the interval excludes 0 (better / "
+        "worse than dense), `=` = indistinguishable from dense. `*` = Pareto-optimal in "
+        "(score, measured prefill density) for that task and length, where only real "
+        "differences count (a setting indistinguishable from dense ranks with dense); "
+        "`(uninformative)` = dense scores below 0.3 there, so the cell says little about "
+        "sparsity. Density is measured (fraction of causal pairs computed); speedups are dense "
+        "time / setting time from the same run.",
         "",
     ]
     for length, header, body in tables(rows):
@@ -97,8 +121,11 @@ def write_html(rows, records, images, path: Path) -> None:
         "</style></head><body><h1>sparseattn frontier report</h1>",
         f"<p>Model <code>{html.escape(str(first.get('model')))}</code>, seed {first.get('seed')}, "
         f"{len(records)} records, versions {html.escape(json.dumps(first.get('versions', {})))}.</p>",
-        "<p>Mean score ± spread over samples; <b>*</b> Pareto-optimal (score vs measured prefill density); "
-        "grey = uninformative (dense below 0.3). Speedups: dense time / setting time, same run.</p>",
+        "<p>Mean score; Δ / ll = paired difference from dense in score / answer "
+        "log-likelihood (nats) with its 95% bootstrap interval (↑ better, ↓ worse, = "
+        "indistinguishable); <b>*</b> Pareto-optimal (score vs measured prefill density, only "
+        "real differences count); grey = uninformative (dense below 0.3). Speedups: dense "
+        "time / setting time, same run.</p>",
     ]
     for length, header, body in tables(rows):
         parts.append(

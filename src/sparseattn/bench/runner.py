@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import platform
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +14,7 @@ from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
 from ..integration.stats import timed
 from ..setting import Setting
+from ..types import Phase
 from .peak import PeakMemory
 
 FIDELITY_POSITIONS = 256  # next-token distributions compared over the last positions of the text
@@ -30,22 +33,49 @@ def versions() -> dict[str, str]:
     }
 
 
+@dataclass
+class Prefilled:
+    """A prompt's prefill: what decoding (and the answer likelihood) starts from.
+
+    Attributes:
+        cache: The cache after the prompt.
+        logprobs: (V,) log-probabilities of the first generated token.
+        prefill_s: Seconds the prefill took.
+        peak_mb: Peak memory of the prefill (set by the caller that measured it).
+    """
+
+    cache: Any
+    logprobs: torch.Tensor
+    prefill_s: float
+    peak_mb: float | None = None
+
+    @property
+    def next_id(self) -> torch.Tensor:
+        return self.logprobs.argmax(-1, keepdim=True)
+
+
+@torch.inference_mode()
+def prefill(model, ids: torch.Tensor) -> Prefilled:
+    """Run the prompt ``ids`` (1, L) once, timed; the cache is what the forward supplies."""
+    start = timed(ids.device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    prefill_s = timed(ids.device) - start
+    logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
+    return Prefilled(out.past_key_values, logprobs, prefill_s)
+
+
 @torch.inference_mode()
 def generate_answer(
-    model, ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int]
+    model, prefilled: Prefilled, cache: Any, max_new_tokens: int, eos_ids: set[int]
 ) -> dict[str, Any]:
-    """Greedy decode with separate prefill and per-token timing. ``ids``: (1, L).
+    """Greedy decode from ``prefilled`` over ``cache`` (its cache or a copy), timed per token.
 
-    The cache is whatever the model's forward supplies: inside ``sparse_attention`` the
-    library's own, so eviction policies act and ``kv_bytes`` is what that setting holds.
+    Inside ``sparse_attention`` the cache is the library's own, so eviction policies act and
+    ``kv_bytes`` is what that setting holds.
     """
-    device = ids.device
-    start = timed(device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    prefill_s = timed(device) - start
-    cache = out.past_key_values
+    device = prefilled.logprobs.device
     tokens: list[int] = []
-    next_id = out.logits[:, -1].argmax(-1)
+    next_id = prefilled.next_id
     steps = 0  # forward passes after the prefill
     start = timed(device)
     while int(next_id) not in eos_ids:  # the harness reads each token; the library does not
@@ -58,10 +88,26 @@ def generate_answer(
     decode_s = timed(device) - start
     return {
         "tokens": tokens,
-        "prefill_s": prefill_s,
+        "prefill_s": prefilled.prefill_s,
         "decode_s_per_token": decode_s / steps if steps else None,
         "kv_bytes": cache_nbytes(cache),
     }
+
+
+@torch.inference_mode()
+def answer_logprob(model, prefilled: Prefilled, cache: Any, answer: list[int]) -> float | None:
+    """Teacher-forced log-likelihood (nats) of ``answer`` after the prompt: the first token
+    from the prefill's distribution, each next one from a decode step over ``cache`` (the real
+    decode path of the setting: its selection and its eviction)."""
+    if not answer:
+        return None
+    total = float(prefilled.logprobs[answer[0]])
+    device = prefilled.logprobs.device
+    for token, following in zip(answer, answer[1:]):
+        ids = torch.tensor([[token]], device=device)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        total += float(torch.log_softmax(out.logits[0, -1].float(), -1)[following])
+    return total
 
 
 @torch.inference_mode()
@@ -94,12 +140,36 @@ def fidelity_scores(
 class SampleRunner:
     """Runs every setting on one generated sample; keeps the dense fidelity reference in memory."""
 
-    def __init__(self, model, tokenizer, sample, options: HookOptions) -> None:
+    def __init__(
+        self, model, tokenizer, sample, options: HookOptions, reuse_prefill: bool = True
+    ) -> None:
         self.model, self.tokenizer, self.sample = model, tokenizer, sample
         self.options = options
+        self.reuse_prefill = reuse_prefill
         self.device = next(model.parameters()).device
         self.ids = torch.tensor([sample.input_ids], device=self.device)
         self._dense_logprobs: torch.Tensor | None = None
+        self._dense_logprobs_s = 0.0
+        self._dense_prefill: Prefilled | None = None
+
+    def prefills_densely(self, setting: Setting) -> bool:
+        """True when ``setting`` runs the prompt exactly as dense does (a dense or decode-only
+        prefill method, no eviction), so its decode can start from dense's prefilled cache."""
+        method = setting.parts[0]
+        return setting.evict is None and (
+            setting.prefill.name == "dense" or not (method.phases & {Phase.PREFILL})
+        )
+
+    def _prefilled(self) -> Prefilled:
+        """The dense prefill of this sample, run once (through the hook, as dense runs it)."""
+        if self._dense_prefill is None:
+            with (
+                PeakMemory(self.device) as peak,
+                sparse_attention(self.model, "dense", **self.options.kwargs()),
+            ):
+                self._dense_prefill = prefill(self.model, self.ids)
+            self._dense_prefill.peak_mb = peak.peak_mb
+        return self._dense_prefill
 
     @property
     def is_fidelity(self) -> bool:
@@ -107,7 +177,9 @@ class SampleRunner:
 
     def _dense_reference(self) -> torch.Tensor:
         if self._dense_logprobs is None:
-            self._dense_logprobs, _ = last_logprobs(self.model, self.ids, self._positions())
+            self._dense_logprobs, self._dense_logprobs_s = last_logprobs(
+                self.model, self.ids, self._positions()
+            )
         return self._dense_logprobs
 
     def _eos_ids(self) -> set[int]:
@@ -118,41 +190,89 @@ class SampleRunner:
     def _positions(self) -> int:
         return min(FIDELITY_POSITIONS, self.ids.shape[1] - 1)
 
+    def answer_ids(self) -> list[int]:
+        """The reference answer as tokens (references joined by ', '), what the answer
+        likelihood scores right after the prompt."""
+        text = ", ".join(self.sample.references)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
     def run(self, setting: Setting, task) -> dict[str, Any]:
-        """Record fields measured for ``setting`` (everything but the identifying ones)."""
-        with (
-            PeakMemory(self.device) as peak,
-            sparse_attention(self.model, **setting.hook_kwargs(), **self.options.kwargs()) as stats,
-        ):
-            if self.is_fidelity:
-                logprobs, prefill_s = last_logprobs(self.model, self.ids, self._positions())
-                result = {
-                    "tokens": [],
-                    "prefill_s": prefill_s,
-                    "decode_s_per_token": None,
-                    "kv_bytes": None,
-                }
-            else:
-                result = generate_answer(
-                    self.model, self.ids, self.sample.max_new_tokens, self._eos_ids()
-                )
-        answer = self.tokenizer.decode(result["tokens"], skip_special_tokens=True)
-        extra: dict[str, Any] = {}
+        """Record fields measured for ``setting`` (everything but the identifying ones).
+
+        A setting that runs the prompt exactly as dense does (``prefills_densely``) starts from
+        this sample's one dense prefill when ``reuse_prefill``: its prefill seconds and peak
+        are that prefill's, its decode runs on a copy of that cache, and the record says so
+        (``prefill_reused``). Besides the generated answer, the teacher-forced log-likelihood
+        of the reference answer (``answer_logprob``) goes through the same prefill and decode
+        path. Peak memory is the prefill's and the generation's; the copy of the prompt's cache
+        kept for the likelihood (or the shared dense prefill) is not counted.
+        """
         if self.is_fidelity:
-            targets = self.ids[0, -self._positions() :]
-            extra.update(fidelity_scores(self._dense_reference(), logprobs, targets))
-            score = float(torch.tensor(-extra["kl"]).exp())
-        else:
-            score = float(task.score(answer, list(self.sample.references)))
+            return self._run_fidelity(setting)
+        reuse = self.reuse_prefill and self.prefills_densely(setting)
+        shared = self._prefilled() if reuse else None  # before the block: it runs under dense
+        answer_ids = self.answer_ids()
+        with sparse_attention(
+            self.model, **setting.hook_kwargs(), **self.options.kwargs()
+        ) as stats:
+            with PeakMemory(self.device) as peak:
+                own = shared if shared is not None else prefill(self.model, self.ids)
+                cache = copy.deepcopy(own.cache) if shared is not None else own.cache
+                spare = copy.deepcopy(own.cache) if shared is None and answer_ids else None
+                result = generate_answer(
+                    self.model, own, cache, self.sample.max_new_tokens, self._eos_ids()
+                )
+            densities = stats.density("prefill"), stats.density("decode")
+            kept = shared.cache if shared is not None else spare
+            kept_mb = cache_nbytes(kept) / 2**20 if kept is not None else 0.0
+            del cache
+            fresh = spare if spare is not None else copy.deepcopy(own.cache)
+            logprob = answer_logprob(self.model, own, fresh, answer_ids)
+        answer = self.tokenizer.decode(result["tokens"], skip_special_tokens=True)
+        peak_mb = None if peak.peak_mb is None else peak.peak_mb - kept_mb
+        if shared is not None and shared.peak_mb is not None and peak_mb is not None:
+            peak_mb = max(peak_mb, shared.peak_mb)
         return {
-            "score": score,
-            "prefill_density": stats.density("prefill"),
-            "decode_density": stats.density("decode"),
+            "score": float(task.score(answer, list(self.sample.references))),
+            "answer_logprob": logprob,
+            "prefill_density": 1.0 if reuse else densities[0],
+            "decode_density": densities[1],
             "prefill_s": result["prefill_s"],
             "decode_s_per_token": result["decode_s_per_token"],
             "kv_bytes": result["kv_bytes"],
-            "peak_memory_mb": peak.peak_mb,
+            "peak_memory_mb": peak_mb,
             "peak_memory_method": peak.method,
+            "prefill_reused": reuse,
             "answer": answer,
+            "extra": {},
+        }
+
+    def _run_fidelity(self, setting: Setting) -> dict[str, Any]:
+        """The label-free task: next-token distributions of the prompt's last positions against
+        dense's (a setting whose prefill is dense's reuses dense's, exactly)."""
+        reuse = self.reuse_prefill and self.prefills_densely(setting)
+        dense = self._dense_reference()  # outside the setting's block, as for every setting
+        with (
+            sparse_attention(self.model, **setting.hook_kwargs(), **self.options.kwargs()) as stats,
+            PeakMemory(self.device) as peak,
+        ):
+            if reuse:
+                logprobs, prefill_s = dense, self._dense_logprobs_s
+            else:
+                logprobs, prefill_s = last_logprobs(self.model, self.ids, self._positions())
+        targets = self.ids[0, -self._positions() :]
+        extra = fidelity_scores(dense, logprobs, targets)
+        return {
+            "score": float(torch.tensor(-extra["kl"]).exp()),
+            "answer_logprob": None,
+            "prefill_density": 1.0 if reuse else stats.density("prefill"),
+            "decode_density": None,
+            "prefill_s": prefill_s,
+            "decode_s_per_token": None,
+            "kv_bytes": None,
+            "peak_memory_mb": None if reuse else peak.peak_mb,  # reused: nothing ran
+            "peak_memory_method": peak.method,
+            "prefill_reused": reuse,
+            "answer": "",
             "extra": extra,
         }

@@ -7,6 +7,8 @@ from collections import defaultdict
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .stats import bootstrap_interval, paired_differences
+
 
 @dataclass
 class SummaryRow:
@@ -24,6 +26,14 @@ class SummaryRow:
     prefill_speedup: float | None
     decode_speedup: float | None
     peak_memory_mb_mean: float | None
+    score_delta: float | None = None  # mean paired (setting - dense) score over shared samples
+    score_delta_low: float | None = None  # its 95% bootstrap interval
+    score_delta_high: float | None = None
+    loglik_delta: float | None = None  # mean paired answer log-likelihood (nats) vs dense
+    loglik_delta_low: float | None = None
+    loglik_delta_high: float | None = None
+    verdict: str = ""  # vs dense by the score interval: better / worse / indistinguishable
+    loglik_verdict: str = ""  # the same by the answer log-likelihood interval
     pareto: bool = False
     informative: bool = True
 
@@ -47,10 +57,20 @@ def _speedup(dense: dict[int, dict], mine: dict[int, dict], key: str) -> float |
     )
 
 
+LEVELS = {"better": 1, "indistinguishable": 0, "reference": 0, "worse": -1}
+
+
+def score_level(row: SummaryRow) -> float:
+    """What the Pareto front compares: the verdict against dense when there is one (only real
+    differences count: a setting indistinguishable from dense ranks with dense), else the mean."""
+    return LEVELS[row.verdict] if row.verdict else row.score_mean
+
+
 def pareto_flags(rows: list[SummaryRow]) -> None:
-    """Mark rows not dominated in (higher score, lower prefill density); dense counts as density 1."""
+    """Mark rows not dominated in (higher score level, lower prefill density); dense counts as
+    density 1."""
     points = [
-        (r.score_mean, 1.0 if r.prefill_density_mean is None else r.prefill_density_mean)
+        (score_level(r), 1.0 if r.prefill_density_mean is None else r.prefill_density_mean)
         for r in rows
     ]
     for row, (score, density) in zip(rows, points):
@@ -67,6 +87,7 @@ def summarize(records: list[dict[str, Any]]) -> list[SummaryRow]:
         cells[(r["task"], r["length"], r["setting"])][r["sample"]] = r
         methods[r["setting"]] = r["method"]
     rows: list[SummaryRow] = []
+    differences: dict[tuple, list] = defaultdict(list)  # (length, setting): [(mine, dense)]
     for (task, length, setting), by_sample in sorted(cells.items()):
         recs = list(by_sample.values())
         scores = [r["score"] for r in recs]
@@ -87,6 +108,9 @@ def summarize(records: list[dict[str, Any]]) -> list[SummaryRow]:
                 peak_memory_mb_mean=_mean([r.get("peak_memory_mb") for r in recs]),
             )
         )
+        if dense:
+            compare(rows[-1], [(by_sample, dense)])
+            differences[(length, setting)].append((by_sample, dense))
     groups: dict[tuple, list[SummaryRow]] = defaultdict(list)
     for row in rows:
         groups[(row.task, row.length)].append(row)
@@ -95,11 +119,32 @@ def summarize(records: list[dict[str, Any]]) -> list[SummaryRow]:
         for row in group:
             row.informative = dense_row is None or dense_row.score_mean >= 0.3
         pareto_flags(group)
-    rows += _aggregate_all(rows)
+    rows += _aggregate_all(rows, differences)
     return rows
 
 
-def _aggregate_all(rows: list[SummaryRow]) -> list[SummaryRow]:
+def compare(row: SummaryRow, pairs: list[tuple[dict, dict]]) -> None:
+    """Fill ``row``'s paired differences against dense, their intervals and verdicts.
+
+    Args:
+        pairs: ({sample: record} of the setting, {sample: record} of dense) per task; pooled
+            over tasks, each (task, sample) is one unit.
+    """
+    if row.setting == "dense":
+        row.verdict = row.loglik_verdict = "reference"
+        return
+    for key, prefix in (("score", "score"), ("answer_logprob", "loglik")):
+        values = [d for mine, dense in pairs for d in paired_differences(mine, dense, key)]
+        interval = bootstrap_interval(values)
+        if interval is None:
+            continue
+        setattr(row, f"{prefix}_delta", interval.mean)
+        setattr(row, f"{prefix}_delta_low", interval.low)
+        setattr(row, f"{prefix}_delta_high", interval.high)
+        setattr(row, "verdict" if prefix == "score" else "loglik_verdict", interval.verdict)
+
+
+def _aggregate_all(rows: list[SummaryRow], differences: dict[tuple, list]) -> list[SummaryRow]:
     by_setting: dict[tuple, list[SummaryRow]] = defaultdict(list)
     for row in rows:
         by_setting[(row.length, row.setting)].append(row)
@@ -121,6 +166,8 @@ def _aggregate_all(rows: list[SummaryRow]) -> list[SummaryRow]:
                 peak_memory_mb_mean=_mean([r.peak_memory_mb_mean for r in group]),
             )
         )
+        if differences.get((length, setting)):
+            compare(out[-1], differences[(length, setting)])
     by_length: dict[int, list[SummaryRow]] = defaultdict(list)
     for row in out:
         by_length[row.length].append(row)

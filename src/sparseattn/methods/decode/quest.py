@@ -127,8 +127,9 @@ class Quest(Method):
         bounds = self.bounds(view)
         B, Hq, _, D = q.shape
         rows = q.float().view(B, ctx.num_kv_heads, ctx.groups, D)  # (B, Hkv, g, D)
-        low, high = bounds.low[:, :, None], bounds.high[:, :, None]  # (B, Hkv, 1, nP, D)
-        scores = torch.maximum(rows[..., None, :] * low, rows[..., None, :] * high).sum(-1)
+        # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min: two matmuls, no (nP, D) product
+        high = torch.matmul(rows.clamp(min=0), bounds.high.transpose(-1, -2))
+        scores = torch.matmul(rows.clamp(max=0), bounds.low.transpose(-1, -2)).add_(high)
         forced = self.forced_pages(ctx, n_pages)  # (B or 1, 1 or Hkv, nP)
         if self.per_query_head:
             scores = scores.view(B, Hq, n_pages)  # (B, Hq, nP)

@@ -218,6 +218,29 @@ def test_bench_recall_records(capsys, tmp_path):
     assert all(r["layer"] == 1 and 0 < r["density"] <= 1 for r in records)
 
 
+def test_bench_recall_on_decode_steps(capsys):
+    """Decode selections scored on real decode steps: the exact top-k reads the most mass any
+    k tokens per head can hold (here at least TokenSelect's k per KV head and Quest's pages),
+    a budget covering the cache is dense, and prefill-only methods are refused by name."""
+    args = ["bench", "recall", "--json", "--model", "tiny-random-llama", "--phase", "decode"]
+    args += ["--lengths", "300", "--steps", "3", "--layers", "0", "1"]
+    grid = ["--grid", "decode_oracle.budget=64,1000", "--grid", "tokenselect.budget=64"]
+    grid += ["--grid", "tokenselect.reuse_threshold=2.0", "--grid", "quest.budget=64"]
+    assert main([*args, "--method", "decode_oracle,tokenselect,quest", *grid]) == 0
+    records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert {r["phase"] for r in records} == {"decode"} and {r["layer"] for r in records} == {0, 1}
+    by = {(r["setting"], r["layer"]): r for r in records}
+    for layer in (0, 1):
+        oracle = by[("decode_oracle[budget=64]", layer)]
+        assert by[("decode_oracle[budget=1000]", layer)]["recall"] == pytest.approx(1.0)
+        assert by[("decode_oracle[budget=1000]", layer)]["density"] == pytest.approx(1.0)
+        assert oracle["density"] == pytest.approx(64 / 301, abs=0.01)
+        for other in ("tokenselect[budget=64,reuse_threshold=2.0]", "quest[budget=64]"):
+            assert 0 < by[(other, layer)]["recall"] <= oracle["recall"] + 1e-6
+    assert main([*args, "--method", "xattention"]) == 2
+    assert "select(s) only at prefill" in capsys.readouterr().err
+
+
 def test_profile_command_writes_a_loadable_profile(tmp_path, capsys):
     from sparseattn.profiles import load_profile
 

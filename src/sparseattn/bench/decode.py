@@ -73,6 +73,7 @@ def run_setting(
         "seen_tokens": max(held),
         "density": stats.density("decode"),
         "select_share": decode["select_s"] / max(decode["select_s"] + decode["attend_s"], 1e-12),
+        "counters": {name: stats.counter(name) for name in sorted(stats.counters)},
         "peak_mb": peak.peak_mb,
         "peak_added_mb": None if peak.peak_mb is None else peak.peak_mb - (peak.start_mb or 0.0),
     }
@@ -127,6 +128,7 @@ def run_decode_bench(
                 "speedup_vs_dense_hook": round(dense["s_per_token"] / sparse["s_per_token"], 3),
                 "decode_density": round(sparse["density"] or 1.0, 4),
                 "select_share": round(sparse["select_share"], 4),
+                "counters": sparse["counters"],  # the method's own (cache hits, recall ...)
                 "kv_bytes_dense": dense["kv_bytes"],
                 "kv_bytes": sparse["kv_bytes"],
                 "kv_ratio": round(sparse["kv_bytes"] / max(dense["kv_bytes"], 1), 4),

@@ -15,8 +15,7 @@ _BIG = 2**31 - 1
 @register_method
 @dataclass
 class Delta(CrossLayer):
-    """DELTA (Entezari Zarch et al., 2025, arXiv:2510.09883): dynamic layer-aware token
-    attention.
+    """DELTA (Entezari Zarch et al., 2025, arXiv:2510.09883): Δ-layers choose, later layers read.
 
     Layers below ``full_layers`` attend densely; from there a selection layer (a Δ-layer) every
     ``select_every`` layers attends densely and chooses the ``budget`` tokens with the most

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import left_padded_batch, make_model
@@ -25,7 +27,12 @@ SPARSE = {
     "quest": {"budget": 64, "block_size": 16},
     "tokenselect": {"budget": 64, "sink": 4, "window": 8},
     "decode_oracle": {"budget": 64},
+    "tidaldecode": {"budget": 64, "sink": 4, "window": 8},
+    "delta": {"budget": 64, "sink": 4, "window": 8},
 }
+# the layer of the lone contract call where a method's role depends on the layer: cross-layer
+# methods are dense below full_layers, so the call is a later layer that finds nothing shared
+CONTRACT_LAYER = {"tidaldecode": 5, "delta": 5}
 
 
 def decode_methods() -> list[str]:
@@ -61,6 +68,7 @@ def test_decode_contract(name):
     """Static shapes, the current token always read, budget respected, deterministic, the
     gather backend equals the reference, and the dense limit reads everything."""
     q, k, v, ctx = decode_call()
+    ctx = dataclasses.replace(ctx, layer_idx=CONTRACT_LAYER.get(name, 0))
     method = build_method(name, **SPARSE.get(name, {}))
     selection = method.select_decode(q, DecodeView(k), ctx)
     if name == "dense":

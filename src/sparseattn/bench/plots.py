@@ -143,7 +143,7 @@ def recall_curves(records: list[dict], path: str | Path) -> None:
                 )
         for method, xy in sorted(by_method.items()):
             xy.sort()
-            style = "--" if method.startswith("oracle") else "-"
+            style = "--" if "oracle" in method else "-"
             ax.plot([x for x, _ in xy], [y for _, y in xy], style, marker="o", label=method)
         ax.set_title(f"{length} tokens")
         ax.set_xlabel("measured density")

@@ -25,6 +25,7 @@ SPARSE = {
     "quest": {"budget": 64, "block_size": 16},
     "tokenselect": {"budget": 64, "sink": 4, "window": 8},
     "decode_oracle": {"budget": 64},
+    "retrieval_attention": {"budget": 64, "sink": 4, "window": 8},
 }
 
 

@@ -29,6 +29,7 @@ SPARSE = {
     "decode_oracle": {"budget": 64},
     "tidaldecode": {"budget": 64, "sink": 4, "window": 8},
     "delta": {"budget": 64, "sink": 4, "window": 8},
+    "retrieval_attention": {"budget": 64, "sink": 4, "window": 8},
 }
 # the layer of the lone contract call where a method's role depends on the layer: cross-layer
 # methods are dense below full_layers, so the call is a later layer that finds nothing shared

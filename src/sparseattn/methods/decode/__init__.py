@@ -3,4 +3,4 @@
 Importing this package registers the built-in ones.
 """
 
-from . import delta, oracle, quest, tidal, tokenselect  # noqa: F401  (registration side effects)
+from . import delta, oracle, quest, retrieval, tidal, tokenselect  # noqa: F401  (registration side effects)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import left_padded_batch, make_model
@@ -17,6 +19,9 @@ from sparseattn.types import AttentionContext, DecodeView, PageSelection, Phase,
 
 torch.set_grad_enabled(False)
 
+# a hand-made channels profile for decode_call's shapes (1 layer, 2 KV heads, D = 16)
+CHANNELS = str(Path(__file__).parent / "data" / "channels-contract.json")
+
 # knobs that make every decode method sparse on a 300-token cache
 SPARSE = {
     "streaming": {"sink": 16, "window": 32, "block_size": 16},
@@ -25,6 +30,7 @@ SPARSE = {
     "quest": {"budget": 64, "block_size": 16},
     "tokenselect": {"budget": 64, "sink": 4, "window": 8},
     "decode_oracle": {"budget": 64},
+    "double_sparsity": {"budget": 64, "sink": 4, "window": 8, "channels": 4, "profile": CHANNELS},
 }
 
 

@@ -3,4 +3,4 @@
 Importing this package registers the built-in ones.
 """
 
-from . import oracle, quest, tokenselect  # noqa: F401  (registration side effects)
+from . import double_sparsity, oracle, quest, tokenselect  # noqa: F401  (registration side effects)

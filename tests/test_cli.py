@@ -258,6 +258,24 @@ def test_profile_command_writes_a_loadable_profile(tmp_path, capsys):
     assert "at least 256 tokens" in capsys.readouterr().err
 
 
+def test_profile_command_writes_a_channels_profile_double_sparsity_runs_with(tmp_path, capsys):
+    from sparseattn.models import tiny_random_llama
+    from sparseattn.profiles import load_profile
+
+    out = tmp_path / "tiny-channels.json"
+    args = ["profile", "--model", "tiny-random-llama", "--kind", "channels", "--lengths", "512"]
+    assert main([*args, "--samples", "1", "--seed", "3", "--out", str(out)]) == 0
+    profile = load_profile(str(out), "channels")
+    assert profile.model["id"] == "tiny-random-llama" and profile.model["head_dim"] == 16
+    assert profile.calibration["lengths"] == [512] and profile.calibration["seed"] == 3
+    assert [len(table) for table in profile.heads[0.0]] == [2, 2]  # 2 layers x 2 KV heads
+    assert (
+        "top 16 channels: mean share of |q.k| channel importance 1.000" in capsys.readouterr().err
+    )
+    method = sparseattn.build_method("double_sparsity", channels=4, budget=64, profile=str(out))
+    method.bind(tiny_random_llama(vocab_size=128).config)  # made for this architecture: accepted
+
+
 def test_recall_curve_families_and_plot_errors(capsys):
     from sparseattn.bench.plots import _family
 

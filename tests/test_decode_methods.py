@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ from sparseattn.types import AttentionContext, DecodeView, PageSelection, Phase,
 
 torch.set_grad_enabled(False)
 
+# a hand-made channels profile for decode_call's shapes (1 layer, 2 KV heads, D = 16)
+CHANNELS = str(Path(__file__).parent / "data" / "channels-contract.json")
+
 # knobs that make every decode method sparse on a 300-token cache
 SPARSE = {
     "streaming": {"sink": 16, "window": 32, "block_size": 16},
@@ -30,6 +34,7 @@ SPARSE = {
     "tidaldecode": {"budget": 64, "sink": 4, "window": 8},
     "delta": {"budget": 64, "sink": 4, "window": 8},
     "retrieval_attention": {"budget": 64, "sink": 4, "window": 8},
+    "double_sparsity": {"budget": 64, "sink": 4, "window": 8, "channels": 4, "profile": CHANNELS},
 }
 # the layer of the lone contract call where a method's role depends on the layer: cross-layer
 # methods are dense below full_layers, so the call is a later layer that finds nothing shared

@@ -212,15 +212,17 @@ def test_calibrated_profile_round_trips_and_drives_the_model(tmp_path, kind, mon
 def test_shipped_profiles_are_well_formed():
     shipped = shipped_profiles()
     assert {"smollm2-135m-minference", "smollm2-135m-xattention"} <= set(shipped)
+    assert {"smollm2-135m-channels", "gemma3-270m-channels"} <= set(shipped)
     for name, path in shipped.items():
         kind = name.rsplit("-", 1)[1]
         profile = load_profile(name, kind)
         data = json.loads(path.read_text())
         assert data["calibration"]["lengths"] and "seed" in data["calibration"]
+        per_layer = "num_key_value_heads" if kind == "channels" else "num_attention_heads"
         for level in profile.levels:
             table = profile.heads[level]
             assert len(table) == profile.model["num_hidden_layers"]
-            assert all(len(row) == profile.model["num_attention_heads"] for row in table)
+            assert all(len(row) == profile.model[per_layer] for row in table)
         assert path.stat().st_size < 64 * 1024
 
 
@@ -243,7 +245,7 @@ def test_minference_leaves_sliding_layers_as_they_are():
     assert torch.equal(sel, layout.visible[:, None].expand_as(sel))
 
 
-@pytest.mark.parametrize("kind", ["minference", "xattention"])
+@pytest.mark.parametrize("kind", ["minference", "xattention", "channels"])
 def test_shipped_smollm2_profile_matches_the_real_model_config(kind):
     """The built-in model's own config (read from its GGUF file) finds its shipped profile."""
     from transformers import AutoConfig

@@ -421,18 +421,28 @@ def cmd_profile(args) -> int:
         progress=progress,
     )
     write_profile(str(out), profile)
-    skip = set(profile["calibration"]["sliding_layers"]) if args.kind == "minference" else set()
+    for line in _profile_summary(args.kind, profile):
+        print(line, file=sys.stderr)
+    print(f"profile: {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _profile_summary(kind: str, profile: dict) -> list[str]:
+    """One line per level of a calibrated profile: what its heads keep, averaged over layers."""
+    lines = []
+    if kind == "channels":
+        for r, row in sorted(profile["summary"].items()):
+            share = sum(row["share"]) / len(row["share"])
+            lines.append(f"top {r:g} channels: mean share of |q.k| channel importance {share:.3f}")
+        return lines
+    skip = set(profile["calibration"]["sliding_layers"]) if kind == "minference" else set()
     for level, row in sorted(profile["summary"].items()):
         used = [i for i in range(len(row["recall"])) if i not in skip]
         recall = sum(row["recall"][i] for i in used) / len(used)
         density = sum(row["density"][i] for i in used) / len(used)
-        name = "budget" if args.kind == "minference" else "target recall"
-        print(
-            f"{name} {level:g}: mean recall {recall:.3f}, mean density {density:.3f}",
-            file=sys.stderr,
-        )
-    print(f"profile: {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    return 0
+        name = "budget" if kind == "minference" else "target recall"
+        lines.append(f"{name} {level:g}: mean recall {recall:.3f}, mean density {density:.3f}")
+    return lines
 
 
 def _emit(record: dict, as_json: bool) -> None:
@@ -581,17 +591,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "profile",
-        help="calibrate per-head patterns (minference) or thresholds (xattention) for a model",
+        help="calibrate per-head patterns (minference), thresholds (xattention) or channel "
+        "rankings (channels, for double_sparsity) for a model",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument("--kind", required=True, choices=["minference", "xattention"])
+    p.add_argument(
+        "--kind",
+        required=True,
+        choices=["minference", "xattention", "channels"],
+        help="minference: a pattern per head per tile-density budget; xattention: a threshold "
+        "per head per target recall; channels: each KV head's channels ranked by mean |q_d k_d|",
+    )
     p.add_argument("--out", required=True, help="the profile to write, FILE.json")
     p.add_argument("--lengths", default="4k", help="calibration input lengths (default 4k)")
     p.add_argument(
         "--samples", type=int, default=1, help="inputs per (length, calibration task) (default 1)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated calibration inputs")
-    p.add_argument("--block-size", type=int, default=128, choices=[16, 32, 64, 128, 256])
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=128,
+        choices=[16, 32, 64, 128, 256],
+        help="tile size (minference, xattention)",
+    )
     p.add_argument("--stride", type=int, default=8, choices=[4, 8, 16], help="xattention stride")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")

@@ -1,4 +1,5 @@
-"""Per-head profile calibration for ``minference`` and ``xattention`` (``sparseattn profile``).
+"""Per-head profile calibration for ``minference`` and ``xattention`` (``sparseattn profile``);
+``channels`` profiles (``double_sparsity``) are made by ``bench/channels.py`` on the same inputs.
 
 Queries and keys of every layer are captured from dense forward passes over generated inputs
 (the fidelity prose and two harness tasks). For each (layer, head) the exact tile mass is the
@@ -26,6 +27,7 @@ from ..methods.xattention import antidiagonal_tile_scores
 from ..profiles import KINDS, fingerprint, save_profile
 from ..registry import build_method
 from ..types import BlockSelection
+from .channels import channel_profile, mean_importance
 from .recall import capture_qk
 
 CALIBRATION_TASKS = ("fidelity", "niah_single", "variable_tracking")
@@ -130,16 +132,29 @@ def calibrate(
     """Calibrate a profile; returns the keyword arguments of ``save_profile``.
 
     Args:
-        kind: "minference" or "xattention".
+        kind: "minference", "xattention" or "channels".
         model_id: The name the model was loaded by (recorded in the profile).
         lengths: Calibration input lengths in tokens.
         samples: Inputs per (length, task).
-        block_size: Tile size the recall and density are measured at.
+        block_size: Tile size the recall and density are measured at (not channels).
         stride: XAttention's antidiagonal stride (xattention only).
         progress: Called with a label before each input.
     """
     if kind not in KINDS:
         raise UsageError(f"kind={kind!r}; allowed: {list(KINDS)}")
+    if kind == "channels":
+        importance = mean_importance(
+            model, calibration_inputs(tokenizer, lengths, seed, samples), progress
+        )
+        calibration = {
+            "lengths": list(lengths),
+            "seed": seed,
+            "samples": samples,
+            "tasks": list(CALIBRATION_TASKS),
+        }
+        return channel_profile(
+            importance, model_id=model_id, config=model.config, calibration=calibration
+        )
     device = next(model.parameters()).device
     n_layers = fingerprint(model.config)["num_hidden_layers"]
     total: torch.Tensor | None = None

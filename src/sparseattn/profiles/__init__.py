@@ -2,14 +2,17 @@
 
 A profile is a JSON file written by ``sparseattn profile``. It names the model it was made
 for (an architecture fingerprint), how it was calibrated (lengths, seed, inputs), and one entry
-per (layer, head) and level. Two kinds exist:
+per (layer, head) and level. Three kinds exist:
 
 - ``minference``: ``choices`` lists candidate patterns with their knobs; for each tile-density
   budget, ``heads[budget][layer][head]`` is the index of the choice that head uses;
 - ``xattention``: for each target recall, ``heads[target][layer][head]`` is the threshold that
-  head needs.
+  head needs;
+- ``channels`` (double_sparsity): ``heads[0][layer][kv_head]`` orders the head's channels from
+  most to least important, so any number of channels is a prefix of it.
 
-``summary[level]`` holds the calibration's mean recall and density per layer at that level.
+``summary[level]`` holds the calibration's mean recall and density per layer at that level
+(channels: ``summary[r]["share"]``, the share of channel importance the first r channels hold).
 
 Shipped profiles live next to this module as ``<model>-<kind>.json``.
 """

@@ -11,7 +11,7 @@ from ..errors import UsageError
 from .architecture import FINGERPRINT_KEYS, describe_architecture, fingerprint
 
 FORMAT = 1
-KINDS = ("minference", "xattention")
+KINDS = ("minference", "xattention", "channels")
 SHIPPED_DIR = Path(__file__).parent
 
 
@@ -25,12 +25,13 @@ class Profile:
     """A loaded profile.
 
     Attributes:
-        kind: "minference" or "xattention".
+        kind: "minference", "xattention" or "channels".
         model: The fingerprint plus ``id`` (the name the model was loaded by).
         calibration: How it was made: lengths, seed, inputs, block size, ...
         levels: The budgets (minference, tile density) or target recalls (xattention) it holds,
-            ascending.
-        heads: heads[level][layer][head] -> a choice index (minference) or a threshold.
+            ascending; channels: the one level 0.
+        heads: heads[level][layer][head] -> a choice index (minference) or a threshold;
+            channels: heads[0][layer][kv_head] -> that KV head's channels, most important first.
         choices: The candidate patterns ({"pattern", "knobs"}) of a minference profile.
         summary: summary[level] -> {"recall": [...], "density": [...]} per layer.
         source: The file it was read from.
@@ -56,7 +57,8 @@ class Profile:
         if have != want:
             raise UsageError(
                 f"profile {self.source} was made for {self.model.get('id', '?')}: "
-                f"{describe_architecture(want)}, but the model is {describe_architecture(have)}; make one for it with "
+                f"{describe_architecture(want)}, but the model is {describe_architecture(have)}; "
+                f"make one for it with "
                 f"`sparseattn profile --model MODEL --kind {self.kind} --out FILE.json`"
             )
 
@@ -70,8 +72,8 @@ class Profile:
             if made is not None and made != value:
                 raise UsageError(
                     f"profile {self.source} was calibrated with {name}={made}, but the method has "
-                    f"{name}={value}; set {name}={made} or calibrate with --{name.replace('_', '-')} "
-                    f"{value}"
+                    f"{name}={value}; set {name}={made} or calibrate with "
+                    f"--{name.replace('_', '-')} {value}"
                 )
 
     def level_at_least(self, value: float) -> float:
@@ -99,7 +101,7 @@ class Profile:
             covered = f"{len(table)} layers x {len(table[0]) if table else 0} heads"
             raise UsageError(
                 f"profile {self.source} covers {covered}, but the call is layer {layer_idx} "
-                f"with {num_heads} query heads: it was made for another model"
+                f"with {num_heads} heads: it was made for another model"
             )
         row = table[layer_idx]
         return [self.choices[i] for i in row] if self.kind == "minference" else row
@@ -145,6 +147,15 @@ def load_profile(name_or_path: str, kind: str) -> Profile:
         bad = [i for t in heads.values() for row in t for i in row if not 0 <= i < n]
         if bad:
             raise UsageError(f"profile {path}: choice index {bad[0]} outside 0..{n - 1}")
+    if kind == "channels":
+        head_dim = data.get("model", {}).get("head_dim")
+        want = list(range(head_dim)) if isinstance(head_dim, int) else None
+        bad = [r for t in heads.values() for row in t for r in row if sorted(r) != want]
+        if bad:
+            raise UsageError(
+                f"profile {path}: a channel ranking is not an order of the {head_dim} channels "
+                f"of a head: {bad[0]}"
+            )
     return Profile(
         kind=kind,
         model=data.get("model", {}),

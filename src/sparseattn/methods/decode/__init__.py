@@ -3,4 +3,13 @@
 Importing this package registers the built-in ones.
 """
 
-from . import delta, oracle, quest, retrieval, tidal, tokenselect  # noqa: F401  (registration side effects)
+# registration side effects
+from . import (  # noqa: F401
+    delta,
+    double_sparsity,
+    oracle,
+    quest,
+    retrieval,
+    tidal,
+    tokenselect,
+)

@@ -140,10 +140,15 @@ def test_selects_a_planted_key():
 # -- the label cache with a model --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("evict", [None, {"sink": 8, "window": 40}], ids=["full", "ring"])
+@pytest.mark.parametrize(
+    "evict",
+    [None, {"sink": 8, "window": 40}, {"sink": 8, "window": 40, "rerotate": True}],
+    ids=["full", "ring", "ring-rerotated"],
+)
 def test_label_cache_after_generate_equals_a_rebuild(evict, llama_profile):
     """After N decode steps the labels kept with the cache equal labels taken from the held
-    keys (a full cache appends; a bounded ring cache overwrites slots), and were built once
+    keys (a full cache appends; a bounded ring cache overwrites slots and, re-rotating, moves
+    its sinks' rotation each step), and were built once
     per layer, then only updated."""
     model = make_model("llama")
     ids, mask = left_padded_batch([90, 90], seed=2)

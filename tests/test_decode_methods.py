@@ -127,10 +127,15 @@ def test_quest_bounds_are_upper_bounds_of_every_key():
     assert (scores >= per_page - 1e-5).all()
 
 
-@pytest.mark.parametrize("evict", [None, {"sink": 8, "window": 40}], ids=["full", "ring"])
+@pytest.mark.parametrize(
+    "evict",
+    [None, {"sink": 8, "window": 40}, {"sink": 8, "window": 40, "rerotate": True}],
+    ids=["full", "ring", "ring-rerotated"],
+)
 def test_quest_incremental_bounds_equal_a_rebuild(evict):
     """After N decode steps the page bounds kept with the cache equal bounds rebuilt from keys
-    (a full cache appends; a bounded ring cache overwrites slots)."""
+    (a full cache appends; a bounded ring cache overwrites slots and, re-rotating, moves
+    its sinks' rotation each step)."""
     model = make_model("llama")
     ids, mask = left_padded_batch([90, 90], seed=2)
     quest = Quest(budget=32, block_size=16)

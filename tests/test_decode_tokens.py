@@ -109,9 +109,7 @@ def test_tokenselect_rows_are_independent_and_calls_start_clean(knobs):
 
 def decode_steps(model, knobs, steps=4):
     ids, mask = left_padded_batch([120, 97], seed=6)
-    with sparseattn.sparse_attention(
-        model, decode="tokenselect", decode_knobs=knobs, min_length=0
-    ):
+    with sparseattn.sparse_attention(model, decode="tokenselect", decode_knobs=knobs, min_length=0):
         cache = SparseCache(model)
         out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
         token, running = out.logits[:, -1:].argmax(-1), mask

@@ -152,6 +152,9 @@ class DecodeView:
         writes: Updates the layer has received so far; state records the count it has seen,
             so a method knows whether it missed an update and must rebuild.
         last_write: Slots [start, stop) written by the latest update ((0, 0) after a compaction).
+        rewritten: Other slots [start, stop) whose keys the latest update changed in place (the
+            sinks of a re-rotating ring layer, moved next to the window each step); state
+            derived from keys refreshes them too.
         seen: Tokens the layer has seen (the query's position + 1); equal across the layers of
             one decode step, so it names the step.
         shared: State shared by the layers of one cache (a selection made by one layer and
@@ -167,6 +170,7 @@ class DecodeView:
     seen: int = 0
     shared: dict = field(default_factory=dict)
     counters: dict = field(default_factory=dict)
+    rewritten: tuple[int, int] = (0, 0)
 
     def count(self, name: str, value: torch.Tensor | float) -> None:
         """Add ``value`` to the counter ``name`` (a device tensor stays on the device: no sync)."""

@@ -81,6 +81,7 @@ class KVLayer(CacheLayerMixin):
         self.holes = False  # some slot in use holds EMPTY_POSITION
         self.writes = 0  # updates so far; decode state compares it to know what it missed
         self.last_write: tuple[int, int] = (0, 0)  # slots [start, stop) of the latest update
+        self.rewritten: tuple[int, int] = (0, 0)  # other slots it changed (re-rotated sinks)
         self.state: dict[str, Any] = {}  # decode-method state of this layer, per sequence
         self._buf_k = self._buf_v = None
         self._call: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
@@ -135,6 +136,7 @@ class KVLayer(CacheLayerMixin):
         first = self.seen
         self.seen += n
         self.writes += 1
+        self.rewritten = (0, 0)
         new_positions = torch.arange(first, first + n, device=self.device)
         if self.bounded and self.width + n > self.slots:
             if n == 1 and self.width == self.slots:
@@ -278,6 +280,7 @@ class KVLayer(CacheLayerMixin):
         target = oldest - self.sink + torch.arange(self.sink, device=self.device)  # (B, sink)
         delta = (target - self.positions[:, 0, : self.sink]).clamp(min=0)
         self._buf_k[:, :, : self.sink] = self.rotation.rotate(self.sink_keys, delta)
+        self.rewritten = (0, self.sink)
 
     # -- eviction ----------------------------------------------------------------------
     def retain(self, slots: torch.Tensor, valid: torch.Tensor | None = None) -> None:

@@ -403,7 +403,16 @@ def _decode_view(plan: SparsePlan, k: torch.Tensor, layer: KVLayer | None) -> De
     if layer is None:  # a cache we only read: no state survives the step
         return DecodeView(k, counters=counters)
     shared = plan._shared.setdefault(plan.cache, {}) if plan.cache is not None else {}
-    return DecodeView(k, layer.state, layer.writes, layer.last_write, layer.seen, shared, counters)
+    return DecodeView(
+        k,
+        layer.state,
+        layer.writes,
+        layer.last_write,
+        layer.seen,
+        shared,
+        counters,
+        layer.rewritten,
+    )
 
 
 def _run_selection(

@@ -56,20 +56,19 @@ class DoubleSparsity(Method):
     calibrated channels picks the tokens, exact attention reads only them.
 
     Offline (``sparseattn profile --kind channels``) every KV head's channels are ranked by
-    importance, the mean of |q_d k_d| over the causal (query, key) pairs of calibration inputs
-    (RoPE applied, as attention sees them) and over the query heads of its group. A label cache
-    holds each slot's key on the ``channels`` top-ranked channels of its KV head, (B, Hkv, S, r);
-    it lives with the cache layer and is kept in step incrementally (only the slots the latest
-    update wrote, a ring cache's overwritten slot included; rebuilt when an update was missed,
+    importance, the mean of |q_d k_d| over the causal (query, key) pairs of calibration inputs (RoPE
+    applied, as attention sees them) and over the query heads of its group. A label cache holds each
+    slot's key on the ``channels`` top-ranked channels of its KV head, (B, Hkv, S, r); it lives with
+    the cache layer and is kept in step incrementally (only the slots the latest update wrote, a
+    ring cache's overwritten slot and re-rotated sinks included; rebuilt when an update was missed,
     e.g. after a compaction). At decode every query head scores every slot on those channels,
-    q[ch].label, scaled by the model's own 1/sqrt(D); each KV head reads the ``budget`` tokens
-    its query heads vote for (each head's softmax, summed over the group, as Quest and
-    TokenSelect do), the sink, the last ``window`` tokens and the current token always among
-    them. Choices where the paper is open: channels are chosen per KV head (the label cache is
-    per KV head; the paper has no GQA), the importance measure above, the soft vote, no
-    logit soft-capping on the approximate scores, and no offloading of the cache to the host.
-    ``profile='auto'`` uses the shipped profile of the hooked model; other models need one
-    calibrated (a ``.json`` path).
+    q[ch].label, scaled by the model's own 1/sqrt(D); each KV head reads the ``budget`` tokens its
+    query heads vote for (each head's softmax, summed over the group, as Quest and TokenSelect do),
+    the sink, the last ``window`` tokens and the current token always among them. Choices where the
+    paper is open: channels are chosen per KV head (the label cache is per KV head; the paper has no
+    GQA), the importance measure above, the soft vote, no logit soft-capping on the approximate
+    scores, and no offloading of the cache to the host. ``profile='auto'`` uses the shipped profile
+    of the hooked model; other models need one calibrated (a ``.json`` path).
     """
 
     name: ClassVar[str] = "double_sparsity"
@@ -171,6 +170,9 @@ class DoubleSparsity(Method):
                 grown[:, :, :start] = state.buffer[:, :, :start]
                 state.buffer = grown
             state.buffer[:, :, start:stop] = labels_of(keys[:, :, start:stop], channels)
+            first, last = view.rewritten
+            if last > first:  # keys changed in place (re-rotated sinks)
+                state.buffer[:, :, first:last] = labels_of(keys[:, :, first:last], channels)
             state.writes = view.writes
         view.state[self.state_key] = state
         return state.buffer[:, :, :S]

@@ -57,7 +57,8 @@ class Quest(Method):
     over the page; the top pages within ``budget`` tokens are read, plus the sink pages, the
     pages of the last ``window`` tokens and always the current page. Choices: the bounds are
     per-layer state kept with the cache and updated incrementally (only the page written by a
-    step is recomputed, which also covers ring slots overwritten by a bounded cache); with GQA
+    step is recomputed, which also covers ring slots overwritten by a bounded cache, plus the
+    sink pages a re-rotating cache rewrites); with GQA
     a page is chosen per KV head (one gather per KV head) by summing its query heads' softmax
     over their page bounds, so a head with larger logits does not drown the others; or per
     query head as in the paper with ``per_query_head=True``; the budget counts
@@ -111,6 +112,12 @@ class Quest(Method):
             low, high = page_bounds(keys[:, :, page * P : (page + 1) * P], P)
             state.low[:, :, page : page + 1] = low
             state.high[:, :, page : page + 1] = high
+            first, last = view.rewritten
+            if last > first:  # keys changed in place (re-rotated sinks): their pages too
+                a, b = first // P, -(-last // P)
+                low, high = page_bounds(keys[:, :, a * P : b * P], P)
+                state.low[:, :, a:b] = low
+                state.high[:, :, a:b] = high
             state.writes = view.writes
         view.state[self.state_key] = state
         return state

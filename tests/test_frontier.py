@@ -100,14 +100,19 @@ def test_records_resume_and_report(tiny, tmp_path):
     assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
 
 
-def test_changed_configuration_is_refused(tiny, tmp_path):
+def test_changed_configuration_is_refused_but_more_samples_extend(tiny, tmp_path):
     model, tok = tiny
-    run_frontier(
-        make_config(samples=1, tasks=[TaskSpec("fidelity")]), tmp_path, model, tok, progress=False
-    )
-    with pytest.raises(ValueError, match="different configuration.*samples"):
+    one = make_config(samples=1, tasks=[TaskSpec("fidelity")])
+    assert run_frontier(one, tmp_path, model, tok, progress=False) == 3
+    first = read_records(tmp_path / "results.jsonl")
+    more = make_config(samples=3, tasks=[TaskSpec("fidelity")])
+    assert run_frontier(more, tmp_path, model, tok, progress=False) == 6  # samples 1 and 2 only
+    records = read_records(tmp_path / "results.jsonl")
+    assert records[:3] == first  # the finished records are kept as they were
+    assert sorted(r["sample"] for r in records) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="different configuration.*seed"):
         run_frontier(
-            make_config(samples=2, tasks=[TaskSpec("fidelity")]),
+            make_config(samples=3, seed=4, tasks=[TaskSpec("fidelity")]),
             tmp_path,
             model,
             tok,

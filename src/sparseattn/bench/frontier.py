@@ -50,7 +50,11 @@ class FrontierConfig:
 
 
 def prepare_out_dir(out_dir: Path, config: FrontierConfig, resume_anyway: bool) -> None:
-    """Create DIR, check it is writable, refuse a different configuration already there."""
+    """Create DIR, check it is writable, refuse a different configuration already there.
+
+    The sample count may differ: a rerun with more samples extends every cell (the samples
+    already there are kept, not recomputed), one with fewer runs only what is missing of them.
+    """
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write_test"
@@ -65,7 +69,9 @@ def prepare_out_dir(out_dir: Path, config: FrontierConfig, resume_anyway: bool) 
     if path.exists():
         existing = json.loads(path.read_text())
         differing = sorted(
-            k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k)
+            k
+            for k in set(existing) | set(wanted)
+            if k != "samples" and existing.get(k) != wanted.get(k)
         )
         if differing and not resume_anyway:
             raise UsageError(
@@ -138,10 +144,21 @@ def run_frontier(
     done = {
         record_key(r["task"], r["length"], r["sample"], r["setting"]) for r in read_records(results)
     }
+    wanted_keys = {
+        record_key(spec.label, length, index, setting.label)
+        for length in config.lengths
+        for spec in config.tasks
+        for index in range(config.samples)
+        for setting in config.settings
+    }
     common = {"model": config.model, "versions": versions(), "seed": config.seed}
     added = 0
     bar = tqdm(
-        total=config.total(), initial=len(done), disable=not progress, desc="frontier", unit="rec"
+        total=config.total(),
+        initial=len(done & wanted_keys),  # records of other configurations do not count
+        disable=not progress,
+        desc="frontier",
+        unit="rec",
     )
     with results.open("a") as sink:
         for length in config.lengths:

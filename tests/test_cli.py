@@ -214,6 +214,8 @@ def test_bench_recall_records(capsys, tmp_path):
     by_setting = {r["setting"]: r for r in records}
     assert by_setting["oracle[block_size=32,top_p=1.0]"]["recall"] == pytest.approx(1.0)
     assert by_setting["oracle[block_size=32,top_p=1.0]"]["density"] == pytest.approx(1.0)
+    assert by_setting["oracle[block_size=32,top_p=1.0]"]["recall_last"] == pytest.approx(1.0)
+    assert all(0 <= r["recall_last"] <= 1 + 1e-6 for r in records)
     assert by_setting["oracle[block_size=32,top_p=0.5]"]["recall"] >= 0.5
     assert all(r["layer"] == 1 and 0 < r["density"] <= 1 for r in records)
 

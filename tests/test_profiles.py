@@ -22,6 +22,7 @@ from sparseattn.bench.calibrate import (
     calibrate,
     write_profile,
 )
+from sparseattn.errors import UsageError
 from sparseattn.profiles import fingerprint, load_profile, shipped_profiles
 from sparseattn.registry import build_method
 
@@ -264,3 +265,32 @@ def test_profile_refuses_other_tile_size_or_stride():
     with pytest.raises(ValueError, match="calibrated with stride=8"):
         build_method("xattention", stride=16, profile="smollm2-135m-xattention")
     build_method("xattention", stride=8, profile="smollm2-135m-xattention")  # matches: fine
+
+
+def test_last_weight_objective_mixes_the_last_query_tiles_recall():
+    """Hand-computed: over 2 query tiles x 2 key tiles, a mask missing the last row's column 0."""
+    from sparseattn.bench.calibrate import _head_scores
+
+    _, _, _, ctx = make_call(64, 64)  # tiles of 32: a 2 x 2 causal map
+    layout = BlockLayout(ctx, 32)
+    mass = torch.tensor([[1.0, 0.0], [0.8, 0.2]]).expand(ctx.batch, ctx.num_q_heads, 2, 2)
+    mask = torch.tensor([[True, False], [False, True]]).expand_as(mass)
+    overall = (1.0 + 0.2) / 2.0  # each query tile's row holds one unit of mass
+    last = 0.2
+    for weight in (0.0, 0.5, 1.0):
+        recall, _ = _head_scores(mass, mask, layout, weight)
+        expected = (1 - weight) * overall + weight * last
+        torch.testing.assert_close(recall, torch.full_like(recall, expected))
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5])
+def test_last_weight_outside_0_1_is_refused(weight):
+    with pytest.raises(UsageError, match=f"last_weight={weight}.*allowed range"):
+        calibrate(
+            make_model("llama"),
+            None,
+            kind="minference",
+            model_id="t",
+            lengths=[64],
+            last_weight=weight,
+        )

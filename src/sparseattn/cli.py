@@ -418,6 +418,7 @@ def cmd_profile(args) -> int:
         samples=args.samples,
         block_size=args.block_size,
         stride=args.stride,
+        last_weight=args.last_weight,
         progress=progress,
     )
     write_profile(str(out), profile)
@@ -616,6 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tile size (minference, xattention)",
     )
     p.add_argument("--stride", type=int, default=8, choices=[4, 8, 16], help="xattention stride")
+    p.add_argument(
+        "--last-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="minference, xattention: judge each head by (1 - W) x its recall over every query "
+        "+ W x its recall over the last query tile (default 0)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_profile)

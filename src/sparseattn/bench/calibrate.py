@@ -4,7 +4,10 @@
 Queries and keys of every layer are captured from dense forward passes over generated inputs
 (the fidelity prose and two harness tasks). For each (layer, head) the exact tile mass is the
 oracle; every candidate is scored by recall (kept share of that mass) and measured tile
-density, averaged over the inputs. Then:
+density, averaged over the inputs. With ``last_weight`` w > 0 the recall a head is judged by
+is (1 - w) x the recall over every query + w x the recall over the last query tile alone (the
+question and the first answer token read from there: a pattern that keeps most of the mass
+on average can still miss the one column the last queries need). Then:
 
 - minference: for each budget, each head takes the candidate pattern with the highest recall
   among those whose density fits the budget (the sparsest candidate if none fits);
@@ -61,15 +64,22 @@ def calibration_inputs(
 
 
 def _head_scores(
-    mass: torch.Tensor, selection_mask: torch.Tensor, layout: BlockLayout
+    mass: torch.Tensor, selection_mask: torch.Tensor, layout: BlockLayout, last_weight: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Hq,) recall of the true mass and measured density of a selection, batch-averaged."""
+    """(Hq,) recall of the true mass (the last query tile weighted by ``last_weight``) and
+    measured density of a selection, batch-averaged."""
     recall = (mass * selection_mask).sum((-1, -2)) / mass.sum((-1, -2)).clamp_min(1e-12)
+    if last_weight:
+        last, kept = mass[..., -1, :], selection_mask[..., -1, :]
+        last_recall = (last * kept).sum(-1) / last.sum(-1).clamp_min(1e-12)
+        recall = (1.0 - last_weight) * recall + last_weight * last_recall
     computed, visible = layout.density(BlockSelection(selection_mask, layout.block_size))
     return recall.mean(0), (computed / visible).float().mean(0)
 
 
-def _score_layer(kind: str, q, k, ctx, block_size: int, stride: int) -> torch.Tensor:
+def _score_layer(
+    kind: str, q, k, ctx, block_size: int, stride: int, last_weight: float = 0.0
+) -> torch.Tensor:
     """(n_candidates, 2, Hq): recall and density of every candidate on one layer's call."""
     layout = BlockLayout(ctx, block_size)
     mass = true_tile_mass(q, k, ctx, layout)
@@ -77,13 +87,14 @@ def _score_layer(kind: str, q, k, ctx, block_size: int, stride: int) -> torch.Te
     if kind == "minference":
         for choice in MINFERENCE_CHOICES:
             method = build_method(choice["pattern"], block_size=block_size, **choice["knobs"])
-            rows.append(_head_scores(mass, method.select(q, k, ctx, layout).mask, layout))
+            mask = method.select(q, k, ctx, layout).mask
+            rows.append(_head_scores(mass, mask, layout, last_weight))
     else:
         scores = antidiagonal_tile_scores(q, k, ctx, layout, stride)
         for threshold in XATTENTION_THRESHOLDS:
             mask = keep_cumulative_mass(scores, threshold)
             mask[..., 0] = True
-            rows.append(_head_scores(mass, layout.finalize(mask).mask, layout))
+            rows.append(_head_scores(mass, layout.finalize(mask).mask, layout, last_weight))
     return torch.stack([torch.stack(r) for r in rows])
 
 
@@ -127,6 +138,7 @@ def calibrate(
     samples: int = 1,
     block_size: int = 128,
     stride: int = 8,
+    last_weight: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Calibrate a profile; returns the keyword arguments of ``save_profile``.
@@ -138,10 +150,16 @@ def calibrate(
         samples: Inputs per (length, task).
         block_size: Tile size the recall and density are measured at (not channels).
         stride: XAttention's antidiagonal stride (xattention only).
+        last_weight: Weight in [0, 1] of the last query tile's recall in the objective
+            (minference and xattention; 0 = every query counts the same).
         progress: Called with a label before each input.
     """
     if kind not in KINDS:
         raise UsageError(f"kind={kind!r}; allowed: {list(KINDS)}")
+    if not 0.0 <= last_weight <= 1.0:
+        raise UsageError(f"last_weight={last_weight} is outside the allowed range [0, 1]")
+    if last_weight and kind == "channels":
+        raise UsageError("last_weight applies to minference and xattention profiles, not channels")
     if kind == "channels":
         importance = mean_importance(
             model, calibration_inputs(tokenizer, lengths, seed, samples), progress
@@ -169,7 +187,8 @@ def calibrate(
             q, k, ctx = captured.pop(layer)
             if ctx.sliding_window is not None:
                 sliding.add(layer)
-            per_layer.append(_score_layer(kind, q, k, ctx, block_size, stride).cpu())
+            scores = _score_layer(kind, q, k, ctx, block_size, stride, last_weight)
+            per_layer.append(scores.cpu())
         scores = torch.stack(per_layer)  # (layers, C, 2, Hq)
         total = scores if total is None else total + scores
         count += 1
@@ -180,6 +199,7 @@ def calibrate(
         "samples": samples,
         "tasks": list(CALIBRATION_TASKS),
         "block_size": block_size,
+        "last_weight": last_weight,
         "sliding_layers": sorted(sliding),  # minference leaves these layers' own window as is
     }
     if kind == "xattention":

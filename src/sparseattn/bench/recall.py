@@ -54,7 +54,8 @@ def run_recall_bench(
     layers: tuple[int, ...],
     seed: int = 0,
 ) -> Iterator[dict[str, Any]]:
-    """One record per (length, setting, layer): measured density and recall of the true mass."""
+    """One record per (length, setting, layer): measured density, recall of the true mass over
+    every query and over the last query tile (``recall_last``)."""
     device = next(model.parameters()).device
     methods = [s.parts[0] for s in settings]  # prefill selection (settings of one method)
     for method in methods:
@@ -78,6 +79,14 @@ def run_recall_bench(
                     "setting": setting.label,
                     "density": round(float(computed.sum() / visible.sum()), 4),
                     "recall": round(float((mass * selection.mask).sum() / mass.sum()), 4),
+                    # the last query tile alone (the question, the first answer token)
+                    "recall_last": round(
+                        float(
+                            (mass[..., -1, :] * selection.mask[..., -1, :]).sum()
+                            / mass[..., -1, :].sum()
+                        ),
+                        4,
+                    ),
                 }
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import cache_nbytes
+from ..integration.compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
 from ..integration.stats import timed
@@ -27,7 +28,7 @@ DENSE = Setting()
 def prefill_cache(model, ids: torch.Tensor, batch: int) -> tuple[DynamicCache, torch.Tensor]:
     """Prefill one prompt densely (the model's own path) and repeat it ``batch`` times."""
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     if batch > 1:
         cache.batch_repeat_interleave(batch)
     return cache, out.logits[:, -1:].argmax(-1).expand(batch, 1).contiguous()
@@ -38,7 +39,7 @@ def decode_steps(model, cache, first: torch.Tensor, steps: int, warmup: int = 2)
     token, times = first, []
     for i in range(warmup + steps):
         start = timed(token.device)
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         elapsed = timed(token.device) - start
         if i >= warmup:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..cache import cache_nbytes
+from ..integration.compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
 from ..integration.stats import timed
@@ -53,7 +54,7 @@ def run_memory_bench(
     with sparse_attention(model, **setting.hook_kwargs(), **options.kwargs()):
         start = timed(device)
         out = model(input_ids=text[:, :prompt], use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         yield _record(setting, prompt, 0, cache, timed(device) - start, None, 0)
         nll, count, start = 0.0, 0, timed(device)
         bar = tqdm(total=tokens, disable=not progress, desc=setting.label, unit="tok")
@@ -62,7 +63,7 @@ def run_memory_bench(
             logits = out.logits[:, -1].float()
             nll -= float(torch.log_softmax(logits, -1)[0, text[0, position]])
             count += 1
-            out = model(input_ids=text[:, position : position + 1], past_key_values=cache)
+            out = model(input_ids=text[:, position : position + 1], **cache_kwargs(model, cache))
             bar.update(1)
             if (step + 1) % every == 0 or step + 1 == tokens:
                 elapsed = (timed(device) - start) / count

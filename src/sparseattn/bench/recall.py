@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends.masks import BlockLayout
+from ..integration.compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..methods.base import Method
 from ..methods.oracle import true_tile_mass
@@ -115,9 +116,11 @@ def capture_decode(model, input_ids: torch.Tensor, prompt: int) -> list[dict[int
     recorder = _DecodeRecorder()
     with sparse_attention(model, decode=recorder, min_length=0):
         out = model(input_ids=input_ids[:, :prompt], use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         for position in range(prompt, input_ids.shape[1]):
-            out = model(input_ids=input_ids[:, position : position + 1], past_key_values=cache)
+            out = model(
+                input_ids=input_ids[:, position : position + 1], **cache_kwargs(model, cache)
+            )
     return recorder.steps
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..cache import cache_nbytes
+from ..integration.compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
 from ..integration.stats import timed
@@ -61,7 +62,7 @@ def prefill(model, ids: torch.Tensor) -> Prefilled:
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     prefill_s = timed(ids.device) - start
     logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
-    return Prefilled(out.past_key_values, logprobs, prefill_s)
+    return Prefilled(output_cache(out), logprobs, prefill_s)
 
 
 @torch.inference_mode()
@@ -82,7 +83,7 @@ def generate_answer(
         tokens.append(int(next_id))
         if len(tokens) == max_new_tokens:
             break
-        out = model(input_ids=next_id[:, None], past_key_values=cache, use_cache=True)
+        out = model(input_ids=next_id[:, None], **cache_kwargs(model, cache), use_cache=True)
         next_id = out.logits[:, -1].argmax(-1)
         steps += 1
     decode_s = timed(device) - start
@@ -105,7 +106,7 @@ def answer_logprob(model, prefilled: Prefilled, cache: Any, answer: list[int]) -
     device = prefilled.logprobs.device
     for token, following in zip(answer, answer[1:]):
         ids = torch.tensor([[token]], device=device)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         total += float(torch.log_softmax(out.logits[0, -1].float(), -1)[following])
     return total
 

@@ -23,6 +23,7 @@ from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..registry import build_method, build_policy
 from ..types import Phase
+from .compat import cache_argument
 from .plan import CallInput, HookOptions, SparsePlan, run_layer
 from .stats import RunStats
 
@@ -266,7 +267,7 @@ def _as_policy(evict: str | EvictionPolicy | None, knobs: dict[str, Any]) -> Evi
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
-    """The module whose forward takes ``past_key_values`` and builds the mask (the base model)."""
+    """The module whose forward takes the KV cache and builds the mask (the base model)."""
     get = getattr(model, "get_decoder", None)
     decoder = get() if callable(get) else None
     return decoder if isinstance(decoder, nn.Module) else model
@@ -367,9 +368,10 @@ def sparse_attention(
     )
     plan.make_layers()  # a layer kind we cannot hold, or a RoPE we cannot read, fails now
     decoder = decoder_of(model)
+    argument = cache_argument(decoder)
 
     def bind_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        plan.bind_cache(kwargs, getattr(module, "config", model.config))
+        plan.bind_cache(kwargs, getattr(module, "config", model.config), argument)
         return args, kwargs
 
     configs = _configs(model)

@@ -26,6 +26,7 @@ from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
 from ..types import AttentionContext, DecodeView, Phase, Selection
+from .compat import passed_cache
 from .stats import RunStats, timed
 
 PREFILL_BACKENDS = ("flex", "reference")
@@ -103,21 +104,22 @@ class SparsePlan:
     def make_layers(self) -> list[KVLayer]:
         return build_layers(self.model, self.evict, self.options.page_size)
 
-    def bind_cache(self, kwargs: dict[str, Any], config: Any) -> None:
+    def bind_cache(self, kwargs: dict[str, Any], config: Any, argument: str) -> None:
         """Forward pre-hook of the decoder: give every forward that caches our cache.
 
         No cache and ``use_cache``: a new ``SparseCache``. A ``DynamicCache`` (the one
         ``generate`` builds, or the user's): our layers in place, keeping what it holds. A
         ``SparseCache``: used. Any other cache: used as it is when nothing needs our layers,
-        else refused with an error naming it.
+        else refused with an error naming it. ``argument`` is the keyword the decoder's forward
+        takes its cache under when the caller passed none (``cache`` or ``past_key_values``).
         """
-        cache = kwargs.get("past_key_values")
+        passed, cache = passed_cache(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(config, "use_cache", True)
         if cache is None and use_cache:
             cache = SparseCache(layers=self.make_layers())
-            kwargs["past_key_values"] = cache
+            kwargs[passed or argument] = cache
             self._prepared.add(cache)
         elif cache is not None and cache not in self._prepared:
             self._prepare(cache, kwargs.get("attention_mask"))

@@ -382,22 +382,90 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _check_out(text: str) -> Path:
+    out = Path(text)
+    if out.suffix != ".json":
+        raise UsageError(f"--out {text!r} must name a .json file")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {text!r}: folder {str(out.parent)!r} does not exist")
+    return out
+
+
+def cmd_profile_duo(args) -> int:
+    """``profile --kind duo``: optimise DuoAttention gates, write the profile."""
+    import time
+
+    from . import load_model
+    from .bench.duo import DuoTraining, train_gates
+    from .bench.duo_profile import passkey_data, write_duo_profile
+
+    lengths = parse_lengths(args.length)
+    if len(lengths) != 1:
+        raise UsageError(f"--length {args.length!r}: give one length, e.g. 2k")
+    length = lengths[0]
+    config = DuoTraining(
+        sink=args.sink,
+        window=args.window,
+        length=length,
+        steps=args.steps,
+        lr=args.lr,
+        l1=args.l1,
+        seed=args.seed,
+        passkeys=args.passkeys,
+        words=args.words,
+        checkpoint_every=args.checkpoint_every,
+    )
+    if args.resume and not args.checkpoint:
+        raise UsageError("--resume continues the run in --checkpoint DIR; give --checkpoint")
+    out = _check_out(args.out)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model.eval()
+    start = time.perf_counter()
+    data = passkey_data(tok, config, device=next(model.parameters()).device)
+    data(0)  # a length too short for the passkeys fails now, not after the model has run
+    trainer = train_gates(
+        model,
+        data,
+        config,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    profile = write_duo_profile(str(out), trainer, args.model)
+    sliding = set(profile["calibration"]["sliding_layers"])
+    for layer, row in enumerate(profile["heads"][0.0]):
+        if layer not in sliding:
+            gates = " ".join(f"{g:.2f}" for g in row)
+            count = profile["summary"][0.0]["retrieval_heads"][layer]
+            print(f"layer {layer:2d}: {gates}  ({count} >= 0.5)", file=sys.stderr)
+    loss = profile["calibration"]["loss"]
+    retrieval = sum(
+        n for i, n in enumerate(profile["summary"][0.0]["retrieval_heads"]) if i not in sliding
+    )
+    print(
+        f"loss {loss['total_first']:.4f} -> {loss['total_last']:.4f} (distillation "
+        f"{loss['distill_first']:.4f} -> {loss['distill_last']:.4f}); {retrieval} gated heads "
+        f">= 0.5; training {trainer.seconds:.0f} s",
+        file=sys.stderr,
+    )
+    print(f"profile: {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0
+
+
 def cmd_profile(args) -> int:
     import time
 
     from . import load_model
     from .bench.calibrate import calibrate, write_profile
 
+    if args.kind == "duo":
+        return cmd_profile_duo(args)
     lengths = parse_lengths(args.lengths)
     if not lengths or min(lengths) < 256:
         raise UsageError(f"--lengths {args.lengths!r}: give lengths of at least 256 tokens")
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples} must be >= 1")
-    out = Path(args.out)
-    if out.suffix != ".json":
-        raise UsageError(f"--out {args.out!r} must name a .json file")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    out = _check_out(args.out)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     model.eval()
     start = time.perf_counter()
@@ -599,9 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kind",
         required=True,
-        choices=["minference", "xattention", "channels"],
+        choices=["minference", "xattention", "channels", "duo"],
         help="minference: a pattern per head per tile-density budget; xattention: a threshold "
-        "per head per target recall; channels: each KV head's channels ranked by mean |q_d k_d|",
+        "per head per target recall; channels: each KV head's channels ranked by mean |q_d k_d|; "
+        "duo: a DuoAttention gate per KV head, optimised on generated passkey retrieval",
     )
     p.add_argument("--out", required=True, help="the profile to write, FILE.json")
     p.add_argument("--lengths", default="4k", help="calibration input lengths (default 4k)")
@@ -625,6 +694,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="minference, xattention: judge each head by (1 - W) x its recall over every query "
         "+ W x its recall over the last query tile (default 0)",
     )
+    duo = p.add_argument_group("duo (DuoAttention gate optimisation)")
+    duo.add_argument("--length", default="2k", help="tokens per training sample (default 2k)")
+    duo.add_argument("--steps", type=int, default=150, help="optimisation steps (default 150)")
+    duo.add_argument("--sink", type=int, default=128, help="streaming sink tokens (default 128)")
+    duo.add_argument(
+        "--window", type=int, default=256, help="streaming recent tokens (default 256)"
+    )
+    duo.add_argument("--lr", type=float, default=0.02, help="peak learning rate (default 0.02)")
+    duo.add_argument("--l1", type=float, default=0.05, help="L1 weight on the gates (default 0.05)")
+    duo.add_argument("--passkeys", type=int, default=10, help="passkeys per sample (default 10)")
+    duo.add_argument("--words", type=int, default=8, help="words per passkey (default 8)")
+    duo.add_argument("--checkpoint", metavar="DIR", help="folder for checkpoints (duo-gates.pt)")
+    duo.add_argument(
+        "--checkpoint-every", type=int, default=10, help="steps between checkpoints (default 10)"
+    )
+    duo.add_argument("--resume", action="store_true", help="continue the run in --checkpoint DIR")
+    duo.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_profile)

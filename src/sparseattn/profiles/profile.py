@@ -11,7 +11,7 @@ from ..errors import UsageError
 from .architecture import FINGERPRINT_KEYS, describe_architecture, fingerprint
 
 FORMAT = 1
-KINDS = ("minference", "xattention", "channels")
+KINDS = ("minference", "xattention", "channels", "duo")
 SHIPPED_DIR = Path(__file__).parent
 
 
@@ -25,13 +25,14 @@ class Profile:
     """A loaded profile.
 
     Attributes:
-        kind: "minference", "xattention" or "channels".
+        kind: "minference", "xattention", "channels" or "duo".
         model: The fingerprint plus ``id`` (the name the model was loaded by).
         calibration: How it was made: lengths, seed, inputs, block size, ...
         levels: The budgets (minference, tile density) or target recalls (xattention) it holds,
             ascending; channels: the one level 0.
         heads: heads[level][layer][head] -> a choice index (minference) or a threshold;
-            channels: heads[0][layer][kv_head] -> that KV head's channels, most important first.
+            channels: heads[0][layer][kv_head] -> that KV head's channels, most important first;
+            duo: heads[0][layer][kv_head] -> that KV head's gate in [0, 1].
         choices: The candidate patterns ({"pattern", "knobs"}) of a minference profile.
         summary: summary[level] -> {"recall": [...], "density": [...]} per layer.
         source: The file it was read from.
@@ -156,6 +157,8 @@ def load_profile(name_or_path: str, kind: str) -> Profile:
                 f"profile {path}: a channel ranking is not an order of the {head_dim} channels "
                 f"of a head: {bad[0]}"
             )
+    if kind == "duo":
+        _check_gates(path, heads, data.get("model", {}))
     return Profile(
         kind=kind,
         model=data.get("model", {}),
@@ -166,6 +169,20 @@ def load_profile(name_or_path: str, kind: str) -> Profile:
         summary={float(k): v for k, v in data.get("summary", {}).items()},
         source=str(path),
     )
+
+
+def _check_gates(path: Path, heads: dict[float, list], model: dict[str, Any]) -> None:
+    """UsageError unless a duo profile holds one [0, 1] gate per (layer, KV head) at level 0."""
+    shape = (model.get("num_hidden_layers"), model.get("num_key_value_heads"))
+    table = heads.get(0.0)
+    if set(heads) != {0.0} or len(table) != shape[0] or any(len(r) != shape[1] for r in table):
+        raise UsageError(
+            f"profile {path}: a duo profile holds level 0 only, one gate per layer and KV head "
+            f"({shape[0]} x {shape[1]})"
+        )
+    bad = [g for row in table for g in row if not isinstance(g, (int, float)) or not 0 <= g <= 1]
+    if bad:
+        raise UsageError(f"profile {path}: gate {bad[0]!r} is outside [0, 1]")
 
 
 def save_profile(

@@ -445,7 +445,7 @@ def cmd_profile_duo(args) -> int:
     print(
         f"loss {loss['total_first']:.4f} -> {loss['total_last']:.4f} (distillation "
         f"{loss['distill_first']:.4f} -> {loss['distill_last']:.4f}); {retrieval} gated heads "
-        f">= 0.5; training {trainer.seconds:.0f} s",
+        f">= 0.5; training {trainer.seconds:.0f} s ({trainer.cpu_seconds:.0f} s of CPU)",
         file=sys.stderr,
     )
     print(f"profile: {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)

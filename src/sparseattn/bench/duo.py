@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -58,10 +58,10 @@ Sample = tuple[torch.Tensor, int]
 class DuoTraining:
     """The knobs of a gate optimisation run (validated on creation)."""
 
-    name = "duo"
+    name: ClassVar[str] = "duo"
     sink: int = knob(128, low=0, high=_BIG, help="sink tokens of the streaming branch")
     window: int = knob(256, low=1, high=_BIG, help="recent tokens of the streaming branch")
-    length: int = knob(2048, low=64, high=_BIG, help="tokens per training sample")
+    length: int = knob(2048, low=2, high=_BIG, help="tokens per training sample")
     steps: int = knob(150, low=1, high=_BIG, help="optimisation steps (one sample each)")
     lr: float = knob(0.02, low=1e-6, high=1.0, help="peak learning rate")
     l1: float = knob(0.05, low=0.0, high=100.0, help="weight of the L1 penalty on the gates")
@@ -111,7 +111,8 @@ class GateTrainer:
         self.step = 0
         self.history: list[tuple[float, float]] = []  # (distill, l1 sum) per step
         self.sliding_layers: set[int] = set()
-        self.seconds = 0.0
+        self.seconds = 0.0  # wall time of the steps
+        self.cpu_seconds = 0.0  # this process's CPU time in them (not inflated by other load)
 
     def gated_rows(self) -> torch.Tensor:
         """(layers,) bool: the layers whose gates are trained (not sliding-window layers)."""
@@ -143,7 +144,7 @@ class GateTrainer:
 
     def train_step(self, ids: torch.Tensor, answer_start: int) -> tuple[float, float]:
         """One optimiser step; returns (distill, l1 sum) before the step."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         distill, reg = self.loss(ids, answer_start)
         (distill + self.config.l1 * reg).backward()
         self.optimizer.step()
@@ -155,6 +156,7 @@ class GateTrainer:
         record = (float(distill.detach()), float(reg.detach()))
         self.history.append(record)
         self.seconds += time.perf_counter() - start
+        self.cpu_seconds += time.process_time() - cpu
         return record
 
     def state(self) -> dict[str, Any]:
@@ -170,6 +172,7 @@ class GateTrainer:
             "history": list(self.history),
             "sliding_layers": sorted(self.sliding_layers),
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             "rng": torch.get_rng_state(),
         }
 
@@ -191,6 +194,7 @@ class GateTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], [tuple(h) for h in state["history"]]
         self.sliding_layers, self.seconds = set(state["sliding_layers"]), state["seconds"]
+        self.cpu_seconds = state.get("cpu_seconds", 0.0)
         torch.set_rng_state(state["rng"])
 
 
@@ -225,7 +229,8 @@ def train_gates(
     """Optimise the gates of ``model`` for ``config.steps`` steps; returns the trainer.
 
     Args:
-        model: A transformers causal LM (frozen for the run, its grad flags restored after).
+        model: A transformers causal LM (frozen and in eval mode for the run; its grad flags
+            and mode are restored after).
         data: ``data(i)`` gives sample i: (1, L) ids and the first loss position.
         config: The run's knobs.
         checkpoint: Folder for checkpoints (every ``config.checkpoint_every`` steps, at the end,
@@ -252,9 +257,10 @@ def train_gates(
         trainer.load_state(torch.load(path, weights_only=False), str(path))
     elif resume:
         print(f"no checkpoint in {folder}: starting at step 0", file=sys.stderr)
-    flags = [p.requires_grad for p in model.parameters()]
+    flags, training = [p.requires_grad for p in model.parameters()], model.training
     for p in model.parameters():
         p.requires_grad_(False)
+    model.eval()  # no dropout: the gated and the full pass see the same network
     bar = tqdm(total=config.steps, initial=trainer.step, desc="duo gates", disable=not progress)
     last = trainer.state()
     try:
@@ -284,4 +290,5 @@ def train_gates(
         bar.close()
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
+        model.train(training)
     return trainer

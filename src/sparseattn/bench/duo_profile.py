@@ -71,11 +71,13 @@ def duo_profile(trainer: GateTrainer, model_id: str) -> dict[str, Any]:
     }
     calibration = {
         **trainer.config.recorded(),
+        "lengths": [trainer.config.length],
         "samples": trainer.step,
         "sliding_layers": sorted(trainer.sliding_layers),
         "threshold": RETRIEVAL_THRESHOLD,
         "data": "generated passkey retrieval (bench/tasks/passkey.py), loss on the answer",
         "seconds": round(trainer.seconds, 1),
+        "cpu_seconds": round(trainer.cpu_seconds, 1),
         "loss": loss_summary(trainer.history, trainer.config.l1),
     }
     return {

@@ -256,3 +256,27 @@ def test_profile_command_trains_gates_and_resumes(tmp_path, capsys):
     assert "must be below length 512" in capsys.readouterr().err
     assert main([*args[:-4], "--out", str(out), "--resume"]) == 2
     assert "give --checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_shipped_duo_profiles_fit_the_built_in_models(name):
+    """The built-in model's own config (from its GGUF file) finds its shipped gates; sliding
+    layers read 1 and the summary counts what the table holds."""
+    from transformers import AutoConfig
+
+    from sparseattn.models import BUILTIN_GGUF
+    from sparseattn.profiles import shipped_for
+
+    path = BUILTIN_GGUF[name]()
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name).get_text_config()
+    profile = shipped_for(config, "duo")
+    assert profile.model["id"] == name
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    sliding = {i for i, t in enumerate(types) if t == "sliding_attention"}
+    assert set(profile.calibration["sliding_layers"]) == sliding
+    table = profile.heads[0.0]
+    assert all(g == 1.0 for i in sliding for g in table[i])
+    assert profile.summary[0.0]["retrieval_heads"] == [sum(g >= 0.5 for g in r) for r in table]
+    loss = profile.calibration["loss"]
+    assert loss["total_last"] < loss["total_first"]
+    assert 0 < sum(g >= 0.5 for i, r in enumerate(table) if i not in sliding for g in r)

@@ -393,6 +393,7 @@ def _check_out(text: str) -> Path:
 
 def cmd_profile_duo(args) -> int:
     """``profile --kind duo``: optimise DuoAttention gates, write the profile."""
+    import math
     import time
 
     from . import load_model
@@ -438,14 +439,15 @@ def cmd_profile_duo(args) -> int:
             gates = " ".join(f"{g:.2f}" for g in row)
             count = profile["summary"][0.0]["retrieval_heads"][layer]
             print(f"layer {layer:2d}: {gates}  ({count} >= 0.5)", file=sys.stderr)
-    loss = profile["calibration"]["loss"]
+    loss, cpu = profile["calibration"]["loss"], trainer.cpu_seconds
     retrieval = sum(
         n for i, n in enumerate(profile["summary"][0.0]["retrieval_heads"]) if i not in sliding
     )
     print(
         f"loss {loss['total_first']:.4f} -> {loss['total_last']:.4f} (distillation "
         f"{loss['distill_first']:.4f} -> {loss['distill_last']:.4f}); {retrieval} gated heads "
-        f">= 0.5; training {trainer.seconds:.0f} s ({trainer.cpu_seconds:.0f} s of CPU)",
+        f">= 0.5; training {trainer.seconds:.0f} s"
+        + ("" if math.isnan(cpu) else f" ({cpu:.0f} s of CPU)"),  # nan: not recorded
         file=sys.stderr,
     )
     print(f"profile: {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)

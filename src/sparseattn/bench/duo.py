@@ -31,6 +31,7 @@ Choices (the paper's values unless said otherwise):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -194,7 +195,7 @@ class GateTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], [tuple(h) for h in state["history"]]
         self.sliding_layers, self.seconds = set(state["sliding_layers"]), state["seconds"]
-        self.cpu_seconds = state.get("cpu_seconds", 0.0)
+        self.cpu_seconds = state.get("cpu_seconds", math.nan)  # nan: not recorded
         torch.set_rng_state(state["rng"])
 
 

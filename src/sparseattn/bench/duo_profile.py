@@ -10,6 +10,7 @@ the first step, over the last steps, and averaged over ten equal parts of the ru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from itertools import pairwise
 from typing import Any
@@ -77,7 +78,7 @@ def duo_profile(trainer: GateTrainer, model_id: str) -> dict[str, Any]:
         "threshold": RETRIEVAL_THRESHOLD,
         "data": "generated passkey retrieval (bench/tasks/passkey.py), loss on the answer",
         "seconds": round(trainer.seconds, 1),
-        "cpu_seconds": round(trainer.cpu_seconds, 1),
+        "cpu_seconds": None if math.isnan(trainer.cpu_seconds) else round(trainer.cpu_seconds, 1),
         "loss": loss_summary(trainer.history, trainer.config.l1),
     }
     return {

@@ -55,6 +55,8 @@ class AttentionContext:
             key j sits at ``kv_offset + j``. Empty or padded slots hold ``EMPTY_POSITION`` (in
             the future of every query, so never visible).
         device: Device of the call's tensors.
+        key_bias: (B, 1, Lk) float added to every query's logit of each key (a compensation
+            token standing for m dropped tokens carries log m), or None.
     """
 
     layer_idx: int
@@ -72,6 +74,7 @@ class AttentionContext:
     key_valid: torch.Tensor | None = field(default=None, repr=False)
     key_positions: torch.Tensor | None = field(default=None, repr=False)
     device: torch.device = field(default=torch.device("cpu"), repr=False)
+    key_bias: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def groups(self) -> int:

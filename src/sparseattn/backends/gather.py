@@ -126,6 +126,8 @@ def attend_rows(
         return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=ctx.scaling)
     scores = torch.matmul(rows.float(), k.float().transpose(-1, -2)) * ctx.scaling
     scores = torch.tanh(scores / ctx.softcap) * ctx.softcap
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:  # an additive float mask
+        scores = scores + mask
     return torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), v.float()).to(rows.dtype)

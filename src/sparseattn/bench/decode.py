@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import cache_nbytes
-from ..integration.compat import cache_kwargs, output_cache
+from ..integration.compat import cache_kwargs
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
 from ..integration.stats import timed
@@ -65,7 +65,7 @@ def run_setting(
             seconds = decode_steps(model, work, first, steps)
             kv_bytes = cache_nbytes(work)
             held = [layer.get_seq_length() for layer in work.layers]
-            kept = max(getattr(layer, "width", 0) for layer in work.layers)
+            kept = max(mean_held(layer) for layer in work.layers)
     decode = stats.seconds("decode")
     return {
         "s_per_token": seconds,
@@ -153,6 +153,15 @@ def run_decode_bench(
                     ceiling_vs_sdpa=round(own_s / top["s_per_token"], 3),
                 )
             yield record
+
+
+def mean_held(layer) -> int:
+    """Tokens a cache layer holds per (row, KV head), on average (what a decode step reads)."""
+    held = getattr(layer, "held_tokens", None)
+    if held is None:
+        return layer.get_seq_length()
+    count = held()
+    return count if isinstance(count, int) else round(float(count.float().mean()))
 
 
 def _round(value: float | None) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,12 +21,22 @@ from ..backends import (
 )
 from ..backends.gather import selection_slots, visible_slots
 from ..backends.sdpa import decode_key_mask, visible_keys, window_matters
-from ..cache import KVLayer, SparseCache, adopt, build_layers, is_empty
+from ..cache import (
+    OUR_LAYERS,
+    CacheLayer,
+    HeadGroup,
+    HeadGroupsLayer,
+    KVLayer,
+    SparseCache,
+    adopt,
+    build_layers,
+    is_empty,
+)
 from ..errors import UsageError
 from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
-from ..types import AttentionContext, DecodeView, Phase, Selection
+from ..types import AttentionContext, BlockSelection, DecodeView, Phase, Selection
 from .compat import passed_cache
 from .stats import RunStats, timed
 
@@ -101,7 +112,7 @@ class SparsePlan:
     _layouts: dict = field(default_factory=dict, repr=False)
 
     # -- the cache -----------------------------------------------------------------------
-    def make_layers(self) -> list[KVLayer]:
+    def make_layers(self) -> list[CacheLayer]:
         return build_layers(self.model, self.evict, self.options.page_size)
 
     def bind_cache(self, kwargs: dict[str, Any], config: Any, argument: str) -> None:
@@ -127,7 +138,7 @@ class SparsePlan:
         self.stats.bind_cache(cache)
 
     def _prepare(self, cache: Cache, attention_mask: torch.Tensor | None) -> None:
-        ours = all(isinstance(layer, KVLayer) for layer in cache.layers) and cache.layers
+        ours = all(isinstance(layer, OUR_LAYERS) for layer in cache.layers) and cache.layers
         if not (ours or isinstance(cache, DynamicCache)):
             if self.evict is not None or getattr(self.decode, "needs_cache_state", False):
                 raise UsageError(
@@ -153,12 +164,12 @@ class SparsePlan:
         wanted = [layer.origin for layer in self.make_layers()]
         return [getattr(layer, "origin", None) for layer in cache.layers] == wanted
 
-    def cache_layer(self, layer_idx: int, key: torch.Tensor) -> KVLayer | None:
+    def cache_layer(self, layer_idx: int, key: torch.Tensor) -> CacheLayer | None:
         """Our cache layer whose update produced ``key`` in this forward, or None."""
         if self.cache is None or layer_idx >= len(self.cache.layers):
             return None
         layer = self.cache.layers[layer_idx]
-        if isinstance(layer, KVLayer) and layer.call_view() is not None:
+        if isinstance(layer, OUR_LAYERS) and layer.call_view() is not None:
             if layer.call_view()[0] is key:
                 return layer
         return None
@@ -189,13 +200,16 @@ class SparsePlan:
         layout = self._layouts[key] = BlockLayout(ctx, block_size)
         return layout
 
-    def method_for(self, ctx: AttentionContext) -> Method:
+    def method_for(self, ctx: AttentionContext, group: HeadGroup | None = None) -> Method:
         """The phase's method, or dense for kept-dense layers, short calls and unsupported phases.
 
+        A head group may carry its own method for a phase (``group.prefill`` / ``.decode``).
         Sparse prefill methods estimate over contiguous key positions; a prompt chunk arriving
         at a layer that already evicted runs dense over what it kept.
         """
         method = self.prefill if ctx.phase.is_prefill else self.decode
+        own = None if group is None else group.prefill if ctx.phase.is_prefill else group.decode
+        method = own or method
         if (
             ctx.layer_idx in self.options.dense_layers
             or ctx.kv_len < self.options.min_length
@@ -230,11 +244,57 @@ class CallInput:
     softcap: float | None
 
 
+@dataclass(frozen=True)
+class GroupCall:
+    """How a call over a head group's keys differs from a whole-layer call.
+
+    Attributes:
+        group: The head group (its own methods, if any).
+        heads: (h,) indices of its query heads among the layer's.
+        num_heads: The layer's query heads (for the stats).
+    """
+
+    group: HeadGroup
+    heads: torch.Tensor
+    num_heads: int
+
+
 def run_layer(plan: SparsePlan, call: CallInput) -> torch.Tensor:
-    """Select, execute, record and evict for one attention call. Returns (B, Lq, Hq, D)."""
+    """Select, execute, record and evict for one attention call. Returns (B, Lq, Hq, D).
+
+    A layer split into head groups runs its first prompt once over every head (each group's
+    own prefill pattern merged into one selection), and any later call per group over the
+    keys that group holds.
+    """
+    layer = plan.cache_layer(call.layer_idx, call.key)
+    if isinstance(layer, HeadGroupsLayer) and not layer.whole:
+        return _run_groups(plan, call, layer)
+    return _run_call(plan, call, layer)
+
+
+def _run_groups(plan: SparsePlan, call: CallInput, layer: HeadGroupsLayer) -> torch.Tensor:
+    """One call per head group, over that group's keys; outputs assembled in head order."""
+    B, Hq, Lq, _ = call.query.shape
+    groups = Hq // call.key.shape[1]
+    out = None
+    for group, heads in zip(layer.groups, layer.query_heads(groups)):
+        keys, values, _ = group.layer.call_view()
+        part = dataclasses.replace(
+            call, query=call.query.index_select(1, heads), key=keys, value=values
+        )
+        done = _run_call(plan, part, group.layer, GroupCall(group, heads, Hq))  # (B, Lq, h, Dv)
+        if out is None:
+            out = done.new_empty(B, Lq, Hq, done.shape[-1])
+        out.index_copy_(2, heads, done)
+    return out
+
+
+def _run_call(
+    plan: SparsePlan, call: CallInput, layer: CacheLayer | None, part: GroupCall | None = None
+) -> torch.Tensor:
+    """One attention call over ``layer``'s keys (all heads, or one head group's)."""
     query, key, value = call.query, call.key, call.value
     B, Hq, Lq, _ = query.shape
-    layer = plan.cache_layer(call.layer_idx, key)
     positions, q_offset, kv_offset = None, call.q_offset, call.kv_offset
     if layer is not None:
         _, _, positions = layer.call_view()
@@ -262,11 +322,12 @@ def run_layer(plan: SparsePlan, call: CallInput) -> torch.Tensor:
         key_valid=key_valid,
         key_positions=positions,
         device=query.device,
+        key_bias=None if layer is None else layer.key_bias(),
     )
     if phase is Phase.DECODE:
-        out = _decode(plan, ctx, query, key, value, layer)
+        out = _decode(plan, ctx, query, key, value, layer, part)
     else:
-        out = _prefill(plan, ctx, query, key, value)
+        out = _prefill(plan, ctx, query, key, value, layer, part)
         if layer is not None and plan.evict is not None and plan.evict.needs_queries:
             plan.evict.after_prefill(layer, query, ctx)
     if layer is not None:
@@ -299,18 +360,28 @@ def _key_valid(
 
 
 def _prefill(
-    plan: SparsePlan, ctx: AttentionContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    plan: SparsePlan,
+    ctx: AttentionContext,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: CacheLayer | None = None,
+    part: GroupCall | None = None,
 ) -> torch.Tensor:
     """A prompt chunk: dense through SDPA where it can, else the method's tiles through a kernel.
 
     Dense calls whose window hides keys (or with a softcap) on contiguous keys run as every
     visible tile through flex, never as a dense masked L x L product; over explicit positions
-    (a layer that evicted) they run as masked SDPA over what the layer kept.
+    (a layer that evicted) they run as masked SDPA over what the layer kept. The first prompt
+    of a layer split into head groups runs as one selection in which each group with a prefill
+    method of its own has that method's tiles.
     """
-    method = plan.method_for(ctx)
+    method = plan.method_for(ctx, None if part is None else part.group)
+    patterns = _group_patterns(plan, ctx, layer)
+    heads = None if part is None else (part.heads, part.num_heads)
     profile = plan.options.timing
     start = timed(ctx.device) if profile else 0.0
-    dense = isinstance(method, Dense)
+    dense = isinstance(method, Dense) and not patterns
     if dense and not ctx.contiguous:
         out = (
             dense_prefill(q, k, v, ctx)
@@ -322,6 +393,8 @@ def _prefill(
     else:
         layout = plan.layout_for(ctx, method.block_size)
         selection = method.select(q, k, ctx, layout)
+        if patterns:
+            selection = _merge_patterns(selection, patterns, q, k, ctx, layout)
         selected = timed(ctx.device) if profile else 0.0
         if plan.options.prefill_backend == "reference":
             out = reference_attend(q, k, v, selection, ctx)
@@ -329,20 +402,59 @@ def _prefill(
             out = flex_attend(q, k, v, selection, ctx, layout)
         done = timed(ctx.device) if profile else 0.0
         computed, visible = layout.density(selection)
+        name = (
+            method.name
+            if not patterns
+            else "+".join([method.name, *(m.name for *_, m in patterns)])
+        )
         plan.stats.record(
             ctx.layer_idx,
             ctx.phase,
-            method.name,
+            name,
             computed,
             visible,
             selected - start,
             done - selected,
+            heads,
         )
         return out
     visible = _dense_pairs(plan, ctx)
     attend_s = timed(ctx.device) - start if profile else 0.0
-    plan.stats.record(ctx.layer_idx, ctx.phase, method.name, visible, visible, 0.0, attend_s)
+    plan.stats.record(ctx.layer_idx, ctx.phase, method.name, visible, visible, 0.0, attend_s, heads)
     return out
+
+
+def _group_patterns(
+    plan: SparsePlan, ctx: AttentionContext, layer: CacheLayer | None
+) -> list[tuple[torch.Tensor, torch.Tensor, Method]]:
+    """(query heads, KV heads, method) of each group of a whole grouped call that prefills with
+    a method of its own (none where the layer or call stays dense)."""
+    if not isinstance(layer, HeadGroupsLayer) or not layer.whole:
+        return []
+    patterns = []
+    for group, index, heads in zip(layer.groups, layer._index, layer.query_heads(ctx.groups)):
+        method = plan.method_for(ctx, group) if group.prefill is not None else None
+        if method is not None and not isinstance(method, Dense):
+            patterns.append((heads, index, method))
+    return patterns
+
+
+def _merge_patterns(
+    selection: BlockSelection,
+    patterns: list[tuple[torch.Tensor, torch.Tensor, Method]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    ctx: AttentionContext,
+    layout: BlockLayout,
+) -> BlockSelection:
+    """``selection`` with each pattern's query heads replaced by its method's own tiles."""
+    B, Hq = ctx.batch, ctx.num_q_heads
+    mask = selection.mask.expand(B, Hq, -1, -1).clone()  # (B, Hq, nQ, nK)
+    for heads, kv_heads, method in patterns:
+        part = dataclasses.replace(ctx, num_q_heads=heads.shape[0], num_kv_heads=kv_heads.shape[0])
+        own = method.select(q.index_select(1, heads), k.index_select(1, kv_heads), part, layout)
+        mask[:, heads] = own.mask.expand(B, heads.shape[0], -1, -1)
+    return BlockSelection(mask=mask, block_size=selection.block_size)
 
 
 def _dense_pairs(plan: SparsePlan, ctx: AttentionContext) -> torch.Tensor:
@@ -360,8 +472,10 @@ def _decode(
     k: torch.Tensor,
     v: torch.Tensor,
     layer: KVLayer | None,
+    part: GroupCall | None = None,
 ) -> torch.Tensor:
-    method = plan.method_for(ctx)
+    method = plan.method_for(ctx, None if part is None else part.group)
+    heads = None if part is None else (part.heads, part.num_heads)
     profile = plan.options.timing
     start = timed(ctx.device) if profile else 0.0
     selection, selected = None, start
@@ -379,7 +493,7 @@ def _decode(
         name = method.name
     done = timed(ctx.device) if profile else 0.0
     plan.stats.record(
-        ctx.layer_idx, ctx.phase, name, computed, visible, selected - start, done - selected
+        ctx.layer_idx, ctx.phase, name, computed, visible, selected - start, done - selected, heads
     )
     return out
 

@@ -50,6 +50,7 @@ class LayerStats:
         visible: torch.Tensor | float,
         select_s: float = 0.0,
         attend_s: float = 0.0,
+        heads: tuple[torch.Tensor, int] | None = None,
     ) -> None:
         """Count one call.
 
@@ -58,11 +59,15 @@ class LayerStats:
                 (summed over rows) when the call computed every visible pair.
             visible: (B, H) pairs the dense model computes, or a host number per head (summed
                 over rows) when every key is visible.
+            heads: For a call over some of the layer's query heads (a head group): their
+                indices (h,) and the layer's head count; ``computed``/``visible`` cover those.
         """
         self.methods[method] = self.methods.get(method, 0) + 1
         self.calls += 1
         self.select_s += select_s
         self.attend_s += attend_s
+        if heads is not None:
+            computed, visible = (_spread(x, *heads) for x in (computed, visible))
         if not isinstance(computed, torch.Tensor):  # dense: computed == visible, a host number
             self.dense_pairs += float(computed)
             return
@@ -93,6 +98,16 @@ class LayerStats:
         return (computed / visible.clamp_min(1)).tolist()
 
 
+def _spread(x: torch.Tensor | float, index: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, h) counts of heads ``index`` (or one host number per head) -> (B or 1, H), zeros
+    for the layer's other heads."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.full((1, index.shape[0]), float(x), dtype=torch.float64, device=index.device)
+    x = x.to(torch.float64).expand(-1, index.shape[0])
+    out = torch.zeros(x.shape[0], num_heads, dtype=torch.float64, device=x.device)
+    return out.index_copy_(1, index, x)
+
+
 @dataclass
 class RunStats:
     """Stats of the latest run: its prompt (all prefill chunks) and the decode steps after it."""
@@ -111,15 +126,17 @@ class RunStats:
         visible: torch.Tensor | float,
         select_s: float = 0.0,
         attend_s: float = 0.0,
+        heads: tuple[torch.Tensor, int] | None = None,
     ) -> None:
-        if phase is Phase.PREFILL and layer_idx in self.prefill:  # a new prompt starts a new run
+        if phase is Phase.PREFILL and layer_idx in self.prefill and heads is None:
+            # a new prompt starts a new run (a head group's call is part of the layer's)
             self.prefill.clear()
             self.decode.clear()
             self.counters.clear()
         group = self.prefill if phase.is_prefill else self.decode
         if layer_idx not in group:
             group[layer_idx] = LayerStats(layer_idx)
-        group[layer_idx].add(method, computed, visible, select_s, attend_s)
+        group[layer_idx].add(method, computed, visible, select_s, attend_s, heads)
 
     def bind_cache(self, cache: Any) -> None:
         """Remember the cache of the latest forward (weakly) to report what it holds."""

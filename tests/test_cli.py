@@ -228,6 +228,7 @@ def test_bench_recall_on_decode_steps(capsys):
     args += ["--lengths", "300", "--steps", "3", "--layers", "0", "1"]
     grid = ["--grid", "decode_oracle.budget=64,1000", "--grid", "tokenselect.budget=64"]
     grid += ["--grid", "tokenselect.reuse_threshold=2.0", "--grid", "quest.budget=64"]
+    grid += ["--grid", "quest.full_layers=0"]
     assert main([*args, "--method", "decode_oracle,tokenselect,quest", *grid]) == 0
     records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert {r["phase"] for r in records} == {"decode"} and {r["layer"] for r in records} == {0, 1}
@@ -237,7 +238,10 @@ def test_bench_recall_on_decode_steps(capsys):
         assert by[("decode_oracle[budget=1000]", layer)]["recall"] == pytest.approx(1.0)
         assert by[("decode_oracle[budget=1000]", layer)]["density"] == pytest.approx(1.0)
         assert oracle["density"] == pytest.approx(64 / 301, abs=0.01)
-        for other in ("tokenselect[budget=64,reuse_threshold=2.0]", "quest[budget=64]"):
+        for other in (
+            "tokenselect[budget=64,reuse_threshold=2.0]",
+            "quest[budget=64,full_layers=0]",
+        ):
             assert 0 < by[(other, layer)]["recall"] <= oracle["recall"] + 1e-6
     assert main([*args, "--method", "xattention"]) == 2
     assert "select(s) only at prefill" in capsys.readouterr().err

@@ -302,6 +302,38 @@ def test_streaming_heads_prefill_with_their_own_pattern(tmp_path):
             assert density == pytest.approx(pattern if streaming else 1.0)
 
 
+@pytest.mark.parametrize(
+    "policy,knobs",
+    [("duo", {"prefill_streaming": False}), ("razor", {"retrieval": 0.5, "window": 8, "sink": 2})],
+)
+def test_a_dense_prompt_cache_taken_over_equals_prefilling_under_the_policy(
+    policy, knobs, tmp_path
+):
+    """A cache filled densely outside the block and passed in keeps what the policy keeps of it
+    and decodes exactly as a prompt prefilled inside the block (the frontier's prefill reuse)."""
+    model = model_for("llama")
+    files = profiles(model, tmp_path)
+    knobs = {**knobs, "profile": files["duo" if policy == "duo" else "retrieval"]}
+    ids, _ = left_padded_batch([70], seed=9)
+    dense = DynamicCache(config=model.config)
+    first = model(input_ids=ids, past_key_values=dense).logits[:, -1:].argmax(-1)
+    outs = []
+    for cache in (dense, None):
+        with sparseattn.sparse_attention(model, evict=policy, evict_knobs=knobs, min_length=0):
+            if cache is None:
+                cache = SparseCache(model)
+                model(input_ids=ids, past_key_values=cache)
+            token, logits = first, []
+            for _ in range(5):
+                out = model(input_ids=token, past_key_values=cache)
+                logits.append(out.logits[:, -1])
+                token = out.logits[:, -1:].argmax(-1)
+        outs.append((torch.stack(logits), [held(layer, 1, 2) for layer in cache.layers]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    for adopted, prefilled in zip(outs[0][1], outs[1][1]):
+        assert torch.equal(adopted, prefilled)
+
+
 # -- RazorAttention's compensation token ------------------------------------------------------
 def test_compensation_token_is_the_mean_of_every_dropped_token(tmp_path):
     model = model_for("llama")

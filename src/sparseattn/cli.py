@@ -333,6 +333,7 @@ def cmd_frontier(args) -> int:
             page_size=args.page_size,
         ),
         dtype=args.dtype,
+        reuse_prefill=not args.no_prefill_reuse,
     )
     prepare_out_dir(Path(args.out), config, args.resume_anyway)  # before loading anything
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -583,6 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume-anyway", action="store_true", help="add to a DIR made with another configuration"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-prefill-reuse",
+        action="store_true",
+        help="prefill every setting itself, even those that prefill as dense does (slower; "
+        "for measuring what the reuse saves)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument(

@@ -122,11 +122,16 @@ class PageSelection:
             group share their KV head's pages.
         valid: (B, Hkv or Hq, n) bool, False for padding entries (a row may hold fewer pages).
         page_size: Slots per page.
+        tail: Slots [start, stop) every row also reads, contiguously, after its pages (the
+            page being written, which ``pages`` then never holds), or None.
+        all_valid: Every entry of ``valid`` is True (known without reading it).
     """
 
     pages: torch.Tensor
     valid: torch.Tensor
     page_size: int
+    tail: tuple[int, int] | None = None
+    all_valid: bool = False
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class FrontierConfig:
     seed: int = 0
     options: HookOptions = field(default_factory=HookOptions)
     dtype: str = "float32"
+    reuse_prefill: bool = True  # settings that prefill as dense does start from its prefill
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class FrontierConfig:
             "seed": self.seed,
             "hook_options": self.options.kwargs(),
             "dtype": self.dtype,
+            **({} if self.reuse_prefill else {"reuse_prefill": False}),
         }
 
     def total(self) -> int:
@@ -173,7 +175,9 @@ def run_frontier(
                     if not todo:
                         continue
                     sample = task.generate(tokenizer, length, config.seed, index)
-                    runner = SampleRunner(model, tokenizer, sample, config.options)
+                    runner = SampleRunner(
+                        model, tokenizer, sample, config.options, config.reuse_prefill
+                    )
                     for setting in todo:
                         bar.set_postfix_str(
                             f"{spec.label} {length} #{index} {setting.label}", refresh=False

@@ -155,9 +155,12 @@ class SampleRunner:
 
     def prefills_densely(self, setting: Setting) -> bool:
         """True when ``setting`` runs the prompt exactly as dense does (a dense or decode-only
-        prefill method, no eviction), so its decode can start from dense's prefilled cache."""
-        method = setting.parts[0]
-        return setting.evict is None and (
+        prefill method; no eviction policy, or one that neither scores the prompt's queries nor
+        changes its attention), so its decode can start from dense's prefilled cache: the
+        setting's cache takes that cache over and keeps what the policy keeps of it."""
+        method, policy = setting.parts[0], setting.parts[2]
+        keeps_prefill = policy is None or not (policy.needs_queries or policy.changes_prefill)
+        return keeps_prefill and (
             setting.prefill.name == "dense" or not (method.phases & {Phase.PREFILL})
         )
 

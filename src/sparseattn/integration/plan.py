@@ -19,7 +19,7 @@ from ..backends import (
     gather_attend,
     reference_attend,
 )
-from ..backends.gather import selection_slots, visible_slots
+from ..backends.gather import gather_pages_attend, selection_slots, visible_slots
 from ..backends.sdpa import decode_key_mask, visible_keys, window_matters
 from ..cache import (
     OUR_LAYERS,
@@ -36,7 +36,7 @@ from ..errors import UsageError
 from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
-from ..types import AttentionContext, BlockSelection, DecodeView, Phase, Selection
+from ..types import AttentionContext, BlockSelection, DecodeView, PageSelection, Phase, Selection
 from .compat import passed_cache
 from .stats import RunStats, timed
 
@@ -498,6 +498,22 @@ def _decode(
     return out
 
 
+def _known_visible(ctx: AttentionContext, layer: KVLayer | None, selection: Selection) -> bool:
+    """Whether every slot of a page selection is visible, decided without reading the device:
+    grouped rows, all entries valid, pages inside the held keys of a layer whose every key the
+    query sees (the page being written is the selection's tail)."""
+    return (
+        isinstance(selection, PageSelection)
+        and selection.all_valid
+        and selection.pages.shape[1] == ctx.num_kv_heads
+        and selection.tail is not None
+        and selection.tail[1] == ctx.kv_len
+        and selection.tail[0] % selection.page_size == 0
+        and ctx.contiguous
+        and _all_visible(ctx, layer)
+    )
+
+
 def _all_visible(ctx: AttentionContext, layer: KVLayer | None) -> bool:
     """Whether the decode query sees every held key, decided without reading the device."""
     if layer is not None:
@@ -540,7 +556,12 @@ def _run_selection(
     selection: Selection,
     layer: KVLayer | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Execute a decode selection; returns the output and the pairs computed (B, Hq)."""
+    """Execute a decode selection; returns the output and the pairs computed: (B, Hq), or a
+    host number per head (summed over rows) when every selected slot is known visible."""
+    if _known_visible(ctx, layer, selection) and plan.options.decode_backend == "gather":
+        P, (start, stop) = selection.page_size, selection.tail or (0, 0)
+        read = selection.pages.shape[-1] * P + stop - start
+        return gather_pages_attend(q, k, v, selection, ctx), float(ctx.batch * read)
     slots, valid = selection_slots(selection)
     visible = visible_slots(slots, valid, ctx)  # (B, Hs, K)
     if plan.options.decode_backend == "reference":

@@ -26,7 +26,9 @@ class LayerStats:
         methods: Calls per method name (a layer may run dense for short calls, sparse later).
         computed: (H,) float64 pairs computed, summed over calls and batch rows (device).
         visible: (H,) float64 pairs the dense model would compute (device).
-        dense_pairs: Pairs per head of calls that computed every visible pair (host number).
+        host_computed: Pairs per head computed by calls that counted them on the host (every
+            head and row alike: dense calls, fixed-budget reads of an all-visible cache).
+        host_visible: The visible pairs per head of those calls.
     """
 
     layer_idx: int
@@ -34,7 +36,8 @@ class LayerStats:
     calls: int = 0
     computed: torch.Tensor | None = None
     visible: torch.Tensor | None = None
-    dense_pairs: float = 0.0
+    host_computed: float = 0.0
+    host_visible: float = 0.0
     select_s: float = 0.0
     attend_s: float = 0.0
 
@@ -56,7 +59,7 @@ class LayerStats:
 
         Args:
             computed: (B, H) pairs computed per row and head, or a host number of pairs per head
-                (summed over rows) when the call computed every visible pair.
+                (summed over rows) when every head and row computed the same.
             visible: (B, H) pairs the dense model computes, or a host number per head (summed
                 over rows) when every key is visible.
             heads: For a call over some of the layer's query heads (a head group): their
@@ -68,9 +71,12 @@ class LayerStats:
         self.attend_s += attend_s
         if heads is not None:
             computed, visible = (_spread(x, *heads) for x in (computed, visible))
-        if not isinstance(computed, torch.Tensor):  # dense: computed == visible, a host number
-            self.dense_pairs += float(computed)
+        if not isinstance(computed, torch.Tensor) and not isinstance(visible, torch.Tensor):
+            self.host_computed += float(computed)  # counted on the host: no device work
+            self.host_visible += float(visible)
             return
+        if not isinstance(computed, torch.Tensor):
+            computed = torch.full_like(visible, float(computed) / visible.shape[0])
         computed = computed.sum(0)  # (B, H) -> (H,)
         if self.computed is None:
             self.computed = torch.zeros_like(computed, dtype=torch.float64)
@@ -82,9 +88,9 @@ class LayerStats:
         """(H,) computed and visible pairs per head, device counters and host numbers together."""
         if self.computed is None:
             heads = num_heads or 1
-            dense = torch.full((heads,), self.dense_pairs, dtype=torch.float64)
-            return dense, dense.clone()
-        return self.computed + self.dense_pairs, self.visible + self.dense_pairs
+            computed = torch.full((heads,), self.host_computed, dtype=torch.float64)
+            return computed, torch.full((heads,), self.host_visible, dtype=torch.float64)
+        return self.computed + self.host_computed, self.visible + self.host_visible
 
     @property
     def density(self) -> float:

@@ -114,6 +114,10 @@ class DuoAttention(HeadSplitPolicy):
         """Decode method of the retrieval heads (None: the setting's)."""
         return None
 
+    @property
+    def changes_prefill(self) -> bool:
+        return self.prefill_streaming
+
     def groups(
         self,
         profile: Profile,

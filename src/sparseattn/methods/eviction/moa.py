@@ -64,6 +64,10 @@ class MoA(HeadSplitPolicy):
         """The stored budget this setting runs."""
         return profile.level_at_most(1 - self.compression)
 
+    @property
+    def changes_prefill(self) -> bool:
+        return self.prefill_spans
+
     def groups(
         self,
         profile: Profile,

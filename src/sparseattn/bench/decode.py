@@ -6,7 +6,6 @@ setting, and the ceiling (dense decode over a cache of the size the setting keep
 from __future__ import annotations
 
 import copy
-import statistics
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ from ..cache import cache_nbytes
 from ..integration.compat import cache_kwargs
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
-from ..integration.stats import timed
+from ..integration.stats import DECODE_WARMUP, per_token_seconds, timed
 from ..setting import Setting
 from .peak import PeakMemory
 from .prefill import benchmark_input
@@ -34,17 +33,16 @@ def prefill_cache(model, ids: torch.Tensor, batch: int) -> tuple[DynamicCache, t
     return cache, out.logits[:, -1:].argmax(-1).expand(batch, 1).contiguous()
 
 
-def decode_steps(model, cache, first: torch.Tensor, steps: int, warmup: int = 2) -> float:
-    """Median seconds per greedy step over ``steps`` steps after ``warmup`` untimed ones."""
+def decode_steps(model, cache, first: torch.Tensor, steps: int) -> float:
+    """Seconds per greedy step over ``steps`` steps after the warm-up ones (the rule the
+    frontier uses too: ``per_token_seconds``)."""
     token, times = first, []
-    for i in range(warmup + steps):
+    for _ in range(DECODE_WARMUP + steps):
         start = timed(token.device)
         out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        elapsed = timed(token.device) - start
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
+        times.append(timed(token.device) - start)
+    return per_token_seconds(times)
 
 
 def run_setting(

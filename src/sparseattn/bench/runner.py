@@ -13,7 +13,7 @@ from ..cache import cache_nbytes
 from ..integration.compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
-from ..integration.stats import timed
+from ..integration.stats import per_token_seconds, timed
 from ..setting import Setting
 from ..types import Phase
 from .peak import PeakMemory
@@ -77,20 +77,19 @@ def generate_answer(
     device = prefilled.logprobs.device
     tokens: list[int] = []
     next_id = prefilled.next_id
-    steps = 0  # forward passes after the prefill
-    start = timed(device)
+    times: list[float] = []  # seconds of each forward after the prefill
     while int(next_id) not in eos_ids:  # the harness reads each token; the library does not
         tokens.append(int(next_id))
         if len(tokens) == max_new_tokens:
             break
+        start = timed(device)
         out = model(input_ids=next_id[:, None], **cache_kwargs(model, cache), use_cache=True)
         next_id = out.logits[:, -1].argmax(-1)
-        steps += 1
-    decode_s = timed(device) - start
+        times.append(timed(device) - start)
     return {
         "tokens": tokens,
         "prefill_s": prefilled.prefill_s,
-        "decode_s_per_token": decode_s / steps if steps else None,
+        "decode_s_per_token": per_token_seconds(times),
         "kv_bytes": cache_nbytes(cache),
     }
 

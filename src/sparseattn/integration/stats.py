@@ -7,6 +7,7 @@ every key add a Python number instead of touching the device at all.
 
 from __future__ import annotations
 
+import statistics
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -207,6 +208,19 @@ class RunStats:
         if phase not in ("prefill", "decode"):
             raise UsageError(f"phase must be 'prefill' or 'decode', got {phase!r}")
         return self.prefill if phase == "prefill" else self.decode
+
+
+DECODE_WARMUP = 2  # decode steps left out of a per-token time (first calls of a new shape)
+
+
+def per_token_seconds(times: list[float]) -> float | None:
+    """Seconds per decode step: the median over the steps after the first ``DECODE_WARMUP``
+    (over all of them when there are no more). The one rule of ``bench decode`` and the
+    frontier, so both report the same figure for the same setting."""
+    if not times:
+        return None
+    kept = times[DECODE_WARMUP:] or times
+    return statistics.median(kept)
 
 
 def timed(device: torch.device | str) -> float:

@@ -10,30 +10,25 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from ..backends import (
-    BlockLayout,
-    dense_decode,
-    dense_prefill,
-    flex_attend,
-    gather_attend,
-    reference_attend,
-)
+from ..backends import BlockLayout, dense_decode, dense_prefill, gather_attend, reference_attend
 from ..backends.gather import selection_slots, visible_slots
 from ..backends.sdpa import decode_key_mask, visible_keys, window_matters
+from ..backends.tiles import PREFILL_BACKENDS, attend_tiles, tile_kernel
 from ..cache import KVLayer, SparseCache, adopt, build_layers, is_empty
 from ..errors import UsageError
 from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
-from ..types import AttentionContext, DecodeView, Phase, Selection
+from ..types import AttentionContext, BlockSelection, DecodeView, Phase, Selection
 from .compat import passed_cache
+from .crossover import crossover, layout_key
 from .stats import RunStats, timed
 
-PREFILL_BACKENDS = ("flex", "reference")
 DECODE_BACKENDS = ("gather", "reference")
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 _DENSE = Dense()
 _STATS_BLOCK = 128
+DECODE_MIN_LENGTH = 1024  # what min_length="auto" means for decode steps
 
 
 @dataclass(frozen=True)
@@ -43,15 +38,20 @@ class HookOptions:
     Attributes:
         dense_layers: Layer indices that always attend densely.
         min_length: Calls whose key length is below this stay dense (sparse would be slower).
-        prefill_backend: "flex" (block-sparse kernel) or "reference" (dense fp32 oracle).
+            "auto": a prompt chunk uses the crossover measured for its kernel, device, dtype
+            and head layout (once per machine, cached; see ``integration/crossover.py``), a
+            decode step ``DECODE_MIN_LENGTH``.
+        prefill_backend: "auto" (the C++ kernel for float32 on the CPU, else FlexAttention),
+            "cpp" (the C++ block-sparse kernel), "flex" (FlexAttention) or "reference" (dense
+            fp32 oracle).
         decode_backend: "gather" (gather the selected pages, then SDPA) or "reference".
         page_size: Cache storage granularity in tokens (a page view of the cache is free).
         timing: Time selection and attention per layer (synchronizes; off by default).
     """
 
     dense_layers: frozenset[int] = frozenset()
-    min_length: int = 1024
-    prefill_backend: str = "flex"
+    min_length: int | str = "auto"
+    prefill_backend: str = "auto"
     decode_backend: str = "gather"
     page_size: int = 16
     timing: bool = False
@@ -67,9 +67,11 @@ class HookOptions:
             )
         if self.page_size not in PAGE_SIZES:
             raise UsageError(f"page_size={self.page_size!r}; allowed: {list(PAGE_SIZES)}")
+        if self.min_length == "auto":
+            return
         bad = isinstance(self.min_length, bool) or not isinstance(self.min_length, int)
         if bad or self.min_length < 0:
-            raise UsageError(f"min_length={self.min_length!r} must be an integer >= 0")
+            raise UsageError(f"min_length={self.min_length!r} must be an integer >= 0 or 'auto'")
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``sparse_attention`` (JSON-ready)."""
@@ -189,7 +191,17 @@ class SparsePlan:
         layout = self._layouts[key] = BlockLayout(ctx, block_size)
         return layout
 
-    def method_for(self, ctx: AttentionContext) -> Method:
+    def min_length(self, ctx: AttentionContext, q: torch.Tensor, method: Method) -> int:
+        """The shortest key length at which this call may run sparse."""
+        if self.options.min_length != "auto":
+            return self.options.min_length
+        if not ctx.phase.is_prefill:
+            return DECODE_MIN_LENGTH
+        requested = self.options.prefill_backend
+        kernel = tile_kernel("auto" if requested == "reference" else requested, q, ctx)
+        return crossover(layout_key(kernel, q, ctx, method.block_size))
+
+    def method_for(self, ctx: AttentionContext, q: torch.Tensor) -> Method:
         """The phase's method, or dense for kept-dense layers, short calls and unsupported phases.
 
         Sparse prefill methods estimate over contiguous key positions; a prompt chunk arriving
@@ -198,7 +210,8 @@ class SparsePlan:
         method = self.prefill if ctx.phase.is_prefill else self.decode
         if (
             ctx.layer_idx in self.options.dense_layers
-            or ctx.kv_len < self.options.min_length
+            or isinstance(method, Dense)
+            or ctx.kv_len < self.min_length(ctx, q, method)
             or not method.supports(ctx.phase)
             or (ctx.phase.is_prefill and not ctx.contiguous)
         ):
@@ -307,7 +320,7 @@ def _prefill(
     visible tile through flex, never as a dense masked L x L product; over explicit positions
     (a layer that evicted) they run as masked SDPA over what the layer kept.
     """
-    method = plan.method_for(ctx)
+    method = plan.method_for(ctx, q)
     profile = plan.options.timing
     start = timed(ctx.device) if profile else 0.0
     dense = isinstance(method, Dense)
@@ -321,12 +334,9 @@ def _prefill(
         out = dense_prefill(q, k, v, ctx)
     else:
         layout = plan.layout_for(ctx, method.block_size)
-        selection = method.select(q, k, ctx, layout)
+        selection = _select(method, q, k, ctx, layout)
         selected = timed(ctx.device) if profile else 0.0
-        if plan.options.prefill_backend == "reference":
-            out = reference_attend(q, k, v, selection, ctx)
-        else:
-            out = flex_attend(q, k, v, selection, ctx, layout)
+        out = attend_tiles(plan.options.prefill_backend, q, k, v, selection, ctx, layout)
         done = timed(ctx.device) if profile else 0.0
         computed, visible = layout.density(selection)
         plan.stats.record(
@@ -345,6 +355,21 @@ def _prefill(
     return out
 
 
+def _select(
+    method: Method, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, layout: BlockLayout
+) -> BlockSelection:
+    """The method's tiles; a static pattern is selected once per layout and shared by layers."""
+    if not method.static_pattern:
+        return method.select(q, k, ctx, layout)
+    key = ("selection", id(method), ctx.num_q_heads)
+    cached = layout.shared.get(key)
+    if cached is None or cached[0] is not method:
+        chosen = method.select(q, k, ctx, layout)
+        selection = BlockSelection(chosen.mask.contiguous(), chosen.block_size, static=True)
+        cached = layout.shared[key] = (method, selection)
+    return cached[1]
+
+
 def _dense_pairs(plan: SparsePlan, ctx: AttentionContext) -> torch.Tensor:
     """(B, Hq) visible pairs of a dense prefill call."""
     if ctx.contiguous:
@@ -361,7 +386,7 @@ def _decode(
     v: torch.Tensor,
     layer: KVLayer | None,
 ) -> torch.Tensor:
-    method = plan.method_for(ctx)
+    method = plan.method_for(ctx, q)
     profile = plan.options.timing
     start = timed(ctx.device) if profile else 0.0
     selection, selected = None, start

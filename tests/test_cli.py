@@ -118,13 +118,27 @@ def test_bench_kernel_records(capsys):
         == 0
     )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    compile_info, record = lines
+    compile_info, *records = lines
     assert compile_info["kind"] == "compile" and compile_info["compiled_graphs"] <= 1
-    for key in ("length", "density", "dense_s", "sparse_s", "speedup", "ideal_speedup"):
-        assert key in record
-    assert record["speedup"] == pytest.approx(record["dense_s"] / record["sparse_s"], rel=0.01)
-    assert record["ideal_speedup"] == pytest.approx(1 / record["density"], rel=0.01)
-    assert 0 < record["density"] < 1
+    assert [r["kernel"] for r in records] == ["cpp", "flex"]  # auto picks cpp here, then flex
+    for record in records:
+        for key in ("length", "density", "dense_s", "kernel_dense_s", "sparse_s", "efficiency"):
+            assert key in record
+        assert record["speedup"] == pytest.approx(record["dense_s"] / record["sparse_s"], rel=0.01)
+        assert record["ideal_speedup"] == pytest.approx(1 / record["density"], rel=0.01)
+        assert record["efficiency"] == pytest.approx(
+            record["speedup"] * record["density"], rel=0.01
+        )
+        assert record["dense_ratio"] == pytest.approx(
+            record["dense_s"] / record["kernel_dense_s"], rel=0.01
+        )
+        assert 0 < record["density"] < 1
+    assert records[0]["density"] == records[1]["density"]  # the same tiles for both kernels
+
+
+def test_bench_kernel_refuses_unknown_kernels(capsys):
+    assert main(["bench", "kernel", "--kernels", "cpp,triton"]) == 2
+    assert "--kernels 'cpp,triton'" in capsys.readouterr().err
 
 
 def test_bench_decode_records(capsys):

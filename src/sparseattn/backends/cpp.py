@@ -11,7 +11,8 @@ is ever written inside the package.
 
 Where it cannot be built or loaded (no compiler, a torch without ``sgemm_``, a read-only
 cache), ``available()`` is False, ``reason()`` says why, one warning is issued, and the
-``auto`` backend runs FlexAttention instead. ``SPARSEATTN_CPP=0`` turns the kernel off.
+``auto`` backend runs FlexAttention instead. ``SPARSEATTN_CPP=0`` turns the kernel off;
+``SPARSEATTN_CXX`` names the compiler (else ``CXX``, else ``c++`` / ``g++`` / ``clang++``).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def enabled() -> bool:
 
 
 def compiler() -> str | None:
-    """``$CXX``, else the first of ``c++`` / ``g++`` / ``clang++`` found on the PATH."""
-    explicit = os.environ.get("CXX")
+    """``$SPARSEATTN_CXX``, else ``$CXX``, else the first of ``c++`` / ``g++`` / ``clang++`` on
+    the PATH."""
+    explicit = os.environ.get("SPARSEATTN_CXX") or os.environ.get("CXX")
     if explicit:
         return explicit
     for name in ("c++", "g++", "clang++"):
@@ -124,9 +126,7 @@ def _build(cxx: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        run = subprocess.run(
-            _command(cxx, Path(tmp)), capture_output=True, text=True, check=False
-        )
+        run = subprocess.run(_command(cxx, Path(tmp)), capture_output=True, text=True, check=False)
         if run.returncode != 0:
             tail = (run.stderr or run.stdout).strip().splitlines()[-5:]
             raise RuntimeError(f"{cxx} failed: " + " | ".join(tail))
@@ -145,7 +145,7 @@ def _load() -> None:
         raise RuntimeError(f"kernel source {SOURCE} is missing from the installation")
     cxx = compiler()
     if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
+        raise RuntimeError("no C++ compiler found (set SPARSEATTN_CXX or CXX)")
     target = library_path(cxx)
     if not target.exists():
         _build(cxx, target)

@@ -14,12 +14,16 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
 #include <vector>
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
@@ -82,11 +86,12 @@ struct Segment {
 
 struct Scratch {
   std::vector<float> scores, acc, row_max, row_sum;
-  std::vector<int64_t> tiles;
+  std::vector<int64_t> tiles, partial;
   std::vector<Segment> segments;
   Scratch(const Problem& p)
       : scores(p.bs * kChunkTiles * p.bs), acc(p.bs * p.Dv), row_max(p.bs), row_sum(p.bs) {
     tiles.reserve(p.nK);
+    partial.reserve(p.nK);
   }
 };
 
@@ -131,9 +136,9 @@ void mask_tile(const Problem& p, float* scores, int64_t lds, int64_t rows, int64
   }
 }
 
-// One online-softmax step over `width` score columns for every query row of the tile.
-void softmax_step(Scratch& w, int64_t rows, int64_t width, int64_t lds, int64_t dv) {
-  for (int64_t r = 0; r < rows; ++r) {
+// One online-softmax step over `width` score columns for query rows [r0, r1) of the tile.
+void softmax_step(Scratch& w, int64_t r0, int64_t r1, int64_t width, int64_t lds, int64_t dv) {
+  for (int64_t r = r0; r < r1; ++r) {
     float* s = w.scores.data() + r * lds;
     float mx = kMasked;
 #pragma omp simd reduction(max : mx)
@@ -154,8 +159,132 @@ void softmax_step(Scratch& w, int64_t rows, int64_t width, int64_t lds, int64_t 
     w.row_sum[r] = w.row_sum[r] * alpha + sum;
     w.row_max[r] = m_new;
     float* o = w.acc.data() + r * dv;
+#pragma omp simd
     for (int64_t d = 0; d < dv; ++d) o[d] *= alpha;
   }
+}
+
+struct Row {
+  const float* q;
+  const float* k;
+  const float* v;
+  int64_t b, q0, rows, lds;
+};
+
+// Full tiles, up to kChunkTiles at a time: scores = scale * q k^T with one sgemm per run of
+// consecutive tiles, an online-softmax step, then acc += p v per run. No mask is evaluated.
+void full_chunk(const Problem& p, Scratch& w, const Row& row, const int64_t* tiles, int64_t n) {
+  w.segments.clear();
+  int64_t col = 0;
+  for (int64_t t = 0; t < n;) {
+    int64_t u = t + 1;
+    while (u < n && tiles[u] == tiles[u - 1] + 1) ++u;
+    const int64_t key0 = tiles[t] * p.bs;
+    const int64_t width = std::min(tiles[u - 1] * p.bs + p.bs, p.Lk) - key0;
+    gemm('T', 'N', width, row.rows, p.D, p.scale, row.k + key0 * p.k_sl, p.k_sl, row.q, p.q_sl,
+         0.0f, w.scores.data() + col, row.lds);
+    w.segments.push_back({key0, width, col});
+    col += width;
+    t = u;
+  }
+  if (p.softcap > 0.0f) {
+    for (int64_t r = 0; r < row.rows; ++r) soft_cap(w.scores.data() + r * row.lds, col, p.softcap);
+  }
+  softmax_step(w, 0, row.rows, col, row.lds, p.Dv);
+  for (const Segment& s : w.segments) {
+    gemm('N', 'N', p.Dv, row.rows, s.width, 1.0f, row.v + s.key0 * p.v_sl, p.v_sl,
+         w.scores.data() + s.col, row.lds, 1.0f, w.acc.data(), p.Dv);
+  }
+}
+
+// One partial tile (diagonal, window edge, padding, ragged end), in two halves of query rows:
+// each half computes only the key columns some of its rows can see (the diagonal's upper
+// right quarter is never computed), then masks at token level.
+void partial_tile(const Problem& p, Scratch& w, const Row& row, int64_t j) {
+  const int64_t key0 = j * p.bs;
+  const int64_t tw = std::min(key0 + p.bs, p.Lk) - key0;
+  const int64_t half = (row.rows + 1) / 2;
+  for (int64_t r0 = 0; r0 < row.rows; r0 += half) {
+    const int64_t r1 = std::min(r0 + half, row.rows);
+    int64_t c0 = tw, c1 = 0;  // union of the rows' visible columns inside the tile
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t lo, hi;
+      visible_range(p, p.q_offset + row.q0 + r, &lo, &hi);
+      lo = std::max<int64_t>(lo - key0, 0);
+      hi = std::min<int64_t>(hi - key0, tw);
+      if (lo < hi) c0 = std::min(c0, lo), c1 = std::max(c1, hi);
+    }
+    if (c1 <= c0) continue;  // no row of this half sees the tile
+    const int64_t width = c1 - c0;
+    float* scores = w.scores.data() + r0 * row.lds;
+    gemm('T', 'N', width, r1 - r0, p.D, p.scale, row.k + (key0 + c0) * p.k_sl, p.k_sl,
+         row.q + r0 * p.q_sl, p.q_sl, 0.0f, scores, row.lds);
+    if (p.softcap > 0.0f) {
+      for (int64_t r = r0; r < r1; ++r) soft_cap(w.scores.data() + r * row.lds, width, p.softcap);
+    }
+    mask_tile(p, scores, row.lds, r1 - r0, row.q0 + r0, key0 + c0, width, 0, row.b);
+    softmax_step(w, r0, r1, width, row.lds, p.Dv);
+    gemm('N', 'N', p.Dv, r1 - r0, width, 1.0f, row.v + (key0 + c0) * p.v_sl, p.v_sl, scores,
+         row.lds, 1.0f, w.acc.data() + r0 * p.Dv, p.Dv);
+  }
+}
+
+// dst = o * scale. The output is written once and read by the next layer, not by this
+// kernel: streaming stores skip reading each line into cache before writing it.
+inline void store_row(float* dst, const float* o, float scale, int64_t n) {
+#if defined(__AVX512F__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0 && n % 16 == 0) {
+    const __m512 f = _mm512_set1_ps(scale);
+    for (int64_t d = 0; d < n; d += 16) _mm512_stream_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), f));
+    return;
+  }
+#elif defined(__AVX__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0 && n % 8 == 0) {
+    const __m256 f = _mm256_set1_ps(scale);
+    for (int64_t d = 0; d < n; d += 8) _mm256_stream_ps(dst + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), f));
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < n; ++d) dst[d] = o[d] * scale;
+}
+
+// Ask for rows of a tile ahead of use (into L2): a short row of tiles is otherwise bound by
+// the latency of loading its query, key and value tiles.
+inline void prefetch_rows(const float* base, int64_t rows, int64_t stride, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* line = reinterpret_cast<const char*>(base + r * stride);
+    for (int64_t off = 0; off < width * int64_t(sizeof(float)); off += 64) {
+      __builtin_prefetch(line + off, 0, 2);
+    }
+  }
+}
+
+void prefetch_tiles(const Problem& p, const float* k, const float* v, const int64_t* tiles,
+                    int64_t n) {
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t key0 = tiles[t] * p.bs;
+    const int64_t rows = std::min(key0 + p.bs, p.Lk) - key0;
+    prefetch_rows(k + key0 * p.k_sl, rows, p.k_sl, p.D);
+    prefetch_rows(v + key0 * p.v_sl, rows, p.v_sl, p.Dv);
+  }
+}
+
+// The query tile of a work item and the key / value tiles it reads first: its partial tiles
+// (always the diagonal) and its first full tiles.
+void prefetch_item(const Problem& p, int64_t item) {
+  const int64_t i = item % p.nQ, h = (item / p.nQ) % p.Hq, b = item / (p.nQ * p.Hq);
+  const int64_t hk = h / (p.Hq / p.Hkv), q0 = i * p.bs;
+  prefetch_rows(p.q + b * p.q_sb + h * p.q_sh + q0 * p.q_sl, std::min(p.bs, p.Lq - q0), p.q_sl,
+                p.D);
+  const bool* sel = p.sel + item * p.nK;
+  const bool* full = p.full + (b * p.nQ + i) * p.nK;
+  int64_t picked[kChunkTiles + 2], n = 0, n_full = 0;
+  for (int64_t j = p.nK - 1; j >= 0 && n < kChunkTiles + 2; --j) {
+    if (!sel[j]) continue;
+    if (!full[j] || n_full < kChunkTiles) picked[n++] = j;
+    n_full += full[j];
+  }
+  prefetch_tiles(p, p.k + b * p.k_sb + hk * p.k_sh, p.v + b * p.v_sb + hk * p.v_sh, picked, n);
 }
 
 void run_item(const Problem& p, Scratch& w, int64_t item) {
@@ -163,65 +292,51 @@ void run_item(const Problem& p, Scratch& w, int64_t item) {
   const int64_t h = (item / p.nQ) % p.Hq;
   const int64_t b = item / (p.nQ * p.Hq);
   const int64_t hk = h / (p.Hq / p.Hkv);
-  const int64_t q0 = i * p.bs;
-  const int64_t rows = std::min(p.bs, p.Lq - q0);
-  const int64_t lds = kChunkTiles * p.bs;
-  const float* q = p.q + b * p.q_sb + h * p.q_sh + q0 * p.q_sl;
-  const float* k = p.k + b * p.k_sb + hk * p.k_sh;
-  const float* v = p.v + b * p.v_sb + hk * p.v_sh;
+  Row row;
+  row.b = b;
+  row.q0 = i * p.bs;
+  row.rows = std::min(p.bs, p.Lq - row.q0);
+  row.lds = kChunkTiles * p.bs;
+  row.q = p.q + b * p.q_sb + h * p.q_sh + row.q0 * p.q_sl;
+  row.k = p.k + b * p.k_sb + hk * p.k_sh;
+  row.v = p.v + b * p.v_sb + hk * p.v_sh;
   const bool* sel = p.sel + item * p.nK;
   const bool* full = p.full + (b * p.nQ + i) * p.nK;
 
   w.tiles.clear();
-  for (int64_t j = 0; j < p.nK; ++j)
-    if (sel[j]) w.tiles.push_back(j);
-  std::fill(w.row_max.begin(), w.row_max.begin() + rows, kMasked);
-  std::fill(w.row_sum.begin(), w.row_sum.begin() + rows, 0.0f);
-  std::fill(w.acc.begin(), w.acc.begin() + rows * p.Dv, 0.0f);
-
-  const int64_t n_tiles = static_cast<int64_t>(w.tiles.size());
-  for (int64_t t0 = 0; t0 < n_tiles; t0 += kChunkTiles) {
-    const int64_t t1 = std::min(t0 + kChunkTiles, n_tiles);
-    // scores = scale * q k^T over the chunk's tiles, one sgemm per run of consecutive tiles
-    w.segments.clear();
-    int64_t col = 0;
-    for (int64_t t = t0; t < t1;) {
-      int64_t u = t + 1;
-      while (u < t1 && w.tiles[u] == w.tiles[u - 1] + 1) ++u;
-      const int64_t key0 = w.tiles[t] * p.bs;
-      const int64_t width = std::min(w.tiles[u - 1] * p.bs + p.bs, p.Lk) - key0;
-      gemm('T', 'N', width, rows, p.D, p.scale, k + key0 * p.k_sl, p.k_sl, q, p.q_sl, 0.0f,
-           w.scores.data() + col, lds);
-      w.segments.push_back({key0, width, col});
-      col += width;
-      t = u;
-    }
-    const int64_t width = col;
-    if (p.softcap > 0.0f) {
-      for (int64_t r = 0; r < rows; ++r) soft_cap(w.scores.data() + r * lds, width, p.softcap);
-    }
-    // partial tiles: causality, window and padding at token level
-    int64_t tile_col = 0;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t j = w.tiles[t];
-      const int64_t key0 = j * p.bs;
-      const int64_t tw = std::min(key0 + p.bs, p.Lk) - key0;
-      if (!full[j]) mask_tile(p, w.scores.data(), lds, rows, q0, key0, tw, tile_col, b);
-      tile_col += tw;
-    }
-    softmax_step(w, rows, width, lds, p.Dv);
-    // acc += p v over the chunk's runs
-    for (const Segment& s : w.segments) {
-      gemm('N', 'N', p.Dv, rows, s.width, 1.0f, v + s.key0 * p.v_sl, p.v_sl,
-           w.scores.data() + s.col, lds, 1.0f, w.acc.data(), p.Dv);
-    }
+  w.partial.clear();
+  for (int64_t j = 0; j < p.nK; ++j) {
+    if (sel[j]) (full[j] ? w.tiles : w.partial).push_back(j);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* dst = p.out + ((b * p.Lq + q0 + r) * p.Hq + h) * p.Dv;
+  std::fill(w.row_max.begin(), w.row_max.begin() + row.rows, kMasked);
+  std::fill(w.row_sum.begin(), w.row_sum.begin() + row.rows, 0.0f);
+  std::fill(w.acc.begin(), w.acc.begin() + row.rows * p.Dv, 0.0f);
+  const int64_t n_full = static_cast<int64_t>(w.tiles.size());
+  for (int64_t t0 = 0; t0 < n_full; t0 += kChunkTiles) {
+    const int64_t ahead = std::min<int64_t>(kChunkTiles, n_full - t0 - kChunkTiles);
+    if (ahead > 0) prefetch_tiles(p, row.k, row.v, w.tiles.data() + t0 + kChunkTiles, ahead);
+    full_chunk(p, w, row, w.tiles.data() + t0, std::min<int64_t>(kChunkTiles, n_full - t0));
+  }
+  for (int64_t j : w.partial) partial_tile(p, w, row, j);
+  for (int64_t r = 0; r < row.rows; ++r) {
+    float* dst = p.out + ((b * p.Lq + row.q0 + r) * p.Hq + h) * p.Dv;
     const float* o = w.acc.data() + r * p.Dv;
     const float inv = w.row_sum[r] > 0.0f ? 1.0f / w.row_sum[r] : 0.0f;
-    for (int64_t d = 0; d < p.Dv; ++d) dst[d] = o[d] * inv;
+    store_row(dst, o, inv, p.Dv);
   }
+}
+
+// A large fresh output is faulted in page by page on first write (at 16K keys that costs as
+// much as a few tiles per query tile); asking for 2 MB pages on its aligned interior makes it
+// a few dozen faults. Advice only: where the kernel refuses, nothing changes.
+void advise_huge_pages(const at::Tensor& out) {
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const auto start = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t stop = start + out.numel() * sizeof(float);
+  const uintptr_t lo = (start + kHuge - 1) & ~(kHuge - 1), hi = stop & ~(kHuge - 1);
+#ifdef MADV_HUGEPAGE
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
 }
 
 at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -259,6 +374,7 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
                 "key_valid must be a contiguous (B, Lk) bool tensor");
   }
   auto out = at::empty({p.B, p.Lq, p.Hq, p.Dv}, q.options());
+  advise_huge_pages(out);
   p.q = q.data_ptr<float>(), p.k = k.data_ptr<float>(), p.v = v.data_ptr<float>();
   p.out = out.data_ptr<float>();
   p.sel = selection.data_ptr<bool>(), p.full = full.data_ptr<bool>();
@@ -269,24 +385,29 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
   p.q_offset = q_offset, p.kv_offset = kv_offset, p.window = window;
   p.scale = static_cast<float>(scale), p.softcap = static_cast<float>(softcap);
 
-  // most tiles first, handed out one at a time: the causal rows are uneven
+  // work items handed out one at a time (rows are uneven): the last query tiles first (the
+  // longest rows of a causal map), and the query heads of one KV head next to each other, so
+  // the key and value tiles they share (always the diagonal) are still in cache
   const int64_t items = p.B * p.Hq * p.nQ;
-  std::vector<int32_t> cost(items);
-  for (int64_t it = 0; it < items; ++it) {
-    const bool* row = p.sel + it * p.nK;
-    cost[it] = static_cast<int32_t>(std::count(row, row + p.nK, true));
-  }
-  std::vector<int64_t> order(items);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t c) { return cost[a] > cost[c]; });
+  std::vector<int64_t> order;
+  order.reserve(items);
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t i = p.nQ - 1; i >= 0; --i)
+      for (int64_t h = 0; h < p.Hq; ++h) order.push_back((b * p.Hq + h) * p.nQ + i);
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     Scratch w(p);
-    for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) {
+    // each worker claims its next item before running the current one, to prefetch it
+    for (int64_t it = next.fetch_add(1); it < items;) {
+      const int64_t following = next.fetch_add(1);
+      if (following < items) prefetch_item(p, order[following]);
       run_item(p, w, order[it]);
+      it = following;
     }
+#if defined(__AVX__)
+    _mm_sfence();  // streaming stores visible before the output is read
+#endif
   });
   return out;
 }

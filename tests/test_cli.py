@@ -343,3 +343,29 @@ TINY = "tiny-random-llama"
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_prefill_records_hook_dense_and_crossover(capsys):
+    args = ["bench", "prefill", "--json", "--model", "tiny-random-llama", "--method", "streaming"]
+    args += ["--knob", "sink=0", "--knob", "window=64", "--knob", "block_size=32"]
+    args += ["--lengths", "300,600", "--repeats", "1"]
+    assert main(args) == 0
+    *records, summary = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["length"] for r in records] == [300, 600]
+    for r in records:
+        assert r["speedup"] == pytest.approx(r["dense_s"] / r["sparse_s"], rel=0.01)
+        assert r["speedup_vs_hook_dense"] == pytest.approx(
+            r["hook_dense_s"] / r["sparse_s"], rel=0.01
+        )
+        assert 0 < r["density"] < 1 and r["prefill_backend"] == "auto"
+    assert summary["kind"] == "crossover" and summary["lengths"] == [300, 600]
+    assert summary["speedups"] == [r["speedup"] for r in records]
+
+
+def test_crossover_length_is_the_first_length_that_stays_faster():
+    from sparseattn.bench.prefill import crossover_length
+
+    assert crossover_length([1000, 2000, 4000, 8000], [0.8, 1.1, 0.99, 1.3]) == 8000
+    assert crossover_length([4000, 1000, 2000], [1.2, 0.9, 1.05]) == 2000
+    assert crossover_length([1000, 2000], [0.5, 0.9]) is None
+    assert crossover_length([1000], [1.0]) == 1000

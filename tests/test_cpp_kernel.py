@@ -233,3 +233,31 @@ def test_kernel_builds_into_the_user_cache(kernel, tmp_path):
         p.relative_to(package) for p in package.rglob("*") if "__pycache__" not in p.parts
     )
     assert after == before
+
+
+def test_cpp_wide_heads_and_windows_as_gemma(kernel):
+    """Gemma 3's shape: head size 256, one KV head, a sliding window, a chunk after a prefix."""
+    g = torch.Generator().manual_seed(9)
+    ctx = AttentionContext(0, Phase.CHUNKED_PREFILL, 1, 190, 330, 140, 0, 4, 1, 256**-0.5, 100)
+    q = torch.randn(1, 4, 190, 256, generator=g)
+    k, v = torch.randn(1, 1, 330, 256, generator=g), torch.randn(1, 1, 330, 256, generator=g)
+    layout = BlockLayout(ctx, 64)
+    sel = layout.every_tile(4)
+    got = cpp.cpp_attend(q, k, v, sel, ctx, layout)
+    torch.testing.assert_close(got, reference_attend(q, k, v, sel, ctx), atol=3e-5, rtol=1e-4)
+
+
+def test_a_corrupt_cached_library_is_rebuilt(kernel, tmp_path):
+    run = _run(
+        """
+        from pathlib import Path
+        from sparseattn.backends import cpp
+        path = cpp.library_path(cpp.compiler())
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"not a library")
+        assert cpp.available(), cpp.reason()
+        assert path.stat().st_size > 1000
+        """,
+        SPARSEATTN_CACHE_DIR=str(tmp_path),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]

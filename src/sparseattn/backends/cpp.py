@@ -149,7 +149,11 @@ def _load() -> None:
     target = library_path(cxx)
     if not target.exists():
         _build(cxx, target)
-    torch.ops.load_library(str(target))
+    try:
+        torch.ops.load_library(str(target))
+    except OSError:  # a truncated or foreign file under our name: build it again, once
+        _build(cxx, target)
+        torch.ops.load_library(str(target))
 
 
 def available() -> bool:

@@ -3,7 +3,8 @@
 ``auto`` (the default) takes the C++ kernel where it can run the call (float32 on the CPU, the
 kernel built or buildable) and FlexAttention everywhere else (CUDA, half precision, a machine
 without a compiler). ``cpp`` and ``flex`` force one kernel; ``reference`` is the dense fp32
-oracle.
+oracle. A static pattern's selection and density are derived once per layout (call shape) and
+shared by every layer that sees that shape.
 """
 
 from __future__ import annotations
@@ -57,3 +58,32 @@ def attend_tiles(
     if kernel == "flex":
         return flex_attend(q, k, v, selection, ctx, layout)
     return reference_attend(q, k, v, selection, ctx)
+
+
+def select_once(
+    method, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, layout: BlockLayout
+) -> BlockSelection:
+    """``method.select``; a static pattern (``method.static_pattern``) is selected once per
+    layout, so the layers of a forward (and later forwards of the same shape) share it."""
+    if not method.static_pattern:
+        return method.select(q, k, ctx, layout)
+    key = ("selection", id(method), ctx.num_q_heads)
+    cached = layout.shared.get(key)
+    if cached is None or cached[0] is not method:
+        chosen = method.select(q, k, ctx, layout)
+        selection = BlockSelection(chosen.mask.contiguous(), chosen.block_size, static=True)
+        cached = layout.shared[key] = (method, selection)
+    return cached[1]
+
+
+def density_once(
+    layout: BlockLayout, selection: BlockSelection
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layout.density(selection)``, counted once per layout for a static selection."""
+    if not selection.static:
+        return layout.density(selection)
+    key = ("density", id(selection))
+    cached = layout.shared.get(key)
+    if cached is None or cached[0] is not selection:
+        cached = layout.shared[key] = (selection, layout.density(selection))
+    return cached[1]

@@ -13,13 +13,19 @@ from transformers.cache_utils import Cache, DynamicCache
 from ..backends import BlockLayout, dense_decode, dense_prefill, gather_attend, reference_attend
 from ..backends.gather import selection_slots, visible_slots
 from ..backends.sdpa import decode_key_mask, visible_keys, window_matters
-from ..backends.tiles import PREFILL_BACKENDS, attend_tiles, tile_kernel
+from ..backends.tiles import (
+    PREFILL_BACKENDS,
+    attend_tiles,
+    density_once,
+    select_once,
+    tile_kernel,
+)
 from ..cache import KVLayer, SparseCache, adopt, build_layers, is_empty
 from ..errors import UsageError
 from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
-from ..types import AttentionContext, BlockSelection, DecodeView, Phase, Selection
+from ..types import AttentionContext, DecodeView, Phase, Selection
 from .compat import passed_cache
 from .crossover import crossover, layout_key
 from .stats import RunStats, timed
@@ -317,8 +323,9 @@ def _prefill(
     """A prompt chunk: dense through SDPA where it can, else the method's tiles through a kernel.
 
     Dense calls whose window hides keys (or with a softcap) on contiguous keys run as every
-    visible tile through flex, never as a dense masked L x L product; over explicit positions
-    (a layer that evicted) they run as masked SDPA over what the layer kept.
+    visible tile through the tile kernel (``prefill_backend``), never as a dense masked L x L
+    product; over explicit positions (a layer that evicted) they run as masked SDPA over what
+    the layer kept.
     """
     method = plan.method_for(ctx, q)
     profile = plan.options.timing
@@ -334,11 +341,11 @@ def _prefill(
         out = dense_prefill(q, k, v, ctx)
     else:
         layout = plan.layout_for(ctx, method.block_size)
-        selection = _select(method, q, k, ctx, layout)
+        selection = select_once(method, q, k, ctx, layout)
         selected = timed(ctx.device) if profile else 0.0
         out = attend_tiles(plan.options.prefill_backend, q, k, v, selection, ctx, layout)
         done = timed(ctx.device) if profile else 0.0
-        computed, visible = layout.density(selection)
+        computed, visible = density_once(layout, selection)
         plan.stats.record(
             ctx.layer_idx,
             ctx.phase,
@@ -353,21 +360,6 @@ def _prefill(
     attend_s = timed(ctx.device) - start if profile else 0.0
     plan.stats.record(ctx.layer_idx, ctx.phase, method.name, visible, visible, 0.0, attend_s)
     return out
-
-
-def _select(
-    method: Method, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, layout: BlockLayout
-) -> BlockSelection:
-    """The method's tiles; a static pattern is selected once per layout and shared by layers."""
-    if not method.static_pattern:
-        return method.select(q, k, ctx, layout)
-    key = ("selection", id(method), ctx.num_q_heads)
-    cached = layout.shared.get(key)
-    if cached is None or cached[0] is not method:
-        chosen = method.select(q, k, ctx, layout)
-        selection = BlockSelection(chosen.mask.contiguous(), chosen.block_size, static=True)
-        cached = layout.shared[key] = (method, selection)
-    return cached[1]
 
 
 def _dense_pairs(plan: SparsePlan, ctx: AttentionContext) -> torch.Tensor:

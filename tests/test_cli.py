@@ -353,9 +353,10 @@ def test_bench_prefill_records_hook_dense_and_crossover(capsys):
     *records, summary = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["length"] for r in records] == [300, 600]
     for r in records:
-        assert r["speedup"] == pytest.approx(r["dense_s"] / r["sparse_s"], rel=0.01)
+        # (ratios of unrounded times; the seconds are rounded to 0.1 ms)
+        assert r["speedup"] == pytest.approx(r["dense_s"] / r["sparse_s"], rel=0.05)
         assert r["speedup_vs_hook_dense"] == pytest.approx(
-            r["hook_dense_s"] / r["sparse_s"], rel=0.01
+            r["hook_dense_s"] / r["sparse_s"], rel=0.05
         )
         assert 0 < r["density"] < 1 and r["prefill_backend"] == "auto"
     assert summary["kind"] == "crossover" and summary["lengths"] == [300, 600]

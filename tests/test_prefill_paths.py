@@ -112,11 +112,28 @@ def test_auto_min_length_follows_the_measured_crossover():
     key = keys[0]
     assert (key.kernel, key.device, key.dtype) == ("cpp", "cpu", "float32")
     assert (key.num_q_heads, key.num_kv_heads, key.head_dim, key.block_size) == (4, 2, 16, 16)
+    assert key.method == ""  # a static pattern: its cost is the kernel's alone
     with crossover.measured_by(lambda key: crossover.NEVER):
         assert _density_of(model, 128) == 1.0  # sparse never faster: never sparse
     with crossover.measured_by(measure):  # an explicit min_length never asks
         assert _density_of(model, 96, min_length=0) < 0.7
     assert len(keys) == 1
+
+
+def test_a_dynamic_method_has_a_crossover_of_its_own():
+    model = make_model("llama")
+    ids, mask = left_padded_batch([96], seed=6)
+    keys = []
+    with crossover.measured_by(lambda key: keys.append(key) or 64):
+        for threshold in (0.9, 0.9, 0.8):
+            with sparseattn.sparse_attention(
+                model, "xattention", threshold=threshold, block_size=16
+            ):
+                model(input_ids=ids, attention_mask=mask)
+    assert [k.method for k in keys] == [
+        "xattention[block_size=16,keep_sink=True,profile=,stride=8,threshold=0.9]",
+        "xattention[block_size=16,keep_sink=True,profile=,stride=8,threshold=0.8]",
+    ]
 
 
 def test_decode_steps_under_auto_use_the_fixed_threshold():
@@ -143,10 +160,11 @@ def test_crossover_is_cached_on_disk(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "crossover.json").read_text())) == 2
 
 
-def test_measure_returns_a_ladder_length_or_never():
+@pytest.mark.parametrize("method", [None, XAttention(block_size=32)], ids=["kernel", "xattention"])
+def test_measure_returns_a_ladder_length_or_never(method):
     """The real measurement (short, tiny heads): no claim about its value, only its form."""
     key = crossover.LayoutKey("cpp", "cpu", "float32", 2, 1, 16, 32)
-    assert crossover.measure(key, lengths=(64, 128)) in (64, 128, crossover.NEVER)
+    assert crossover.measure(key, method, lengths=(64, 128)) in (64, 128, crossover.NEVER)
 
 
 def test_bad_min_length_is_refused():

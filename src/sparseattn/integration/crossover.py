@@ -1,18 +1,20 @@
-"""Automatic ``min_length``: the key length from which the sparse path beats dense attention.
+"""Automatic ``min_length``: the key length from which a setting's sparse path beats dense.
 
-Measured once per (kernel, device, dtype, head layout, tile size, torch, CPU) and cached in the
-user cache directory (``crossover.json`` under ``sparseattn.backends.cpp.cache_dir()``), so a
-process pays for it once per machine and head layout, never inside the package. The
-measurement is a short timing, in the same run, of the model's dense path (SDPA, causal) and
-of the sparse path (finalize a selection, run the kernel, count the density) at
-``TYPICAL_DENSITY`` of random tiles over a ladder of lengths; the crossover is the shortest
-length from which the sparse path is faster at that length and every longer one measured.
-Where it never is, the crossover is past the ladder and sparse never runs for that layout.
+Measured once per (method and knobs, kernel, device, dtype, head layout, tile size, torch,
+CPU) and cached in the user cache directory (``crossover.json`` under
+``sparseattn.backends.cpp.cache_dir()``), so a process pays for it once per machine, setting
+and head layout, never inside the package. The measurement is a short timing, in the same run,
+of the model's dense path (SDPA, causal) and of the sparse path at each length of a ladder:
+the method's own estimation on random queries and keys (its cost hardly depends on the data),
+then ``TYPICAL_DENSITY`` of random tiles through the kernel (the density a method reaches on
+random inputs says nothing about real ones) and the density count. The crossover is the
+shortest length from which the sparse path is faster at that length and every longer one
+measured; where it never is, the crossover is past the ladder and that setting never runs
+sparse for that layout.
 
-Choices: the density (0.3) sits in the range the dynamic prefill methods measure at 4K-8K; the
-estimation cost of a dynamic method is not part of it (``sparseattn bench prefill`` reports
-the end-to-end crossover per method). Tests inject the measurement (``measured_by``) so they
-never depend on timing.
+Choices: the density (0.3) sits in the range the dynamic prefill methods measure at 4K-8K;
+a method whose estimation fails on random inputs is measured on the kernel alone. Tests
+inject the measurement (``measured_by``) so they never depend on timing.
 """
 
 from __future__ import annotations
@@ -50,14 +52,22 @@ class LayoutKey:
     num_kv_heads: int
     head_dim: int
     block_size: int
+    method: str = ""  # the method and its knobs, e.g. "xattention[threshold=0.9]"
 
     @property
     def text(self) -> str:
         cpu = cpp.cpu_id()
         return (
-            f"{self.kernel}|{self.device}|{self.dtype}|{self.num_q_heads}x{self.num_kv_heads}"
-            f"x{self.head_dim}|b{self.block_size}|torch {torch.__version__}|{cpu}"
+            f"{self.method}|{self.kernel}|{self.device}|{self.dtype}|{self.num_q_heads}x"
+            f"{self.num_kv_heads}x{self.head_dim}|b{self.block_size}|torch {torch.__version__}"
+            f"|{cpu}"
         )
+
+
+def method_label(method) -> str:
+    """``name[knob=value,...]`` of a method object."""
+    knobs = ",".join(f"{k}={v}" for k, v in sorted(method.knobs().items()))
+    return f"{method.name}[{knobs}]"
 
 
 def _timed(fn: Callable[[], object], device: str, repeats: int = 3) -> float:
@@ -72,8 +82,15 @@ def _timed(fn: Callable[[], object], device: str, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def measure(key: LayoutKey, lengths: tuple[int, ...] = LADDER) -> int:
-    """Time dense vs sparse at each length (shortest first); returns the crossover length."""
+def measure(key: LayoutKey, method=None, lengths: tuple[int, ...] = LADDER) -> int:
+    """Time dense vs sparse at each length (shortest first); returns the crossover length.
+
+    Args:
+        key: The layout and kernel to measure.
+        method: The prefill method whose estimation is timed with the kernel (None: the
+            kernel alone, as for a static pattern).
+        lengths: The ladder of key lengths.
+    """
     from ..backends import BlockLayout
     from ..backends.sdpa import dense_prefill
     from ..backends.tiles import attend_tiles
@@ -81,6 +98,7 @@ def measure(key: LayoutKey, lengths: tuple[int, ...] = LADDER) -> int:
 
     g = torch.Generator().manual_seed(0)
     dtype = getattr(torch, key.dtype)
+    estimate = method is not None and not method.static_pattern
     wins = []
     for length in lengths:
         ctx = AttentionContext(
@@ -103,11 +121,17 @@ def measure(key: LayoutKey, lengths: tuple[int, ...] = LADDER) -> int:
         raw = random_tiles(layout, TYPICAL_DENSITY, seed=length)
 
         def sparse(layout=layout, raw=raw, q=q, k=k, ctx=ctx):
+            if estimate:
+                method.select(q, k, ctx, layout)
             selection = layout.finalize(raw)
             out = attend_tiles(key.kernel, q, k, k, selection, ctx, layout)
             layout.density(selection)
             return out
 
+        try:
+            sparse()
+        except Exception:  # the estimation cannot run on random inputs: time the kernel alone
+            estimate = False
         dense_s = _timed(lambda q=q, k=k, ctx=ctx: dense_prefill(q, k, k, ctx), key.device)
         wins.append(_timed(sparse, key.device) < dense_s)
     for i, length in enumerate(lengths):
@@ -116,17 +140,17 @@ def measure(key: LayoutKey, lengths: tuple[int, ...] = LADDER) -> int:
     return NEVER
 
 
-_measure: Callable[[LayoutKey], int] = measure
+_measure: Callable[[LayoutKey, object], int] = measure
 _persist = True
 
 
 @contextmanager
 def measured_by(fn: Callable[[LayoutKey], int], persist: bool = False) -> Iterator[None]:
-    """Use ``fn`` instead of timing (tests), with the cache file read and written only when
-    ``persist``; forgets what was resolved before and after."""
+    """Use ``fn(key)`` instead of timing (tests), with the cache file read and written only
+    when ``persist``; forgets what was resolved before and after."""
     global _measure, _persist
     previous = _measure, _persist
-    _measure, _persist = fn, persist
+    _measure, _persist = (lambda key, method: fn(key)), persist
     _memo.clear()
     try:
         yield
@@ -142,8 +166,9 @@ def _read(path) -> dict:
         return {}
 
 
-def crossover(key: LayoutKey) -> int:
-    """The crossover of ``key``: from this process's memo, the cache file, or a measurement."""
+def crossover(key: LayoutKey, method=None) -> int:
+    """The crossover of ``key``: from this process's memo, the cache file, or a measurement of
+    ``method`` (see ``measure``)."""
     text = key.text
     with _lock:
         if text in _memo:
@@ -153,7 +178,7 @@ def crossover(key: LayoutKey) -> int:
         if isinstance(stored, int):
             _memo[text] = stored
             return stored
-        length = int(_measure(key))
+        length = int(_measure(key, method))
         _memo[text] = length
         if _persist:
             _write(path, text, length)
@@ -174,8 +199,10 @@ def _write(path, text: str, length: int) -> None:
         pass
 
 
-def layout_key(kernel: str, q: torch.Tensor, ctx: AttentionContext, block_size: int) -> LayoutKey:
-    """The LayoutKey of one attention call run on ``kernel``."""
+def layout_key(
+    kernel: str, q: torch.Tensor, ctx: AttentionContext, block_size: int, method=None
+) -> LayoutKey:
+    """The LayoutKey of one attention call run on ``kernel`` by ``method``."""
     return LayoutKey(
         kernel=kernel,
         device=q.device.type,
@@ -184,4 +211,5 @@ def layout_key(kernel: str, q: torch.Tensor, ctx: AttentionContext, block_size: 
         num_kv_heads=ctx.num_kv_heads,
         head_dim=q.shape[-1],
         block_size=block_size,
+        method="" if method is None or method.static_pattern else method_label(method),
     )

@@ -44,9 +44,9 @@ class HookOptions:
     Attributes:
         dense_layers: Layer indices that always attend densely.
         min_length: Calls whose key length is below this stay dense (sparse would be slower).
-            "auto": a prompt chunk uses the crossover measured for its kernel, device, dtype
-            and head layout (once per machine, cached; see ``integration/crossover.py``), a
-            decode step ``DECODE_MIN_LENGTH``.
+            "auto": a prompt chunk uses the crossover measured for its method (with its
+            estimation), kernel, device, dtype and head layout (once per machine, cached; see
+            ``integration/crossover.py``), a decode step ``DECODE_MIN_LENGTH``.
         prefill_backend: "auto" (the C++ kernel for float32 on the CPU, else FlexAttention),
             "cpp" (the C++ block-sparse kernel), "flex" (FlexAttention) or "reference" (dense
             fp32 oracle).
@@ -205,7 +205,7 @@ class SparsePlan:
             return DECODE_MIN_LENGTH
         requested = self.options.prefill_backend
         kernel = tile_kernel("auto" if requested == "reference" else requested, q, ctx)
-        return crossover(layout_key(kernel, q, ctx, method.block_size))
+        return crossover(layout_key(kernel, q, ctx, method.block_size, method), method)
 
     def method_for(self, ctx: AttentionContext, q: torch.Tensor) -> Method:
         """The phase's method, or dense for kept-dense layers, short calls and unsupported phases.

@@ -76,7 +76,11 @@ def fuzz_case(seed: int):
     v = torch.randn(batch, hkv, slots, d, generator=g)[:, :, :kv_len]
     layout = BlockLayout(ctx, block)
     density = float(torch.rand(1, generator=g))
-    raw = torch.rand(batch, hq, layout.n_q_blocks, layout.n_kv_blocks, generator=g) < density
+    shape = (batch, hq, layout.n_q_blocks, layout.n_kv_blocks)
+    raw = torch.rand(shape, generator=g) < density
+    if torch.rand(1, generator=g) < 0.5:  # the heads of a group share most tiles (stacked runs)
+        shared = torch.rand(batch, hkv, *shape[2:], generator=g) < density
+        raw = shared.repeat_interleave(groups, 1) | (torch.rand(shape, generator=g) < 0.1)
     return q, k, v, ctx, layout, layout.finalize(raw)
 
 

@@ -1,6 +1,7 @@
-// Block-sparse causal attention on CPU: one work item per (batch row, query head, query tile),
+// Block-sparse causal attention on CPU: one work item per (batch row, KV head, query tile),
 // online softmax over the selected key tiles, every product a BLAS sgemm straight on the
-// query / key / value tensors (no gather, no copy of K or V per query head).
+// key / value tensors (no gather, no copy of K or V per query head); the full tiles all query
+// heads of the group selected run once for the group's queries stacked.
 //
 // Registered as torch.ops.sparseattn.block_sparse_attention; built at first use by
 // sparseattn/backends/cpp.py with g++ against the running torch (see that file).
@@ -36,6 +37,7 @@ namespace {
 constexpr float kMasked = -1e30f;      // a finite minus infinity: the kernel never sees inf
 constexpr float kEmpty = -1e29f;       // a running max below this: nothing visible yet
 constexpr int kChunkTiles = 4;         // key tiles per online-softmax step
+constexpr size_t kMinStacked = 2;      // shared full tiles worth stacking the group's queries
 
 // Column-major BLAS: C(m x n) = alpha * op(A) op(B) + beta * C.
 inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
@@ -84,18 +86,21 @@ struct Segment {
   int64_t col;   // first column of the run in the score buffer
 };
 
+// Per-worker buffers, sized for the g query heads of one KV head (rows of the stacked pass).
 struct Scratch {
-  std::vector<float> scores, acc, row_max, row_sum;
-  std::vector<int64_t> tiles, partial;
+  std::vector<float> scores, acc, row_max, row_sum, qbuf;
+  std::vector<int64_t> common, tiles, partial;
   std::vector<Segment> segments;
-  Scratch(const Problem& p)
-      : scores(p.bs * kChunkTiles * p.bs), acc(p.bs * p.Dv), row_max(p.bs), row_sum(p.bs) {
-    tiles.reserve(p.nK);
-    partial.reserve(p.nK);
+  explicit Scratch(const Problem& p) {
+    const int64_t g = p.Hq / p.Hkv;
+    scores.resize(g * p.bs * kChunkTiles * p.bs);
+    acc.resize(g * p.bs * p.Dv), row_max.resize(g * p.bs), row_sum.resize(g * p.bs);
+    qbuf.resize(g > 1 ? g * p.bs * p.D : 0);
+    common.reserve(p.nK), tiles.reserve(p.nK), partial.reserve(p.nK);
   }
 };
 
-// Visible key index range [lo, hi) of query row r of tile i from causality and the window.
+// Key indices [lo, hi) the query at absolute position qpos may see (causality and the window).
 inline void visible_range(const Problem& p, int64_t qpos, int64_t* lo, int64_t* hi) {
   *hi = qpos + 1 - p.kv_offset;
   *lo = p.window > 0 ? qpos - p.window + 1 - p.kv_offset : 0;
@@ -136,14 +141,17 @@ void mask_tile(const Problem& p, float* scores, int64_t lds, int64_t rows, int64
   }
 }
 
-// One online-softmax step over `width` score columns for query rows [r0, r1) of the tile.
-void softmax_step(Scratch& w, int64_t r0, int64_t r1, int64_t width, int64_t lds, int64_t dv) {
+// One online-softmax step over `width` score columns for score rows [r0, r1), whose running
+// max, sum and output rows are those of index `state + r`.
+void softmax_step(Scratch& w, int64_t state, int64_t r0, int64_t r1, int64_t width, int64_t lds,
+                  int64_t dv) {
   for (int64_t r = r0; r < r1; ++r) {
     float* s = w.scores.data() + r * lds;
+    const int64_t x = state + r;
     float mx = kMasked;
 #pragma omp simd reduction(max : mx)
     for (int64_t c = 0; c < width; ++c) mx = s[c] > mx ? s[c] : mx;
-    const float m_new = std::max(w.row_max[r], mx);
+    const float m_new = std::max(w.row_max[x], mx);
     if (m_new <= kEmpty) {  // nothing visible to this row yet: contribute nothing
       std::fill(s, s + width, 0.0f);
       continue;
@@ -155,20 +163,23 @@ void softmax_step(Scratch& w, int64_t r0, int64_t r1, int64_t width, int64_t lds
       s[c] = e;
       sum += e;
     }
-    const float alpha = exp_approx(w.row_max[r] - m_new);
-    w.row_sum[r] = w.row_sum[r] * alpha + sum;
-    w.row_max[r] = m_new;
-    float* o = w.acc.data() + r * dv;
+    const float alpha = exp_approx(w.row_max[x] - m_new);
+    w.row_sum[x] = w.row_sum[x] * alpha + sum;
+    w.row_max[x] = m_new;
+    float* o = w.acc.data() + x * dv;
 #pragma omp simd
     for (int64_t d = 0; d < dv; ++d) o[d] *= alpha;
   }
 }
 
+// The query rows one pass runs: one head's query tile, or the g heads' tiles stacked.
 struct Row {
-  const float* q;
+  const float* q;  // first query row
   const float* k;
   const float* v;
+  int64_t q_ld;    // distance between query rows
   int64_t b, q0, rows, lds;
+  int64_t state;   // index of the first row's softmax state and output row
 };
 
 // Full tiles, up to kChunkTiles at a time: scores = scale * q k^T with one sgemm per run of
@@ -181,7 +192,7 @@ void full_chunk(const Problem& p, Scratch& w, const Row& row, const int64_t* til
     while (u < n && tiles[u] == tiles[u - 1] + 1) ++u;
     const int64_t key0 = tiles[t] * p.bs;
     const int64_t width = std::min(tiles[u - 1] * p.bs + p.bs, p.Lk) - key0;
-    gemm('T', 'N', width, row.rows, p.D, p.scale, row.k + key0 * p.k_sl, p.k_sl, row.q, p.q_sl,
+    gemm('T', 'N', width, row.rows, p.D, p.scale, row.k + key0 * p.k_sl, p.k_sl, row.q, row.q_ld,
          0.0f, w.scores.data() + col, row.lds);
     w.segments.push_back({key0, width, col});
     col += width;
@@ -190,10 +201,10 @@ void full_chunk(const Problem& p, Scratch& w, const Row& row, const int64_t* til
   if (p.softcap > 0.0f) {
     for (int64_t r = 0; r < row.rows; ++r) soft_cap(w.scores.data() + r * row.lds, col, p.softcap);
   }
-  softmax_step(w, 0, row.rows, col, row.lds, p.Dv);
+  softmax_step(w, row.state, 0, row.rows, col, row.lds, p.Dv);
   for (const Segment& s : w.segments) {
     gemm('N', 'N', p.Dv, row.rows, s.width, 1.0f, row.v + s.key0 * p.v_sl, p.v_sl,
-         w.scores.data() + s.col, row.lds, 1.0f, w.acc.data(), p.Dv);
+         w.scores.data() + s.col, row.lds, 1.0f, w.acc.data() + row.state * p.Dv, p.Dv);
   }
 }
 
@@ -218,14 +229,14 @@ void partial_tile(const Problem& p, Scratch& w, const Row& row, int64_t j) {
     const int64_t width = c1 - c0;
     float* scores = w.scores.data() + r0 * row.lds;
     gemm('T', 'N', width, r1 - r0, p.D, p.scale, row.k + (key0 + c0) * p.k_sl, p.k_sl,
-         row.q + r0 * p.q_sl, p.q_sl, 0.0f, scores, row.lds);
+         row.q + r0 * row.q_ld, row.q_ld, 0.0f, scores, row.lds);
     if (p.softcap > 0.0f) {
       for (int64_t r = r0; r < r1; ++r) soft_cap(w.scores.data() + r * row.lds, width, p.softcap);
     }
     mask_tile(p, scores, row.lds, r1 - r0, row.q0 + r0, key0 + c0, width, 0, row.b);
-    softmax_step(w, r0, r1, width, row.lds, p.Dv);
+    softmax_step(w, row.state, r0, r1, width, row.lds, p.Dv);
     gemm('N', 'N', p.Dv, r1 - r0, width, 1.0f, row.v + (key0 + c0) * p.v_sl, p.v_sl, scores,
-         row.lds, 1.0f, w.acc.data() + r0 * p.Dv, p.Dv);
+         row.lds, 1.0f, w.acc.data() + (row.state + r0) * p.Dv, p.Dv);
   }
 }
 
@@ -269,60 +280,119 @@ void prefetch_tiles(const Problem& p, const float* k, const float* v, const int6
   }
 }
 
-// The query tile of a work item and the key / value tiles it reads first: its partial tiles
-// (always the diagonal) and its first full tiles.
-void prefetch_item(const Problem& p, int64_t item) {
-  const int64_t i = item % p.nQ, h = (item / p.nQ) % p.Hq, b = item / (p.nQ * p.Hq);
-  const int64_t hk = h / (p.Hq / p.Hkv), q0 = i * p.bs;
-  prefetch_rows(p.q + b * p.q_sb + h * p.q_sh + q0 * p.q_sl, std::min(p.bs, p.Lq - q0), p.q_sl,
-                p.D);
-  const bool* sel = p.sel + item * p.nK;
-  const bool* full = p.full + (b * p.nQ + i) * p.nK;
+// Work items are (batch row, KV head, query tile): the g query heads of a KV head together.
+struct Item {
+  int64_t b, hk, i, q0, rows;
+};
+
+inline Item item_of(const Problem& p, int64_t item) {
+  Item it;
+  it.i = item % p.nQ;
+  it.hk = (item / p.nQ) % p.Hkv;
+  it.b = item / (p.nQ * p.Hkv);
+  it.q0 = it.i * p.bs;
+  it.rows = std::min(p.bs, p.Lq - it.q0);
+  return it;
+}
+
+inline const float* query_tile(const Problem& p, const Item& it, int64_t h) {
+  return p.q + it.b * p.q_sb + h * p.q_sh + it.q0 * p.q_sl;
+}
+
+inline const bool* selected(const Problem& p, const Item& it, int64_t h) {
+  return p.sel + ((it.b * p.Hq + h) * p.nQ + it.i) * p.nK;
+}
+
+// The key / value tiles head h of a work item reads first: its partial tiles (always the
+// diagonal) and its last full tiles.
+void prefetch_head(const Problem& p, const Item& it, int64_t h) {
+  const bool* sel = selected(p, it, h);
+  const bool* full = p.full + (it.b * p.nQ + it.i) * p.nK;
   int64_t picked[kChunkTiles + 2], n = 0, n_full = 0;
   for (int64_t j = p.nK - 1; j >= 0 && n < kChunkTiles + 2; --j) {
     if (!sel[j]) continue;
     if (!full[j] || n_full < kChunkTiles) picked[n++] = j;
     n_full += full[j];
   }
-  prefetch_tiles(p, p.k + b * p.k_sb + hk * p.k_sh, p.v + b * p.v_sb + hk * p.v_sh, picked, n);
+  prefetch_tiles(p, p.k + it.b * p.k_sb + it.hk * p.k_sh, p.v + it.b * p.v_sb + it.hk * p.v_sh,
+                 picked, n);
+}
+
+// The query tiles of a work item, and what its first head reads first.
+void prefetch_item(const Problem& p, int64_t item) {
+  const Item it = item_of(p, item);
+  const int64_t g = p.Hq / p.Hkv, h0 = it.hk * g;
+  for (int64_t h = h0; h < h0 + g; ++h) prefetch_rows(query_tile(p, it, h), it.rows, p.q_sl, p.D);
+  prefetch_head(p, it, h0);
+}
+
+void full_tiles(const Problem& p, Scratch& w, const Row& row, const std::vector<int64_t>& tiles) {
+  const int64_t n = static_cast<int64_t>(tiles.size());
+  for (int64_t t0 = 0; t0 < n; t0 += kChunkTiles) {
+    const int64_t ahead = std::min<int64_t>(kChunkTiles, n - t0 - kChunkTiles);
+    if (ahead > 0) prefetch_tiles(p, row.k, row.v, tiles.data() + t0 + kChunkTiles, ahead);
+    full_chunk(p, w, row, tiles.data() + t0, std::min<int64_t>(kChunkTiles, n - t0));
+  }
 }
 
 void run_item(const Problem& p, Scratch& w, int64_t item) {
-  const int64_t i = item % p.nQ;
-  const int64_t h = (item / p.nQ) % p.Hq;
-  const int64_t b = item / (p.nQ * p.Hq);
-  const int64_t hk = h / (p.Hq / p.Hkv);
+  const Item it = item_of(p, item);
+  const int64_t g = p.Hq / p.Hkv, h0 = it.hk * g;
   Row row;
-  row.b = b;
-  row.q0 = i * p.bs;
-  row.rows = std::min(p.bs, p.Lq - row.q0);
-  row.lds = kChunkTiles * p.bs;
-  row.q = p.q + b * p.q_sb + h * p.q_sh + row.q0 * p.q_sl;
-  row.k = p.k + b * p.k_sb + hk * p.k_sh;
-  row.v = p.v + b * p.v_sb + hk * p.v_sh;
-  const bool* sel = p.sel + item * p.nK;
-  const bool* full = p.full + (b * p.nQ + i) * p.nK;
+  row.b = it.b, row.q0 = it.q0, row.lds = kChunkTiles * p.bs;
+  row.k = p.k + it.b * p.k_sb + it.hk * p.k_sh;
+  row.v = p.v + it.b * p.v_sb + it.hk * p.v_sh;
+  const bool* full = p.full + (it.b * p.nQ + it.i) * p.nK;
+  std::fill(w.row_max.begin(), w.row_max.begin() + g * it.rows, kMasked);
+  std::fill(w.row_sum.begin(), w.row_sum.begin() + g * it.rows, 0.0f);
+  std::fill(w.acc.begin(), w.acc.begin() + g * it.rows * p.Dv, 0.0f);
 
-  w.tiles.clear();
-  w.partial.clear();
-  for (int64_t j = 0; j < p.nK; ++j) {
-    if (sel[j]) (full[j] ? w.tiles : w.partial).push_back(j);
+  // full tiles every head of the group selected run once for the g heads stacked (one sgemm
+  // of g x 128 query rows per run of tiles): each key / value tile is read once, not g times
+  w.common.clear();
+  if (g > 1) {
+    for (int64_t j = 0; j < p.nK; ++j) {
+      bool all = full[j];
+      for (int64_t h = h0; all && h < h0 + g; ++h) all = selected(p, it, h)[j];
+      if (all) w.common.push_back(j);
+    }
+    if (w.common.size() < kMinStacked) w.common.clear();
   }
-  std::fill(w.row_max.begin(), w.row_max.begin() + row.rows, kMasked);
-  std::fill(w.row_sum.begin(), w.row_sum.begin() + row.rows, 0.0f);
-  std::fill(w.acc.begin(), w.acc.begin() + row.rows * p.Dv, 0.0f);
-  const int64_t n_full = static_cast<int64_t>(w.tiles.size());
-  for (int64_t t0 = 0; t0 < n_full; t0 += kChunkTiles) {
-    const int64_t ahead = std::min<int64_t>(kChunkTiles, n_full - t0 - kChunkTiles);
-    if (ahead > 0) prefetch_tiles(p, row.k, row.v, w.tiles.data() + t0 + kChunkTiles, ahead);
-    full_chunk(p, w, row, w.tiles.data() + t0, std::min<int64_t>(kChunkTiles, n_full - t0));
+  if (!w.common.empty()) {
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const float* src = query_tile(p, it, h0 + gi);
+      for (int64_t r = 0; r < it.rows; ++r) {
+        std::memcpy(w.qbuf.data() + (gi * it.rows + r) * p.D, src + r * p.q_sl,
+                    p.D * sizeof(float));
+      }
+    }
+    row.q = w.qbuf.data(), row.q_ld = p.D, row.rows = g * it.rows, row.state = 0;
+    full_tiles(p, w, row, w.common);
   }
-  for (int64_t j : w.partial) partial_tile(p, w, row, j);
-  for (int64_t r = 0; r < row.rows; ++r) {
-    float* dst = p.out + ((b * p.Lq + row.q0 + r) * p.Hq + h) * p.Dv;
-    const float* o = w.acc.data() + r * p.Dv;
-    const float inv = w.row_sum[r] > 0.0f ? 1.0f / w.row_sum[r] : 0.0f;
-    store_row(dst, o, inv, p.Dv);
+  // the rest head by head: full tiles of its own, then partial tiles (the diagonal included)
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const bool* sel = selected(p, it, h0 + gi);
+    w.tiles.clear();
+    w.partial.clear();
+    size_t next_common = 0;
+    for (int64_t j = 0; j < p.nK; ++j) {
+      const bool shared = next_common < w.common.size() && w.common[next_common] == j;
+      next_common += shared;
+      if (sel[j] && !shared) (full[j] ? w.tiles : w.partial).push_back(j);
+    }
+    if (gi + 1 < g) prefetch_head(p, it, h0 + gi + 1);
+    row.q = query_tile(p, it, h0 + gi), row.q_ld = p.q_sl, row.rows = it.rows;
+    row.state = gi * it.rows;
+    full_tiles(p, w, row, w.tiles);
+    for (int64_t j : w.partial) partial_tile(p, w, row, j);
+  }
+  for (int64_t gi = 0; gi < g; ++gi) {
+    for (int64_t r = 0; r < it.rows; ++r) {
+      const int64_t x = gi * it.rows + r;
+      float* dst = p.out + ((it.b * p.Lq + it.q0 + r) * p.Hq + h0 + gi) * p.Dv;
+      const float inv = w.row_sum[x] > 0.0f ? 1.0f / w.row_sum[x] : 0.0f;
+      store_row(dst, w.acc.data() + x * p.Dv, inv, p.Dv);
+    }
   }
 }
 
@@ -386,14 +456,13 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
   p.scale = static_cast<float>(scale), p.softcap = static_cast<float>(softcap);
 
   // work items handed out one at a time (rows are uneven): the last query tiles first (the
-  // longest rows of a causal map), and the query heads of one KV head next to each other, so
-  // the key and value tiles they share (always the diagonal) are still in cache
-  const int64_t items = p.B * p.Hq * p.nQ;
+  // longest rows of a causal map)
+  const int64_t items = p.B * p.Hkv * p.nQ;
   std::vector<int64_t> order;
   order.reserve(items);
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t i = p.nQ - 1; i >= 0; --i)
-      for (int64_t h = 0; h < p.Hq; ++h) order.push_back((b * p.Hq + h) * p.nQ + i);
+      for (int64_t hk = 0; hk < p.Hkv; ++hk) order.push_back((b * p.Hkv + hk) * p.nQ + i);
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {

@@ -201,11 +201,13 @@ def cpp_attend(
 ) -> torch.Tensor:
     """Run the selected tiles with the C++ kernel (call ``available()`` first).
 
-    Each (batch row, query head, query tile) runs an online softmax over its selected key
-    tiles with one sgemm per run of consecutive tiles, straight on q, k and v (GQA reads the
-    KV head of the group, never a copy per query head). Tiles whose every pair is visible run
-    unmasked; the rest (diagonal, window edges, padding, a ragged last tile) are masked at
-    token level from positions; the softcap (Gemma 2) applies to every score.
+    Each (batch row, KV head, query tile) runs an online softmax over the selected key tiles
+    of its query heads, with one sgemm per run of consecutive tiles straight on k and v (GQA
+    reads the group's KV head, never a copy per query head); full tiles every head of the group
+    selected run once with the group's query rows stacked. Tiles whose every pair is visible
+    run unmasked; the rest (diagonal, window edges, padding, a ragged last tile) are masked at
+    token level from positions, each half of their query rows computing only the key columns
+    it can see; the softcap (Gemma 2) applies to every score.
 
     Args:
         q: (B, Hq, Lq, D) float32.

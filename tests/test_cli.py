@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 import sparseattn
-from sparseattn.cli import main, parse_knobs, parse_lengths
+from sparseattn.cli import main, min_length_arg, parse_knobs, parse_lengths
 from sparseattn.errors import UsageError
 
 
@@ -43,6 +44,9 @@ def test_parsers():
     }
     with pytest.raises(UsageError, match="bad length '4q'"):
         parse_lengths("4q")
+    assert min_length_arg("auto") == "auto" and min_length_arg("2048") == 2048
+    with pytest.raises(argparse.ArgumentTypeError, match="'often': give an integer >= 0 or 'auto'"):
+        min_length_arg("often")
 
 
 def test_generate_with_tiny_model(tmp_path, capsys):

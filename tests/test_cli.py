@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 import sparseattn
-from sparseattn.cli import main, parse_knobs, parse_lengths
+from sparseattn.cli import main, min_length_arg, parse_knobs, parse_lengths
 from sparseattn.errors import UsageError
 
 
@@ -43,6 +44,9 @@ def test_parsers():
     }
     with pytest.raises(UsageError, match="bad length '4q'"):
         parse_lengths("4q")
+    assert min_length_arg("auto") == "auto" and min_length_arg("2048") == 2048
+    with pytest.raises(argparse.ArgumentTypeError, match="'often': give an integer >= 0 or 'auto'"):
+        min_length_arg("often")
 
 
 def test_generate_with_tiny_model(tmp_path, capsys):
@@ -118,13 +122,27 @@ def test_bench_kernel_records(capsys):
         == 0
     )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    compile_info, record = lines
+    compile_info, *records = lines
     assert compile_info["kind"] == "compile" and compile_info["compiled_graphs"] <= 1
-    for key in ("length", "density", "dense_s", "sparse_s", "speedup", "ideal_speedup"):
-        assert key in record
-    assert record["speedup"] == pytest.approx(record["dense_s"] / record["sparse_s"], rel=0.01)
-    assert record["ideal_speedup"] == pytest.approx(1 / record["density"], rel=0.01)
-    assert 0 < record["density"] < 1
+    assert [r["kernel"] for r in records] == ["cpp", "flex"]  # auto picks cpp here, then flex
+    for record in records:
+        for key in ("length", "density", "dense_s", "kernel_dense_s", "sparse_s", "efficiency"):
+            assert key in record
+        assert record["speedup"] == pytest.approx(record["dense_s"] / record["sparse_s"], rel=0.01)
+        assert record["ideal_speedup"] == pytest.approx(1 / record["density"], rel=0.01)
+        assert record["efficiency"] == pytest.approx(  # both rounded to 3 decimals
+            record["speedup"] * record["density"], rel=0.01, abs=2e-3
+        )
+        assert record["dense_ratio"] == pytest.approx(
+            record["dense_s"] / record["kernel_dense_s"], rel=0.01
+        )
+        assert 0 < record["density"] < 1
+    assert records[0]["density"] == records[1]["density"]  # the same tiles for both kernels
+
+
+def test_bench_kernel_refuses_unknown_kernels(capsys):
+    assert main(["bench", "kernel", "--kernels", "cpp,triton"]) == 2
+    assert "--kernels 'cpp,triton'" in capsys.readouterr().err
 
 
 def test_bench_decode_records(capsys):
@@ -333,3 +351,30 @@ TINY = "tiny-random-llama"
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_prefill_records_hook_dense_and_crossover(capsys):
+    args = ["bench", "prefill", "--json", "--model", "tiny-random-llama", "--method", "streaming"]
+    args += ["--knob", "sink=0", "--knob", "window=64", "--knob", "block_size=32"]
+    args += ["--lengths", "300,600", "--repeats", "1"]
+    assert main(args) == 0
+    *records, summary = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["length"] for r in records] == [300, 600]
+    for r in records:
+        # (ratios of unrounded times; the seconds are rounded to 0.1 ms)
+        assert r["speedup"] == pytest.approx(r["dense_s"] / r["sparse_s"], rel=0.05)
+        assert r["speedup_vs_hook_dense"] == pytest.approx(
+            r["hook_dense_s"] / r["sparse_s"], rel=0.05
+        )
+        assert 0 < r["density"] < 1 and r["prefill_backend"] == "auto"
+    assert summary["kind"] == "crossover" and summary["lengths"] == [300, 600]
+    assert summary["speedups"] == [r["speedup"] for r in records]
+
+
+def test_crossover_length_is_the_first_length_that_stays_faster():
+    from sparseattn.bench.prefill import crossover_length
+
+    assert crossover_length([1000, 2000, 4000, 8000], [0.8, 1.1, 0.99, 1.3]) == 8000
+    assert crossover_length([4000, 1000, 2000], [1.2, 0.9, 1.05]) == 2000
+    assert crossover_length([1000, 2000], [0.5, 0.9]) is None
+    assert crossover_length([1000], [1.0]) == 1000

@@ -17,7 +17,7 @@ def valid_logits(logits, mask):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("backend", ["flex", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "flex", "reference"])
 def test_dense_prefill_matches_sdpa_batch2_left_padding(family, backend):
     model = make_model(family)
     ids, mask = left_padded_batch([70, 45])

@@ -148,6 +148,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def min_length_arg(text: str) -> int | str:
+    """--min-length: an integer >= 0 or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= 0 or 'auto'") from None
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -171,9 +181,15 @@ def cmd_bench(args) -> int:
             raise UsageError(
                 f"--densities {args.densities!r}: give numbers, e.g. 0.1,0.25"
             ) from None
-        records.append(compile_report(parse_lengths(args.compile_lengths), shape))
-        _emit(records[-1], args.json)
-        for record in run_kernel_bench(lengths, densities, shape, repeats=args.repeats):
+        kernels = [k for k in (args.kernels or "auto,flex").split(",") if k]
+        bad = sorted(set(kernels) - {"auto", "cpp", "flex"})
+        if bad:
+            raise UsageError(f"--kernels {args.kernels!r}: {bad}; allowed: auto, cpp, flex")
+        if "flex" in kernels:  # the flex kernel's compile count over varied lengths
+            records.append(compile_report(parse_lengths(args.compile_lengths), shape))
+            _emit(records[-1], args.json)
+        runs = run_kernel_bench(lengths, densities, shape, repeats=args.repeats, kernels=kernels)
+        for record in runs:
             records.append(record)
             _emit(record, args.json)
     else:
@@ -182,7 +198,10 @@ def cmd_bench(args) -> int:
 
         setting = None if args.kind == "recall" else setting_from_args(args)
         options = HookOptions(
-            dense_layers=frozenset(args.dense_layers), min_length=0, page_size=args.page_size
+            dense_layers=frozenset(args.dense_layers),
+            min_length=0,
+            page_size=args.page_size,
+            prefill_backend=args.prefill_backend,
         )
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
         torch.set_grad_enabled(False)
@@ -472,7 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text (instead of --prompt-file)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
-        "--min-length", type=int, default=1024, help="calls shorter than this stay dense"
+        "--min-length",
+        type=min_length_arg,
+        default="auto",
+        help="calls with fewer keys stay dense; 'auto' (default): the crossover measured once on "
+        "this machine",
     )
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -493,6 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--densities", help="kernel: target block densities, default 0.05,0.1,0.25,0.5")
     p.add_argument("--block-size", type=int, default=128, help="kernel: tile size")
+    p.add_argument(
+        "--prefill-backend",
+        default="auto",
+        help="prefill/decode/memory/recall: auto (C++ kernel for float32 on the CPU, else "
+        "FlexAttention), cpp, flex or reference",
+    )
+    p.add_argument(
+        "--kernels",
+        help="kernel: comma list of auto, cpp, flex (default auto,flex: the kernel the hook picks "
+        "here, then FlexAttention)",
+    )
     p.add_argument(
         "--compile-lengths",
         default="1000,3000,5000,7000",
@@ -578,7 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="small set that finishes in minutes on a CPU"
     )
-    p.add_argument("--min-length", type=int, default=0, help="calls shorter than this stay dense")
+    p.add_argument(
+        "--min-length",
+        type=min_length_arg,
+        default=0,
+        help="calls with fewer keys stay dense (an integer, or 'auto': the measured crossover)",
+    )
     p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layers kept dense")
     p.add_argument(
         "--resume-anyway", action="store_true", help="add to a DIR made with another configuration"

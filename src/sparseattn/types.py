@@ -97,10 +97,14 @@ class BlockSelection:
             Tiles are further restricted at token level by causality, the layer's window and
             padding, so a selection never makes a future or padded key visible.
         block_size: b.
+        static: The tiles depend on the call's shape only (never on q or k), so every layer
+            of a forward may reuse this object, and a backend may cache what it derives from
+            it (a BlockMask) with the layout.
     """
 
     mask: torch.Tensor
     block_size: int
+    static: bool = False
 
     def __post_init__(self) -> None:
         if self.mask.dtype != torch.bool or self.mask.dim() != 4:

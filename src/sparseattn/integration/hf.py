@@ -285,8 +285,8 @@ def sparse_attention(
     decode_knobs: dict[str, Any] | None = None,
     evict_knobs: dict[str, Any] | None = None,
     dense_layers: Sequence[int] = (),
-    min_length: int = 1024,
-    prefill_backend: str = "flex",
+    min_length: int | str = "auto",
+    prefill_backend: str = "auto",
     decode_backend: str = "gather",
     page_size: int = 16,
     timing: bool = False,
@@ -313,8 +313,11 @@ def sparse_attention(
         decode_knobs: Knobs of the decode method.
         evict_knobs: Knobs of the eviction policy.
         dense_layers: Layer indices that always attend densely (e.g. (0, 1)).
-        min_length: Calls whose key length is below this stay dense (sparse would be slower).
-        prefill_backend: "flex" (block-sparse kernel) or "reference" (dense fp32 oracle).
+        min_length: Calls whose key length is below this stay dense (sparse would be slower);
+            "auto" (default): prompt chunks use the crossover measured once per machine for
+            their kernel and head layout (cached in the user cache dir), decode steps 1024.
+        prefill_backend: "auto" (default: the C++ block-sparse kernel for float32 on the CPU,
+            FlexAttention elsewhere), "cpp", "flex" or "reference" (dense fp32 oracle).
         decode_backend: "gather" (gather the selected pages, then SDPA) or "reference".
         page_size: Cache storage granularity in tokens.
         timing: Time selection and attention per layer (adds a device sync per call).

@@ -11,16 +11,16 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from ..backends import (
-    BlockLayout,
-    dense_decode,
-    dense_prefill,
-    flex_attend,
-    gather_attend,
-    reference_attend,
-)
+from ..backends import BlockLayout, dense_decode, dense_prefill, gather_attend, reference_attend
 from ..backends.gather import gather_pages_attend, selection_slots, visible_slots
 from ..backends.sdpa import decode_key_mask, visible_keys, window_matters
+from ..backends.tiles import (
+    PREFILL_BACKENDS,
+    attend_tiles,
+    density_once,
+    select_once,
+    tile_kernel,
+)
 from ..cache import (
     OUR_LAYERS,
     CacheLayer,
@@ -38,13 +38,14 @@ from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
 from ..types import AttentionContext, BlockSelection, DecodeView, PageSelection, Phase, Selection
 from .compat import passed_cache
+from .crossover import crossover, layout_key
 from .stats import RunStats, timed
 
-PREFILL_BACKENDS = ("flex", "reference")
 DECODE_BACKENDS = ("gather", "reference")
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 _DENSE = Dense()
 _STATS_BLOCK = 128
+DECODE_MIN_LENGTH = 1024  # what min_length="auto" means for decode steps
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,20 @@ class HookOptions:
     Attributes:
         dense_layers: Layer indices that always attend densely.
         min_length: Calls whose key length is below this stay dense (sparse would be slower).
-        prefill_backend: "flex" (block-sparse kernel) or "reference" (dense fp32 oracle).
+            "auto": a prompt chunk uses the crossover measured for its method (with its
+            estimation), kernel, device, dtype and head layout (once per machine, cached; see
+            ``integration/crossover.py``), a decode step ``DECODE_MIN_LENGTH``.
+        prefill_backend: "auto" (the C++ kernel for float32 on the CPU, else FlexAttention),
+            "cpp" (the C++ block-sparse kernel), "flex" (FlexAttention) or "reference" (dense
+            fp32 oracle).
         decode_backend: "gather" (gather the selected pages, then SDPA) or "reference".
         page_size: Cache storage granularity in tokens (a page view of the cache is free).
         timing: Time selection and attention per layer (synchronizes; off by default).
     """
 
     dense_layers: frozenset[int] = frozenset()
-    min_length: int = 1024
-    prefill_backend: str = "flex"
+    min_length: int | str = "auto"
+    prefill_backend: str = "auto"
     decode_backend: str = "gather"
     page_size: int = 16
     timing: bool = False
@@ -78,9 +84,11 @@ class HookOptions:
             )
         if self.page_size not in PAGE_SIZES:
             raise UsageError(f"page_size={self.page_size!r}; allowed: {list(PAGE_SIZES)}")
+        if self.min_length == "auto":
+            return
         bad = isinstance(self.min_length, bool) or not isinstance(self.min_length, int)
         if bad or self.min_length < 0:
-            raise UsageError(f"min_length={self.min_length!r} must be an integer >= 0")
+            raise UsageError(f"min_length={self.min_length!r} must be an integer >= 0 or 'auto'")
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``sparse_attention`` (JSON-ready)."""
@@ -200,7 +208,19 @@ class SparsePlan:
         layout = self._layouts[key] = BlockLayout(ctx, block_size)
         return layout
 
-    def method_for(self, ctx: AttentionContext, group: HeadGroup | None = None) -> Method:
+    def min_length(self, ctx: AttentionContext, q: torch.Tensor, method: Method) -> int:
+        """The shortest key length at which this call may run sparse."""
+        if self.options.min_length != "auto":
+            return self.options.min_length
+        if not ctx.phase.is_prefill:
+            return DECODE_MIN_LENGTH
+        requested = self.options.prefill_backend
+        kernel = tile_kernel("auto" if requested == "reference" else requested, q, ctx)
+        return crossover(layout_key(kernel, q, ctx, method.block_size, method), method)
+
+    def method_for(
+        self, ctx: AttentionContext, q: torch.Tensor, group: HeadGroup | None = None
+    ) -> Method:
         """The phase's method, or dense for kept-dense layers, short calls and unsupported phases.
 
         A head group may carry its own method for a phase (``group.prefill`` / ``.decode``).
@@ -212,7 +232,8 @@ class SparsePlan:
         method = own or method
         if (
             ctx.layer_idx in self.options.dense_layers
-            or ctx.kv_len < self.options.min_length
+            or isinstance(method, Dense)
+            or ctx.kv_len < self.min_length(ctx, q, method)
             or not method.supports(ctx.phase)
             or (ctx.phase.is_prefill and not ctx.contiguous)
         ):
@@ -371,13 +392,13 @@ def _prefill(
     """A prompt chunk: dense through SDPA where it can, else the method's tiles through a kernel.
 
     Dense calls whose window hides keys (or with a softcap) on contiguous keys run as every
-    visible tile through flex, never as a dense masked L x L product; over explicit positions
-    (a layer that evicted) they run as masked SDPA over what the layer kept. The first prompt
-    of a layer split into head groups runs as one selection in which each group with a prefill
-    method of its own has that method's tiles.
+    visible tile through the tile kernel (``prefill_backend``), never as a dense masked L x L
+    product; over explicit positions (a layer that evicted) they run as masked SDPA over what
+    the layer kept. The first prompt of a layer split into head groups runs as one selection
+    in which each group with a prefill method of its own has that method's tiles.
     """
-    method = plan.method_for(ctx, None if part is None else part.group)
-    patterns = _group_patterns(plan, ctx, layer)
+    method = plan.method_for(ctx, q, None if part is None else part.group)
+    patterns = _group_patterns(plan, ctx, q, layer)
     heads = None if part is None else (part.heads, part.num_heads)
     profile = plan.options.timing
     start = timed(ctx.device) if profile else 0.0
@@ -392,16 +413,13 @@ def _prefill(
         out = dense_prefill(q, k, v, ctx)
     else:
         layout = plan.layout_for(ctx, method.block_size)
-        selection = method.select(q, k, ctx, layout)
+        selection = select_once(method, q, k, ctx, layout)
         if patterns:
             selection = _merge_patterns(selection, patterns, q, k, ctx, layout)
         selected = timed(ctx.device) if profile else 0.0
-        if plan.options.prefill_backend == "reference":
-            out = reference_attend(q, k, v, selection, ctx)
-        else:
-            out = flex_attend(q, k, v, selection, ctx, layout)
+        out = attend_tiles(plan.options.prefill_backend, q, k, v, selection, ctx, layout)
         done = timed(ctx.device) if profile else 0.0
-        computed, visible = layout.density(selection)
+        computed, visible = density_once(layout, selection)
         name = (
             method.name
             if not patterns
@@ -425,7 +443,7 @@ def _prefill(
 
 
 def _group_patterns(
-    plan: SparsePlan, ctx: AttentionContext, layer: CacheLayer | None
+    plan: SparsePlan, ctx: AttentionContext, q: torch.Tensor, layer: CacheLayer | None
 ) -> list[tuple[torch.Tensor, torch.Tensor, Method]]:
     """(query heads, KV heads, method) of each group of a whole grouped call that prefills with
     a method of its own (none where the layer or call stays dense)."""
@@ -433,7 +451,7 @@ def _group_patterns(
         return []
     patterns = []
     for group, index, heads in zip(layer.groups, layer._index, layer.query_heads(ctx.groups)):
-        method = plan.method_for(ctx, group) if group.prefill is not None else None
+        method = plan.method_for(ctx, q, group) if group.prefill is not None else None
         if method is not None and not isinstance(method, Dense):
             patterns.append((heads, index, method))
     return patterns
@@ -452,7 +470,9 @@ def _merge_patterns(
     mask = selection.mask.expand(B, Hq, -1, -1).clone()  # (B, Hq, nQ, nK)
     for heads, kv_heads, method in patterns:
         part = dataclasses.replace(ctx, num_q_heads=heads.shape[0], num_kv_heads=kv_heads.shape[0])
-        own = method.select(q.index_select(1, heads), k.index_select(1, kv_heads), part, layout)
+        own = select_once(
+            method, q.index_select(1, heads), k.index_select(1, kv_heads), part, layout
+        )
         mask[:, heads] = own.mask.expand(B, heads.shape[0], -1, -1)
     return BlockSelection(mask=mask, block_size=selection.block_size)
 
@@ -474,7 +494,7 @@ def _decode(
     layer: KVLayer | None,
     part: GroupCall | None = None,
 ) -> torch.Tensor:
-    method = plan.method_for(ctx, None if part is None else part.group)
+    method = plan.method_for(ctx, q, None if part is None else part.group)
     heads = None if part is None else (part.heads, part.num_heads)
     profile = plan.options.timing
     start = timed(ctx.device) if profile else 0.0

@@ -32,7 +32,8 @@ import torch
 from ..types import AttentionContext, BlockSelection
 from .masks import BlockLayout
 
-SOURCE = Path(__file__).with_name("csrc") / "block_sparse.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / f for f in ("block_sparse.cpp", "page_decode.cpp")]
+OPS = ("block_sparse_attention", "page_decode_attention")
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno"]
 _FLAGS += ["-fno-trapping-math", "-Wno-deprecated-declarations"]
 _lock = threading.Lock()
@@ -104,7 +105,7 @@ def _command(cxx: str, output: Path) -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, *_FLAGS, *_arch_flags(cxx), f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     cmd += [f"-I{p}" for p in include_paths()]
-    cmd += [str(SOURCE), "-o", str(output)]
+    cmd += [*map(str, SOURCES), "-o", str(output)]
     for lib in library_paths():
         cmd += [f"-L{lib}", f"-Wl,-rpath,{lib}"]
     return cmd + ["-ltorch_cpu", "-lc10", "-Wl,--no-undefined"]
@@ -113,7 +114,7 @@ def _command(cxx: str, output: Path) -> list[str]:
 def library_path(cxx: str) -> Path:
     """Where the kernel built by ``cxx`` for this source, torch and CPU lives."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), cxx.encode()):
+    for part in (*(s.read_bytes() for s in SOURCES), torch.__version__.encode(), cxx.encode()):
         digest.update(part)
     digest.update(" ".join(_FLAGS).encode())
     digest.update(_cpu_signature().encode())
@@ -139,10 +140,11 @@ def _build(cxx: str, target: Path) -> None:
 def _load() -> None:
     if not enabled():
         raise RuntimeError("turned off by SPARSEATTN_CPP=0")
-    if hasattr(torch.ops.sparseattn, "block_sparse_attention"):
+    if all(hasattr(torch.ops.sparseattn, op) for op in OPS):
         return  # already registered in this process
-    if not SOURCE.exists():
-        raise RuntimeError(f"kernel source {SOURCE} is missing from the installation")
+    missing = [str(s) for s in SOURCES if not s.exists()]
+    if missing:
+        raise RuntimeError(f"kernel source {missing[0]} is missing from the installation")
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set SPARSEATTN_CXX or CXX)")
@@ -184,6 +186,11 @@ def reset() -> None:
     """Forget the outcome of the last attempt (the next ``available()`` tries again)."""
     with _lock:
         _state.clear()
+
+
+def runs_on(q: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: float32 on the CPU, and not turned off."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and enabled()
 
 
 def supports(q: torch.Tensor, ctx: AttentionContext) -> bool:
@@ -237,4 +244,36 @@ def cpp_attend(
         ctx.sliding_window or 0,
         ctx.scaling,
         ctx.softcap or 0.0,
+    )
+
+
+def page_decode(
+    rows: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pages: torch.Tensor,
+    page_size: int,
+    tail: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention over chosen cache pages read in place (call ``available()`` first).
+
+    Each (batch row, KV head) runs an online softmax over its pages, then the tail slots, with
+    the group's query heads as rows: no gather, no mask, no copy of K or V.
+
+    Args:
+        rows: (B, Hkv, g, D) float32 queries, the g query heads of each KV head.
+        k: (B, Hkv, S, D) float32 keys, last dimension contiguous (a view of the cache).
+        v: (B, Hkv, S, Dv) float32 values, likewise.
+        pages: (B, Hkv, n) long page indices, every one held and visible.
+        page_size: Slots per page.
+        tail: Slots [start, stop) read after the pages.
+        scale: Softmax scale.
+
+    Returns:
+        (B, Hkv, g, Dv).
+    """
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    return torch.ops.sparseattn.page_decode_attention(
+        rows.contiguous(), k, v, pages.contiguous(), page_size, tail[0], tail[1], scale
     )

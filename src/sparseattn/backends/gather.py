@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..types import AttentionContext, PageSelection, TokenSelection
+from . import cpp
 from .masks import key_positions
 
 
@@ -90,13 +91,20 @@ def gather_pages_attend(
     """Decode over every selected page and the tail, all known visible: no mask is built.
 
     For a layer whose held keys are all visible (contiguous, no padding, no window) and a
-    selection whose entries are all valid, one row per KV head: the pages are gathered from the
-    cache storage with one index shared by K and V, the tail is a slice of the cache, and the
-    g query heads of a KV head attend as the rows of one SDPA call. Returns (B, 1, Hq, Dv).
+    selection whose entries are all valid, one row per KV head. On the CPU in float32 the C++
+    kernel reads the pages in place (``cpp.page_decode``); otherwise the pages are gathered
+    from the cache storage with one index shared by K and V, the tail is a slice of the cache,
+    and the g query heads of a KV head attend as the rows of one SDPA call.
+    Returns (B, 1, Hq, Dv).
     """
     B, Hq, _, D = q.shape
     Hkv, g, P = k.shape[1], ctx.groups, selection.page_size
     pages = selection.pages  # (B, Hkv, n)
+    rows = q.view(B, Hkv, g, D)
+    tail = selection.tail or (0, 0)
+    if ctx.softcap is None and ctx.key_bias is None and cpp.runs_on(q) and cpp.available():
+        out = cpp.page_decode(rows, k, v, pages, P, tail, ctx.scaling)  # pages read in place
+        return out.reshape(B, Hq, 1, -1).transpose(1, 2)
     k_view, capacity = _rows_view(k, P)
     v_view, _ = _rows_view(v, P)
     base = torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1) * (capacity // P)
@@ -108,7 +116,7 @@ def gather_pages_attend(
         start, stop = selection.tail
         k_sel = torch.cat([k_sel, k[:, :, start:stop]], 2)
         v_sel = torch.cat([v_sel, v[:, :, start:stop]], 2)
-    out = attend_rows(q.view(B, Hkv, g, D), k_sel, v_sel, None, ctx)  # (B, Hkv, g, Dv)
+    out = attend_rows(rows, k_sel, v_sel, None, ctx)  # (B, Hkv, g, Dv)
     return out.reshape(B, Hq, 1, -1).transpose(1, 2)
 
 

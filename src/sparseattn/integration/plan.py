@@ -230,9 +230,10 @@ class SparsePlan:
         method = self.prefill if ctx.phase.is_prefill else self.decode
         own = None if group is None else group.prefill if ctx.phase.is_prefill else group.decode
         method = own or method
+        if isinstance(method, Dense):
+            return method  # the setting's own dense (its tile size shapes a grouped prefill)
         if (
             ctx.layer_idx in self.options.dense_layers
-            or isinstance(method, Dense)
             or ctx.kv_len < self.min_length(ctx, q, method)
             or not method.supports(ctx.phase)
             or (ctx.phase.is_prefill and not ctx.contiguous)

@@ -220,6 +220,38 @@ def test_quest_page_reads_without_a_mask_equal_the_reference_backend():
     assert 0 < density < 0.5 and layer.state
 
 
+@pytest.mark.parametrize(
+    "name,knobs",
+    [
+        ("tokenselect", {"budget": 40, "sink": 4, "window": 8, "reuse_threshold": 2.0}),
+        ("decode_oracle", {"budget": 40}),
+    ],
+)
+def test_token_reads_without_a_mask_equal_the_reference_backend(name, knobs):
+    """Token selections on an all-visible cache run as one-slot pages read in place (no mask,
+    density counted on the host) and equal dense fp32 attention over the same tokens."""
+    model = make_model("llama")
+    ids, mask = left_padded_batch([150, 150], seed=9)
+    runs = {}
+    for backend in ("gather", "reference"):
+        with sparseattn.sparse_attention(
+            model, decode=name, decode_knobs=knobs, min_length=0, decode_backend=backend
+        ) as stats:
+            runs[backend] = generate(model, ids, mask, steps=8)
+        if backend == "gather":
+            decode = stats.decode[1]
+    torch.testing.assert_close(
+        torch.stack(runs["gather"].logits),
+        torch.stack(runs["reference"].logits),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    if name == "tokenselect":  # one choice per KV head: read in place, counted on the host
+        assert decode.computed is None and decode.host_computed == pytest.approx(2 * 40 * 7)
+    else:  # one choice per query head: gathered per head, counted on the device
+        assert decode.computed is not None
+
+
 @pytest.mark.parametrize("lengths", [[120, 97], [120, 120]], ids=["padded", "unpadded"])
 def test_quest_decode_has_no_host_sync(lengths):
     model = make_model("llama")

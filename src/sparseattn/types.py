@@ -145,10 +145,13 @@ class TokenSelection:
     Attributes:
         indices: (B, Hkv or Hq, K) long slot indices into the key tensor.
         valid: (B, Hkv or Hq, K) bool, False for padding entries (rows hold different counts).
+        all_valid: Every entry of ``valid`` is True and every index a visible slot (known
+            without reading them).
     """
 
     indices: torch.Tensor
     valid: torch.Tensor
+    all_valid: bool = False
 
 
 @dataclass

@@ -36,7 +36,15 @@ from ..errors import UsageError
 from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
-from ..types import AttentionContext, BlockSelection, DecodeView, PageSelection, Phase, Selection
+from ..types import (
+    AttentionContext,
+    BlockSelection,
+    DecodeView,
+    PageSelection,
+    Phase,
+    Selection,
+    TokenSelection,
+)
 from .compat import passed_cache
 from .crossover import crossover, layout_key
 from .stats import RunStats, timed
@@ -523,13 +531,16 @@ def _known_visible(ctx: AttentionContext, layer: KVLayer | None, selection: Sele
     """Whether every slot of a page selection is visible, decided without reading the device:
     grouped rows, all entries valid, pages inside the held keys of a layer whose every key the
     query sees (the page being written is the selection's tail)."""
+    if isinstance(selection, TokenSelection):
+        rows, whole = selection.indices.shape[1], True  # single slots: never past the keys
+    else:
+        rows, tail = selection.pages.shape[1], selection.tail
+        whole = tail is not None and tail[1] == ctx.kv_len and tail[0] % selection.page_size == 0
+        whole = whole or selection.page_size == 1
     return (
-        isinstance(selection, PageSelection)
-        and selection.all_valid
-        and selection.pages.shape[1] == ctx.num_kv_heads
-        and selection.tail is not None
-        and selection.tail[1] == ctx.kv_len
-        and selection.tail[0] % selection.page_size == 0
+        selection.all_valid
+        and whole
+        and rows == ctx.num_kv_heads
         and ctx.contiguous
         and _all_visible(ctx, layer)
     )
@@ -579,6 +590,10 @@ def _run_selection(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Execute a decode selection; returns the output and the pairs computed: (B, Hq), or a
     host number per head (summed over rows) when every selected slot is known visible."""
+    if isinstance(selection, TokenSelection) and _known_visible(ctx, layer, selection):
+        selection = PageSelection(  # tokens are pages of one slot
+            selection.indices, selection.valid, page_size=1, all_valid=True
+        )
     if _known_visible(ctx, layer, selection) and plan.options.decode_backend == "gather":
         P, (start, stop) = selection.page_size, selection.tail or (0, 0)
         read = selection.pages.shape[-1] * P + stop - start

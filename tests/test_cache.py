@@ -416,3 +416,16 @@ def dynamic_layer_bytes(ids, model) -> int:
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     return 2 * ids.shape[0] * config.num_key_value_heads * ids.shape[1] * head_dim * 4
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_mask_sizes_take_the_query_length_or_the_cache_position_before_5_24(window):
+    # transformers < 5.24 hand get_mask_sizes the call's cache_position (the query positions)
+    # and name get_max_length get_max_cache_shape; both forms must give the same sizes.
+    layer = KVLayer(window=window, sink=2 if window else 0, page_size=4)
+    for _ in range(10):
+        layer.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    positions = torch.arange(layer.seen, layer.seen + 3)
+    assert layer.get_mask_sizes(positions) == layer.get_mask_sizes(3)
+    assert layer.get_mask_sizes(3) == ((6 if window else 10) + 3, 4 if window else 0)
+    assert layer.get_max_cache_shape() == layer.get_max_length() == (6 if window else -1)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..integration import compat
 from .layers import KVLayer
 
 
@@ -128,14 +129,17 @@ class HeadGroupsLayer(CacheLayerMixin):
         self._call = (key_states, value_states, None)
         return key_states, value_states
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0  # the mask covers every position; groups read theirs
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # the mask covers every position; groups read theirs
+        return self.seen + compat.query_length(query_length), 0
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_max_length(self) -> int:
         return -1
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.24
 
     def reset(self) -> None:
         self._clear()

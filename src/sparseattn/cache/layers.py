@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..integration import compat
 from ..types import EMPTY_POSITION
 from .rope import RopeRotation
 
@@ -364,15 +365,17 @@ class KVLayer(CacheLayerMixin):
             return held
         return (self.positions[:, :, :held] != EMPTY_POSITION).sum(-1)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         held = self.width + self.extra_held
-        return held + query_length, max(self.seen - held, 0)
+        return held + compat.query_length(query_length), max(self.seen - held, 0)
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_max_length(self) -> int:
         return -1 if self.slots is None else self.slots
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.24
 
     def reset(self) -> None:
         self._clear()

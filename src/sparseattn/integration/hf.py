@@ -103,20 +103,25 @@ def check_mask_function(
 
 def sparse_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int = 0,
     q_offset: int | torch.Tensor = 0,
     kv_offset: int = 0,
     mask_function: Any = None,
     attention_mask: torch.Tensor | None = None,
     local_size: int | None = None,
+    cache_position: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> VisibilityInfo:
     """Mask function for transformers' AttentionMaskInterface: positions and padding only.
 
     Prompt chunks probe transformers' mask function (``check_mask_function``); decode steps do
-    no work that reads the device.
+    no work that reads the device. transformers before 5.24 pass ``cache_position`` (the query
+    positions) instead of ``q_length`` and ``q_offset``; its first entry is read once per
+    forward there (a host read those versions impose).
     """
+    if q_length is None:  # transformers < 5.24
+        q_length, q_offset = cache_position.shape[0], cache_position[0]
     if isinstance(q_offset, torch.Tensor):  # static caches hand a tensor (one sync, their choice)
         q_offset = int(q_offset)
     device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")

@@ -25,12 +25,11 @@ from sparseattn.bench.spans import (
     kept_tokens,
     rule_losses,
     solve_budget,
-    span_of,
     span_rules,
 )
 from sparseattn.errors import UsageError
 from sparseattn.integration.hf import model_configs
-from sparseattn.profiles import load_profile
+from sparseattn.profiles import load_profile, span_at
 
 # -- span rules ------------------------------------------------------------------------------
 
@@ -42,7 +41,7 @@ def test_kept_tokens_counts_the_keys_the_last_query_keeps(window):
         (8, 20, 33), (-8, 0, 3, 12), (0.0, 0.25, 0.5, 1.0), (0, 2, 4, 40)
     ):
         rule = {"alpha": alpha, "beta": beta, "sink": sink}
-        span = span_of(rule, length)
+        span = span_at(rule, length)
         last = length - 1
         kept = [
             j
@@ -153,7 +152,7 @@ def test_rule_cost_equals_the_influence_of_the_entries_it_masks():
         effect = influence_matrix(capture).abs()  # (Hq, L, L)
         got = rule_losses(distance_influence(capture, sink), rules)  # (Hkv, C)
         for c, rule in enumerate(rules):
-            dropped = (j <= i) & (j >= sink) & (i - j >= span_of(rule, 48))
+            dropped = (j <= i) & (j >= sink) & (i - j >= span_at(rule, 48))
             per_query_head = (effect * dropped).sum((-1, -2))  # (Hq,)
             want = per_query_head.view(2, 2).sum(-1)  # summed over each GQA group
             assert torch.allclose(got[:, c].float(), want, rtol=1e-4, atol=1e-7), (layer, c)

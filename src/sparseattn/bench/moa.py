@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from ..profiles import fingerprint
+from ..profiles import fingerprint, span_at
 from .influence import distance_influence, response_gradients
 from .spans import (
     LEVELS,
@@ -43,7 +43,6 @@ from .spans import (
     kept_share,
     rule_losses,
     solve_budget,
-    span_of,
     span_rules,
 )
 
@@ -152,7 +151,7 @@ def moa_profile(
         chosen = solve_budget(loss.reshape(-1, C), head_share, level).view(n_layers, n_kv)
         picked_share = head_share.gather(1, chosen.view(-1, 1)).view(n_layers, n_kv)
         picked_loss = loss.gather(2, chosen[..., None])[..., 0]  # (layers, Hkv)
-        spans = torch.tensor([[span_of(rules[c], longest) for c in row] for row in chosen.tolist()])
+        spans = torch.tensor([[span_at(rules[c], longest) for c in row] for row in chosen.tolist()])
         heads[level] = chosen.tolist()
         summary[level] = {
             "share": [round(float(v), 4) for v in picked_share.mean(-1)],

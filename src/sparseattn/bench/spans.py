@@ -26,16 +26,13 @@ import math
 
 import torch
 
+from ..profiles import span_at
+
 ALPHAS = (-1024, -512, -256, 0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BETAS = tuple(i / 8 for i in range(9))
 SINK = 64
 LEVELS = (0.1, 0.25, 0.5, 0.75)
 UNITS = 1000  # budget steps per head
-
-
-def span_of(rule: dict, length: int) -> int:
-    """The rule's span at ``length``: alpha + beta * length, floored, within [1, length]."""
-    return min(length, max(1, math.floor(rule["alpha"] + rule["beta"] * length)))
 
 
 def span_rules(lengths: list[int], sink: int = SINK) -> list[dict]:
@@ -55,7 +52,7 @@ def span_rules(lengths: list[int], sink: int = SINK) -> list[dict]:
 def kept_tokens(rule: dict, length: int, window: int | None) -> int:
     """Keys the last query of a ``length``-token input keeps under ``rule``, inside the
     layer's own sliding ``window`` (None: no window)."""
-    span, sink = span_of(rule, length), min(rule["sink"], length)
+    span, sink = span_at(rule, length), min(rule["sink"], length)
     window = length if window is None else min(window, length)  # keys j >= length - window
     recent = min(window, span)  # the last keys: inside the window
     early = max(0, sink - (length - window))  # sink keys the window still reaches
@@ -84,7 +81,7 @@ def rule_losses(hist: torch.Tensor, rules: list[dict]) -> torch.Tensor:
     L = hist.shape[-1]
     tail = hist.flip(-1).cumsum(-1).flip(-1)  # tail[d] = sum of hist[d:]
     tail = torch.nn.functional.pad(tail, (0, 1))  # a span of L drops nothing
-    spans = torch.tensor([span_of(r, L) for r in rules])
+    spans = torch.tensor([span_at(r, L) for r in rules])
     return tail[..., spans]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,12 @@ CHOICE_KINDS = ("minference", "moa")  # heads hold an index into ``choices``
 # kinds whose one table is a score in [0, 1] per head, and which heads a row has
 SCORE_KINDS = {"retrieval": "num_attention_heads", "duo": "num_key_value_heads"}
 SHIPPED_DIR = Path(__file__).parent
+
+
+def span_at(rule: dict[str, Any], length: int) -> int:
+    """A moa span rule's span at ``length`` tokens: alpha + beta * length, floored, kept within
+    [1, length] (MoA's elastic rule; the rule's sink is kept besides)."""
+    return min(length, max(1, math.floor(rule["alpha"] + rule["beta"] * length)))
 
 
 def shipped_profiles() -> dict[str, Path]:

@@ -176,3 +176,22 @@ def test_a_model_that_never_copies_is_a_clear_error():
         model.lm_head.weight.zero_()  # every logit equal: the top prediction is token 0
     with pytest.raises(UsageError, match="copied no needle token in 2 prompts"):
         retrieval_scores(model, [needle_prompt(0), needle_prompt(1)])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_answer_argmax_equals_the_models_own_attention_weights(family):
+    """Oracle: the argmax of transformers' eager attention probabilities of the answer rows
+    (Gemma 3's sliding layers included)."""
+    from conftest import make_model
+
+    from sparseattn.bench.retrieval_heads import answer_pass
+
+    model = make_model(family)
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(2))
+    argmax, logits = answer_pass(model, ids, 5)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False, output_attentions=True)
+    assert torch.allclose(logits, out.logits[0, -5:], atol=1e-5)
+    for layer, probs in enumerate(out.attentions):  # (1, Hq, L, L)
+        assert torch.equal(argmax[layer], probs[0, :, -5:].argmax(-1)), layer

@@ -11,26 +11,19 @@ and the cost of a sparse pattern is the sum of E over the entries it drops. No L
 stored: one backward pass keeps, per layer, the attention output O and its gradient dO, and
 dL/dA_ij = dO_i . v_j, sum_n A_in dL/dA_in = dO_i . O_i, so E is recomputed from (q, k, v, O,
 dO) one block of query rows at a time. The gradient is taken with the model frozen, through
-transformers' own SDPA attention, registered for the pass as an attention implementation.
+transformers' own SDPA attention (``capture.py``).
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..integration.hf import attention_layers, model_configs
 from ..methods.estimators import grouped_scores
+from .capture import AttentionCall, attention_calls, visible_keys
 
-IMPLEMENTATION = "sparseattn_influence"
 ROWS_PER_BLOCK = 256  # query rows recomputed at a time
 _EPS = torch.finfo(torch.float32).eps
 
@@ -60,81 +53,6 @@ class LayerCapture:
     softcap: float | None
 
 
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, dict[int, LayerCapture]] = weakref.WeakKeyDictionary()
-
-
-def _capturing_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention (eager when soft-capped), keeping what ``LayerCapture`` holds."""
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if softcap is None:
-        out, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs
-        )
-    else:
-        logits = grouped_scores(query, key) * scaling  # (B, Hq, L, Lk)
-        logits = torch.tanh(logits / softcap) * softcap
-        if attention_mask is not None:
-            logits = logits.masked_fill(~attention_mask.bool(), float("-inf"))
-        else:
-            logits = logits + torch.full_like(logits[0, 0], float("-inf")).triu(1)
-        probs = logits.softmax(-1)
-        B, Hq, L, _ = probs.shape
-        Hkv = key.shape[1]
-        rows = probs.reshape(B, Hkv, Hq // Hkv * L, -1)  # (B, Hkv, g L, Lk)
-        out = torch.matmul(rows, value).view(B, Hq, L, -1).transpose(1, 2)  # (B, L, Hq, D)
-    store = _ACTIVE[module]
-    capture = LayerCapture(
-        query.detach(),
-        key.detach(),
-        value.detach(),
-        out.detach(),
-        None,
-        scaling,
-        sliding_window,
-        softcap,
-    )
-    store[module.layer_idx] = capture
-    if out.requires_grad:
-        out.register_hook(lambda grad: setattr(capture, "grad", grad.detach()))
-    return out, None
-
-
-AttentionInterface.register(IMPLEMENTATION, _capturing_forward)
-AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-
-
-@contextmanager
-def capturing_attention(model: nn.Module) -> Iterator[dict[int, LayerCapture]]:
-    """Inside the block every attention layer of ``model`` runs through ``_capturing_forward``;
-    yields {layer index: LayerCapture} of the latest forward (gradients after ``backward``)."""
-    layers = attention_layers(model)
-    store: dict[int, LayerCapture] = {}
-    configs = model_configs(model)
-    previous = [c._attn_implementation for c in configs]
-    for layer in layers:
-        _ACTIVE[layer] = store
-    try:
-        for config in configs:
-            config._attn_implementation = IMPLEMENTATION
-        yield store
-    finally:
-        for config, name in zip(configs, previous):
-            config._attn_implementation = name
-        for layer in layers:
-            _ACTIVE.pop(layer, None)
-
-
 def response_gradients(
     model: nn.Module, ids: torch.Tensor, response: int
 ) -> tuple[dict[int, LayerCapture], float]:
@@ -144,9 +62,25 @@ def response_gradients(
     weights = [p for p in model.parameters() if p.requires_grad]
     for p in weights:
         p.requires_grad_(False)
+    store: dict[int, LayerCapture] = {}
+
+    def keep(call: AttentionCall) -> None:
+        capture = LayerCapture(
+            call.q.detach(),
+            call.k.detach(),
+            call.v.detach(),
+            call.out.detach(),
+            None,
+            call.scaling,
+            call.window,
+            call.softcap,
+        )
+        store[call.layer_idx] = capture
+        call.out.register_hook(lambda grad: setattr(capture, "grad", grad.detach()))
+
     try:
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # (1, L, hidden)
-        with torch.enable_grad(), capturing_attention(model) as store:
+        with torch.enable_grad(), attention_calls(model, keep):
             out = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=response + 1)
             logits = out.logits[0, :-1]  # (response, V): predicts ids[-response:]
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -181,9 +115,7 @@ def influence_block(
         logits = torch.tanh(logits / capture.softcap) * capture.softcap
     rows = torch.arange(start, end, device=q.device)
     keys = torch.arange(lo, end, device=q.device)
-    seen = keys[None, :] <= rows[:, None]  # (c, n)
-    if window is not None:
-        seen = seen & (rows[:, None] - keys[None, :] < window)
+    seen = visible_keys(start, end, end, window, q.device)[:, lo:]  # (c, n)
     probs = logits.masked_fill(~seen, float("-inf")).softmax(-1)  # (1, Hq, c, n)
     d_probs = grouped_scores(grad, v)  # (1, Hq, c, n): dL/dA_ij = dO_i . v_j
     row_term = (grad * out).sum(-1, keepdim=True)  # (1, Hq, c, 1): sum_n A_in dL/dA_in

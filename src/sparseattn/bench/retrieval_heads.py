@@ -18,7 +18,8 @@ Choices the paper leaves open, as made here:
 - Argmax: over every key the query sees (prompt and the answer so far; causal, the layer's
   own sliding window respected), from the q.k logits (the argmax of the softmax probabilities
   is the argmax of the logits). Only the answer queries are scored: one (heads, steps, keys)
-  product per layer, never an L x L map.
+  product per layer, never an L x L map; the model attends through transformers' own SDPA
+  (``capture.py``).
 - Hit: the argmax position lies inside the needle and holds the copied token. A token that
   occurs twice in the needle is a hit at either occurrence (the paper's token-equality rule).
 - Pooling: hits and copy steps are summed over every prompt and length, then divided; one
@@ -28,18 +29,15 @@ Choices the paper leaves open, as made here:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..backends.masks import BlockLayout
 from ..errors import UsageError
-from ..integration.hf import sparse_attention
-from ..methods.base import Method
 from ..methods.estimators import grouped_scores
 from ..profiles import fingerprint
-from ..types import AttentionContext, BlockSelection
+from .capture import AttentionCall, attention_calls, visible_keys
 
 HAYSTACKS = ("noise", "kv", "prose")
 SUMMARY_THRESHOLDS = (0.1, 0.3)  # the summary counts the heads scoring at least these
@@ -127,28 +125,28 @@ def score_rows(
     return copy_hits(rows.argmax(-1), ids, span, targets, copying)
 
 
-@dataclass
-class _AnswerArgmax(Method):
-    """Runs dense and keeps, per layer, where each head's last ``rows`` queries peak."""
+@torch.inference_mode()
+def answer_pass(
+    model, ids: torch.Tensor, rows: int
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One dense forward pass over ``ids`` (1, L) from position 0.
 
-    name: ClassVar[str] = "answer_argmax"
-    rows: int = 1
-    argmax: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    Returns:
+        {layer: (Hq, rows) long} the key position each head's last ``rows`` queries attend to
+        most (causal, the layer's own window respected), and the (rows, V) logits there.
+    """
+    argmax: dict[int, torch.Tensor] = {}
+    L = ids.shape[1]
 
-    def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
-        m = self.rows
-        answer = q[:, :, -m:].float()  # (B, Hq, m, D)
-        logits = grouped_scores(answer, k.float())  # (B, Hq, m, Lk)
-        query_pos = (
-            torch.arange(ctx.q_len - m, ctx.q_len, device=ctx.device)[:, None] + ctx.q_offset
-        )
-        key_pos = torch.arange(ctx.kv_len, device=ctx.device)[None, :] + ctx.kv_offset
-        seen = key_pos <= query_pos  # (m, Lk)
-        if ctx.sliding_window is not None:
-            seen = seen & (query_pos - key_pos < ctx.sliding_window)
-        logits = logits.masked_fill(~seen, float("-inf"))
-        self.argmax[ctx.layer_idx] = logits[0].argmax(-1).cpu()  # (Hq, m)
-        return layout.every_tile(ctx.num_q_heads)
+    def keep(call: AttentionCall) -> None:
+        answer = call.q[:1, :, -rows:].float()  # (1, Hq, rows, D)
+        logits = grouped_scores(answer, call.k[:1].float())[0]  # (Hq, rows, Lk)
+        seen = visible_keys(L - rows, L, call.k.shape[2], call.window, logits.device)
+        argmax[call.layer_idx] = logits.masked_fill(~seen, float("-inf")).argmax(-1).cpu()
+
+    with attention_calls(model, keep):
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=rows)
+    return argmax, out.logits[0, -rows:]
 
 
 @torch.inference_mode()
@@ -177,15 +175,11 @@ def retrieval_scores(
         needle = prompt.ids[start:end]
         m = len(needle)
         ids = torch.tensor(prompt.ids + needle[:-1])  # (L,) the answer teacher-forced
-        recorder = _AnswerArgmax(rows=m)
-        with sparse_attention(model, recorder, min_length=0):
-            out = model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=m)
+        argmax, logits = answer_pass(model, ids[None].to(device), m)
         targets = torch.tensor(needle)  # (m,)
-        copying = out.logits[0, -m:].argmax(-1).cpu() == targets  # (m,) the model copies
+        copying = logits.argmax(-1).cpu() == targets  # (m,) the model copies
         for layer in range(n_layers):
-            layer_hits, steps = copy_hits(
-                recorder.argmax[layer], ids, prompt.span, targets, copying
-            )
+            layer_hits, steps = copy_hits(argmax[layer], ids, prompt.span, targets, copying)
             hits[layer] += layer_hits
         copies += steps
         seen += 1

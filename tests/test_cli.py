@@ -336,7 +336,7 @@ def test_profile_command_writes_a_moa_profile(tmp_path, capsys):
 
     out = tmp_path / "tiny-moa.json"
     args = ["profile", "--model", "tiny-random-llama", "--kind", "moa", "--lengths", "384,512"]
-    args += ["--sink", "16", "--response-tokens", "8", "--out", str(out)]
+    args += ["--moa-sink", "16", "--response-tokens", "8", "--out", str(out)]
     assert main(args) == 0
     profile = load_profile(str(out), "moa")
     assert profile.calibration["lengths"] == [384, 512] and profile.calibration["sink"] == 16

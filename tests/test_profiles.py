@@ -219,7 +219,8 @@ def test_shipped_profiles_are_well_formed():
         profile = load_profile(name, kind)
         data = json.loads(path.read_text())
         assert data["calibration"]["lengths"] and "seed" in data["calibration"]
-        per_layer = "num_key_value_heads" if kind == "channels" else "num_attention_heads"
+        per_kv_head = kind in ("channels", "moa", "duo")
+        per_layer = "num_key_value_heads" if per_kv_head else "num_attention_heads"
         for level in profile.levels:
             table = profile.heads[level]
             assert len(table) == profile.model["num_hidden_layers"]

@@ -168,6 +168,11 @@ def test_profiler_finds_the_one_copying_head(tmp_path):
     assert loaded.summary[0.0]["max"] == [0.0, 1.0]
     assert loaded.calibration["copied_tokens"] == 24
     loaded.check_model(model.config)
+    other = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, head_dim=64, hidden_size=64)
+    with pytest.raises(
+        UsageError, match="made for copying-llama: llama \\(2 layers.*model is llama \\(3"
+    ):
+        loaded.check_model(other)
 
 
 def test_a_model_that_never_copies_is_a_clear_error():

@@ -448,7 +448,7 @@ def cmd_profile(args) -> int:
         profile = moa_profile(
             model,
             tok,
-            sink=args.sink,
+            sink=args.moa_sink,
             response=args.response_tokens,
             progress=progress,
             **common,
@@ -725,12 +725,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="minference, xattention: judge each head by (1 - W) x its recall over every query "
         "+ W x its recall over the last query tile (default 0)",
     )
-    p.add_argument("--sink", type=int, default=64, help="moa: first tokens every rule keeps")
+    p.add_argument(
+        "--moa-sink", type=int, default=64, help="moa: first tokens every span rule keeps (64)"
+    )
     p.add_argument(
         "--response-tokens",
         type=int,
         default=32,
-        help="moa: tokens of the model's own greedy response the loss is taken on",
+        help="moa: tokens of the model's own greedy response the loss is taken on (32)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")

@@ -110,6 +110,8 @@ def moa_profile(
     """
     if len(set(lengths)) < 2:
         raise UsageError(f"--lengths {lengths}: MoA profiles at least two different lengths")
+    if sink < 0:
+        raise UsageError(f"sink={sink} must be >= 0")
     if not 1 <= response < min(lengths) // 2:
         raise UsageError(f"response={response} must be in [1, {min(lengths) // 2 - 1}]")
     device = next(model.parameters()).device

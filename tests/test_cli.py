@@ -381,3 +381,33 @@ def test_crossover_length_is_the_first_length_that_stays_faster():
     assert crossover_length([4000, 1000, 2000], [1.2, 0.9, 1.05]) == 2000
     assert crossover_length([1000, 2000], [0.5, 0.9]) is None
     assert crossover_length([1000], [1.0]) == 1000
+
+
+def test_profile_command_writes_a_moa_profile(tmp_path, capsys):
+    from sparseattn.profiles import load_profile
+
+    out = tmp_path / "tiny-moa.json"
+    args = ["profile", "--model", "tiny-random-llama", "--kind", "moa", "--lengths", "384,512"]
+    args += ["--moa-sink", "16", "--response-tokens", "8", "--out", str(out)]
+    assert main(args) == 0
+    profile = load_profile(str(out), "moa")
+    assert profile.calibration["lengths"] == [384, 512] and profile.calibration["sink"] == 16
+    assert profile.levels == (0.1, 0.25, 0.5, 0.75)
+    assert [len(row) for row in profile.heads[0.25]] == [2, 2]  # 2 layers x 2 KV heads
+    err = capsys.readouterr().err
+    assert "[6/6] qa@512#0" in err and "budget 0.25: mean kept share" in err
+
+
+def test_profile_command_writes_a_retrieval_profile(tmp_path, capsys):
+    from sparseattn.profiles import load_profile
+
+    out = tmp_path / "tiny-retrieval.json"
+    args = ["profile", "--model", "tiny-random-llama", "--kind", "retrieval", "--lengths", "512"]
+    assert main([*args, "--samples", "2", "--seed", "1", "--out", str(out)]) == 0
+    profile = load_profile(str(out), "retrieval")
+    assert profile.calibration["prompts"] == 2 and profile.calibration["seed"] == 1
+    assert [len(row) for row in profile.heads[0.0]] == [4, 4]  # 2 layers x 4 query heads
+    copied = profile.calibration["copied_tokens"]
+    err = capsys.readouterr().err
+    assert f"copied needle tokens: {copied} in 2 prompts" in err
+    assert "heads scoring >= 0.3: " in err

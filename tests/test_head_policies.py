@@ -19,15 +19,18 @@ from sparseattn.backends.sdpa import dense_decode
 from sparseattn.cache import CompensatedLayer, HeadGroupsLayer, SparseCache
 from sparseattn.errors import UsageError
 from sparseattn.methods.eviction.heads import heads_for_compression
-from sparseattn.methods.eviction.moa import span
-from sparseattn.profiles import fingerprint, save_profile
+from sparseattn.profiles import fingerprint, save_profile, span_at
 from sparseattn.types import EMPTY_POSITION, AttentionContext, Phase
 
 torch.set_grad_enabled(False)
 
 FAMILIES = ["llama", "qwen2", "gemma3"]
 LENGTHS = [60, 47, 6]  # left padded; the last row is shorter than every window
-RULES = [{"alpha": 8, "beta": 0.0}, {"alpha": 4, "beta": 0.25}, {"alpha": 10**6, "beta": 0.0}]
+RULES = [
+    {"alpha": 8, "beta": 0.0, "sink": 2},
+    {"alpha": 4, "beta": 0.25, "sink": 2},
+    {"alpha": 10**6, "beta": 0.0, "sink": 64},  # the whole prompt, and room to generate
+]
 
 
 def head_dim(config) -> int:
@@ -114,14 +117,18 @@ def expected_heads(policy, model, table, knobs, length):
         window = max(knobs["window"], round(0.2 * length))
         return {key: None if key in whole else (knobs["sink"], window, True) for key in scores}
     rules = table  # moa: rule index per (layer, head)
-    return {(i, h): (2, span(RULES[rules[i][h]], length), False) for i in full for h in range(Hkv)}
+    return {
+        (i, h): (RULES[rules[i][h]]["sink"], span_at(RULES[rules[i][h]], length), False)
+        for i in full
+        for h in range(Hkv)
+    }
 
 
 KNOBS = {
     "duo": {},
     "lserve": {"budget": 16, "page": 8},
     "razor": {"retrieval": 0.5, "sink": 2, "window": 8},
-    "moa": {"sink": 2},
+    "moa": {},
 }
 
 

@@ -402,55 +402,141 @@ def cmd_report(args) -> int:
     return 0
 
 
+PROFILE_DEFAULTS = {  # kind: (--lengths, --samples) when not given
+    "minference": ("4k", 1),
+    "xattention": ("4k", 1),
+    "channels": ("4k", 1),
+    "retrieval": ("2k,4k", 6),
+    "moa": ("2k,4k", 1),
+}
+
+
 def cmd_profile(args) -> int:
     import time
 
     from . import load_model
-    from .bench.calibrate import calibrate, write_profile
 
-    lengths = parse_lengths(args.lengths)
+    if args.show is not None:
+        made = [flag for flag, value in (("--kind", args.kind), ("--out", args.out)) if value]
+        if made:
+            raise UsageError(
+                f"--show FILE prints a profile and cannot be combined with {' / '.join(made)} "
+                "(which make one); give either --show FILE [--png OUT.png] or --kind K --out F"
+            )
+        return cmd_profile_show(args)
+    if args.png is not None:
+        raise UsageError("--png goes with --show FILE")
+    if not args.kind or not args.out:
+        raise UsageError(
+            "profile needs --kind K and --out FILE.json to make a profile, or --show FILE to "
+            f"print one; kinds: {', '.join(PROFILE_DEFAULTS)}"
+        )
+    default_lengths, default_samples = PROFILE_DEFAULTS[args.kind]
+    lengths = parse_lengths(args.lengths or default_lengths)
+    samples = args.samples if args.samples is not None else default_samples
     if not lengths or min(lengths) < 256:
         raise UsageError(f"--lengths {args.lengths!r}: give lengths of at least 256 tokens")
-    if args.samples < 1:
-        raise UsageError(f"--samples {args.samples} must be >= 1")
+    if samples < 1:
+        raise UsageError(f"--samples {samples} must be >= 1")
     out = Path(args.out)
     if out.suffix != ".json":
         raise UsageError(f"--out {args.out!r} must name a .json file")
     if not out.parent.is_dir():
         raise UsageError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    if args.kind == "moa" and len(set(lengths)) < 2:
+        raise UsageError(f"--lengths {args.lengths!r}: a moa profile needs at least two lengths")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     model.eval()
     start = time.perf_counter()
-    n_inputs = len(lengths) * 3 * args.samples
+    per_length = samples if args.kind == "retrieval" else 3 * samples
+    n_inputs = len(lengths) * per_length
     seen = []
 
     def progress(label: str) -> None:
         seen.append(label)
-        print(f"[{len(seen)}/{n_inputs}] {label}", file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - start
+        print(f"[{len(seen)}/{n_inputs}] {label} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
 
-    profile = calibrate(
-        model,
-        tok,
-        kind=args.kind,
-        model_id=args.model,
-        lengths=lengths,
-        seed=args.seed,
-        samples=args.samples,
-        block_size=args.block_size,
-        stride=args.stride,
-        last_weight=args.last_weight,
-        progress=progress,
-    )
-    write_profile(str(out), profile)
+    common = {"model_id": args.model, "lengths": lengths, "seed": args.seed, "samples": samples}
+    if args.kind == "retrieval":
+        from .bench.retrieval_heads import retrieval_profile
+
+        profile = retrieval_profile(model, tok, progress=progress, **common)
+    elif args.kind == "moa":
+        from .bench.moa import moa_profile
+
+        profile = moa_profile(
+            model,
+            tok,
+            sink=args.moa_sink,
+            response=args.response_tokens,
+            progress=progress,
+            **common,
+        )
+    else:
+        from .bench.calibrate import calibrate
+
+        profile = calibrate(
+            model,
+            tok,
+            kind=args.kind,
+            block_size=args.block_size,
+            stride=args.stride,
+            last_weight=args.last_weight,
+            progress=progress,
+            **common,
+        )
+    from .profiles import save_profile
+
+    save_profile(str(out), **profile)
     for line in _profile_summary(args.kind, profile):
         print(line, file=sys.stderr)
     print(f"profile: {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return 0
 
 
+def cmd_profile_show(args) -> int:
+    from .profiles.show import show_profile
+
+    png = Path(args.png) if args.png else Path(Path(args.show).stem + ".png")
+    if png.suffix != ".png":
+        raise UsageError(f"--png {args.png!r} must name a .png file")
+    if not png.parent.is_dir():
+        raise UsageError(f"--png {args.png!r}: folder {str(png.parent)!r} does not exist")
+    print(show_profile(args.show, png))
+    print(f"heatmap: {png}", file=sys.stderr)
+    return 0
+
+
 def _profile_summary(kind: str, profile: dict) -> list[str]:
     """One line per level of a calibrated profile: what its heads keep, averaged over layers."""
     lines = []
+    if kind == "retrieval":
+        row = profile["summary"][0.0]
+        for threshold in ("0.1", "0.3"):
+            per_layer = row[f"heads>={threshold}"]
+            layers = [f"{i}:{n}" for i, n in enumerate(per_layer) if n]
+            lines.append(
+                f"heads scoring >= {threshold}: {sum(per_layer)} "
+                f"(layer:count {' '.join(layers) or 'none'})"
+            )
+        calibration = profile["calibration"]
+        lines.append(
+            f"copied needle tokens: {calibration['copied_tokens']} in "
+            f"{calibration['prompts']} prompts"
+        )
+        return lines
+    if kind == "moa":
+        for level, row in sorted(profile["summary"].items()):
+            share = sum(row["share"]) / len(row["share"])
+            spans = next(v for k, v in row.items() if k.startswith("span@"))
+            span_name = next(k for k in row if k.startswith("span@"))
+            lines.append(
+                f"budget {level:g}: mean kept share {share:.3f}, predicted loss "
+                f"{sum(row['loss']):.4g}, mean {span_name.replace('@', ' at ')} "
+                f"{sum(spans) / len(spans):.0f}"
+            )
+        return lines
     if kind == "channels":
         for r, row in sorted(profile["summary"].items()):
             share = sum(row["share"]) / len(row["share"])
@@ -638,21 +724,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "profile",
-        help="calibrate per-head patterns (minference), thresholds (xattention) or channel "
-        "rankings (channels, for double_sparsity) for a model",
+        help="per-head profiles: calibrate patterns (minference), thresholds (xattention), "
+        "channel rankings (channels), retrieval scores (retrieval) or span rules (moa) for a "
+        "model, or --show one",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument(
         "--kind",
-        required=True,
-        choices=["minference", "xattention", "channels"],
+        choices=list(PROFILE_DEFAULTS),
         help="minference: a pattern per head per tile-density budget; xattention: a threshold "
-        "per head per target recall; channels: each KV head's channels ranked by mean |q_d k_d|",
+        "per head per target recall; channels: each KV head's channels ranked by mean |q_d k_d|; "
+        "retrieval: each head's retrieval score on needle copying; moa: a span rule per KV head "
+        "per KV budget",
     )
-    p.add_argument("--out", required=True, help="the profile to write, FILE.json")
-    p.add_argument("--lengths", default="4k", help="calibration input lengths (default 4k)")
+    p.add_argument("--out", help="the profile to write, FILE.json")
     p.add_argument(
-        "--samples", type=int, default=1, help="inputs per (length, calibration task) (default 1)"
+        "--show",
+        metavar="FILE",
+        help="print the per-layer x per-head map of a profile (a file or a shipped name) and "
+        "write its heatmap (instead of --kind/--out)",
+    )
+    p.add_argument("--png", help="with --show: the heatmap to write (default ./NAME.png)")
+    p.add_argument(
+        "--lengths",
+        help="calibration input lengths (default 4k; retrieval and moa: 2k,4k)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        help="inputs per (length, calibration task) (default 1; retrieval: 6 prompts per length)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated calibration inputs")
     p.add_argument(
@@ -670,6 +770,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W",
         help="minference, xattention: judge each head by (1 - W) x its recall over every query "
         "+ W x its recall over the last query tile (default 0)",
+    )
+    p.add_argument(
+        "--moa-sink", type=int, default=64, help="moa: first tokens every span rule keeps (64)"
+    )
+    p.add_argument(
+        "--response-tokens",
+        type=int,
+        default=32,
+        help="moa: tokens of the model's own greedy response the loss is taken on (32)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")

@@ -234,7 +234,8 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return good
 
 
-def _configs(model: nn.Module) -> list[PretrainedConfig]:
+def model_configs(model: nn.Module) -> list[PretrainedConfig]:
+    """Every config of the model and its sub-configs: each names the attention implementation."""
     seen: dict[int, PretrainedConfig] = {}
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -382,7 +383,7 @@ def sparse_attention(
         plan.bind_cache(kwargs, getattr(module, "config", model.config), argument)
         return args, kwargs
 
-    configs = _configs(model)
+    configs = model_configs(model)
     previous = [c._attn_implementation for c in configs]
     for layer in layers:
         _ACTIVE[layer] = plan
@@ -415,6 +416,7 @@ __all__ = [
     "Phase",
     "decoder_of",
     "last_stats",
+    "model_configs",
     "sparse_attention",
     "sparse_attention_forward",
 ]

@@ -7,18 +7,11 @@ from typing import Any, ClassVar
 
 from ...cache.groups import HeadGroup
 from ...cache.layers import KVLayer
-from ...profiles.profile import Profile
+from ...profiles.profile import Profile, span_at
 from ...registry import register_policy
 from ..base import knob
 from ..static import Streaming
 from .heads import HeadSplitPolicy
-
-_BIG = 2**31 - 1
-
-
-def span(rule: dict[str, Any], length: int) -> int:
-    """Window of an elastic rule at a prompt of ``length`` tokens: alpha + beta x N, in [1, N]."""
-    return max(1, min(length, round(float(rule["alpha"]) + float(rule["beta"]) * length)))
 
 
 @register_policy
@@ -30,13 +23,13 @@ class MoA(HeadSplitPolicy):
 
     A moa profile (``sparseattn profile --kind moa``) holds candidate rules and, per kept-KV
     budget, the rule of every (layer, KV head). ``compression`` picks the budget 1 -
-    compression (the largest stored budget at or below it). Each head keeps its ``sink`` first
+    compression (the largest stored budget at or below it). Each head keeps its rule's sink first
     tokens and the last span(N) tokens in a ring; heads with equal spans share buffers, so a
     layer holds exactly the sum of its heads' spans. With ``prefill_spans`` the heads also
     prefill with their sink + span pattern (tiles rounded out), as MoA's sparse prefill.
     Choices: N is the first prefill's length, padding included, and spans stay fixed while
-    generation slides each window forward; a rule's own ``sink`` (if the profile records one)
-    wins over the knob; the model's sliding-window layers keep their own window.
+    generation slides each window forward; the model's sliding-window layers keep their own
+    window.
     """
 
     name: ClassVar[str] = "moa"
@@ -55,7 +48,6 @@ class MoA(HeadSplitPolicy):
     compression: float = knob(
         0.5, low=0.0, high=1.0, help="share of the KV removed: selects the budget 1 - compression"
     )
-    sink: int = knob(64, low=0, high=_BIG, help="first tokens every head keeps")
     prefill_spans: bool = knob(
         True, choices=(False, True), help="heads also prefill with their sink + span"
     )
@@ -77,12 +69,11 @@ class MoA(HeadSplitPolicy):
         length: int,
         page_size: int,
     ) -> list[HeadGroup]:
-        row = profile.heads[self.level(profile)][layer_idx]  # a rule index per KV head
+        rules = profile.layer(self.level(profile), layer_idx, num_kv_heads)  # one per KV head
         spans: dict[tuple[int, int], list[int]] = {}
-        for head, index in enumerate(row):
-            rule = profile.choices[index]
-            sink = int(rule.get("sink", self.sink))
-            spans.setdefault((sink, span(rule, length)), []).append(head)
+        for head, rule in enumerate(rules):
+            sink = int(rule["sink"])
+            spans.setdefault((sink, span_at(rule, length)), []).append(head)
         groups = []
         for (sink, window), heads in sorted(spans.items(), key=lambda item: item[1]):
             groups.append(

@@ -90,6 +90,7 @@ class KVLayer(CacheLayerMixin):
         self._buf_k = self._buf_v = None
         self._call: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._pending = False  # the latest call overflowed a bounded layer: finish_call compacts
+        self._contiguous_call = False  # that call is a first prompt: its keys sit at 0..n-1
         self._marked = False  # padding was emptied in this call: finish_call recounts holes
         self._call_valid: torch.Tensor | None = None  # (B, Lk) padding of this call's keys
 
@@ -155,6 +156,10 @@ class KVLayer(CacheLayerMixin):
             held = self.positions[:, :, : self.width]
             positions = torch.cat([held, new_positions.expand(held.shape[0], held.shape[1], n)], 2)
             self._call, self._pending = (keys, values, positions), True
+            # a first prompt into an empty layer holds positions 0..n-1: attention sees it as
+            # contiguous keys (causal SDPA or tiles, not a masked L x L product); compaction
+            # and padding still use the explicit positions
+            self._contiguous_call = first == 0 and held.shape[2] == 0
             self.last_write = (0, 0)
             return keys, values
         if not self.bounded and self.width + n > self.capacity:
@@ -212,6 +217,8 @@ class KVLayer(CacheLayerMixin):
     # -- what our attention hook reads ---------------------------------------------------
     def call_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys, values and explicit positions (None: slot j holds position j) of this call."""
+        if self._contiguous_call and self._pending:
+            return self._call[0], self._call[1], None
         return self._call
 
     def key_bias(self) -> torch.Tensor | None:
@@ -233,7 +240,7 @@ class KVLayer(CacheLayerMixin):
             key_valid: (B, Lk) bool over this call's keys.
         """
         self._call_valid = key_valid
-        _, _, positions = self._call
+        _, _, positions = self._call  # explicit even when the call is seen as contiguous
         if positions is None:
             self.padded = True
             return

@@ -200,6 +200,25 @@ def test_bench_decode_eviction_records(capsys):
         assert r["peak_mb_setting"] is not None
 
 
+def test_bench_decode_several_settings_share_one_dense_reference(capsys):
+    args = ["bench", "decode", "--json", "--model", "tiny-random-llama", "--lengths", "600"]
+    args += ["--steps", "2", "--setting", "evict=streaming[sink=4,window=60]"]
+    args += ["--setting", "evict=streaming[sink=4,window=124]"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kept_tokens"] for r in records] == [64, 128]
+    assert len({r["dense_hook_s_per_token"] for r in records}) == 1  # measured once
+    assert len({r["kv_bytes_dense"] for r in records}) == 1
+    assert records[0]["kv_bytes"] < records[1]["kv_bytes"]
+
+
+def test_several_settings_only_for_bench_decode(capsys):
+    args = ["bench", "prefill", "--model", "tiny-random-llama", "--lengths", "300"]
+    args += ["--setting", "prefill=streaming", "--setting", "prefill=dense"]
+    assert main(args) == 2
+    assert "--setting given 2 times" in capsys.readouterr().err
+
+
 def test_bench_recall_records(capsys, tmp_path):
     plot = tmp_path / "recall.png"
     assert (

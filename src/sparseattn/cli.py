@@ -35,16 +35,34 @@ def add_setting_args(p: argparse.ArgumentParser, method_default: str, method_hel
     p.add_argument("--evict-knob", action="append", metavar="NAME=VALUE", help="repeatable")
     p.add_argument(
         "--setting",
+        action="append",
         help="a whole setting, e.g. 'prefill=xattention;decode=streaming[window=512];"
-        "evict=streaming[window=1024]' (instead of the flags above)",
+        "evict=streaming[window=1024]' (instead of the flags above; bench decode takes it "
+        "repeatedly and measures every setting against one dense prefill and reference)",
     )
     p.add_argument("--page-size", type=int, default=16, help="cache page size in tokens")
 
 
+def settings_from_args(args) -> list[Setting]:
+    """Every --setting given (validated), or the one the --method/--decode/--evict flags
+    describe."""
+    if args.setting:
+        settings = [Setting.parse(text) for text in args.setting]
+        for setting in settings:
+            _ = setting.parts  # builds every method and policy: bad names and knobs fail here
+        return settings
+    return [setting_from_args(args)]
+
+
 def setting_from_args(args) -> Setting:
     """The Setting the --method/--decode/--evict/--setting flags describe (validated)."""
+    if args.setting and len(args.setting) > 1:
+        raise UsageError(
+            f"--setting given {len(args.setting)} times; only bench decode measures several "
+            "settings in one run"
+        )
     if args.setting:
-        setting = Setting.parse(args.setting)
+        setting = Setting.parse(args.setting[0])
     else:
         method = Spec(args.method, parse_knobs(args.knob))
         evict = Spec(args.evict, parse_knobs(args.evict_knob)) if args.evict else None
@@ -53,7 +71,7 @@ def setting_from_args(args) -> Setting:
             setting = Setting(prefill=method, decode=decode, evict=evict)
         else:
             setting = Setting(prefill=method, decode=method, evict=evict)
-    setting.parts  # builds every method and policy: bad names and knobs fail here
+    _ = setting.parts  # builds every method and policy: bad names and knobs fail here
     return setting
 
 
@@ -196,7 +214,12 @@ def cmd_bench(args) -> int:
         from . import load_model
         from .integration.plan import HookOptions
 
-        setting = None if args.kind == "recall" else setting_from_args(args)
+        if args.kind == "recall":
+            setting = None
+        elif args.kind == "decode":
+            setting = settings_from_args(args)
+        else:
+            setting = setting_from_args(args)
         options = HookOptions(
             dense_layers=frozenset(args.dense_layers),
             min_length=0,

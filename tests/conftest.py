@@ -29,6 +29,16 @@ COMMON = dict(
 WINDOW = 24  # model-level sliding window, small so tests exercise it
 
 
+@pytest.fixture(autouse=True)
+def fixed_crossover():
+    """min_length="auto" resolves to 1024 in every test: tests never depend on timing (a test
+    of the crossover itself injects its own measurement)."""
+    from sparseattn.integration.crossover import measured_by
+
+    with measured_by(lambda key: 1024):
+        yield
+
+
 def tiny_config(family: str):
     if family == "llama":
         return LlamaConfig(**COMMON)

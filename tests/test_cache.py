@@ -416,3 +416,42 @@ def dynamic_layer_bytes(ids, model) -> int:
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     return 2 * ids.shape[0] * config.num_key_value_heads * ids.shape[1] * head_dim * 4
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_mask_sizes_take_the_query_length_or_the_cache_position_before_5_24(window):
+    # transformers < 5.24 hand get_mask_sizes the call's cache_position (the query positions)
+    # and name get_max_length get_max_cache_shape; both forms must give the same sizes.
+    layer = KVLayer(window=window, sink=2 if window else 0, page_size=4)
+    for _ in range(10):
+        layer.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    positions = torch.arange(layer.seen, layer.seen + 3)
+    assert layer.get_mask_sizes(positions) == layer.get_mask_sizes(3)
+    assert layer.get_mask_sizes(3) == ((6 if window else 10) + 3, 4 if window else 0)
+    assert layer.get_max_cache_shape() == layer.get_max_length() == (6 if window else -1)
+
+
+def test_a_first_prompt_into_a_bounded_layer_is_attended_as_contiguous_keys(monkeypatch):
+    """The prompt a ring layer will compact still sits at positions 0..n-1 while it is attended:
+    the call runs as causal SDPA (or tiles), never as a masked product over explicit positions;
+    the layer then keeps its sink + window, and the prompt's logits equal the dense model's."""
+    from sparseattn.integration import plan
+
+    seen = []
+    original = plan.dense_prefill
+    monkeypatch.setattr(
+        plan,
+        "dense_prefill",
+        lambda q, k, v, ctx: seen.append(ctx.contiguous) or original(q, k, v, ctx),
+    )
+    model = make_model("llama")
+    ids, mask = left_padded_batch([50, 50], seed=3)
+    expected = model(input_ids=ids).logits
+    with sparseattn.sparse_attention(
+        model, evict="streaming", evict_knobs={"sink": 4, "window": 12}, min_length=0
+    ):
+        cache = SparseCache(model)
+        got = model(input_ids=ids, past_key_values=cache).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert seen and all(seen)
+    assert all(layer.width == 16 and layer.positions is not None for layer in cache.layers)

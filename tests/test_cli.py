@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 import sparseattn
-from sparseattn.cli import main, parse_knobs, parse_lengths
+from sparseattn.cli import main, min_length_arg, parse_knobs, parse_lengths
 from sparseattn.errors import UsageError
 
 
@@ -43,6 +44,9 @@ def test_parsers():
     }
     with pytest.raises(UsageError, match="bad length '4q'"):
         parse_lengths("4q")
+    assert min_length_arg("auto") == "auto" and min_length_arg("2048") == 2048
+    with pytest.raises(argparse.ArgumentTypeError, match="'often': give an integer >= 0 or 'auto'"):
+        min_length_arg("often")
 
 
 def test_generate_with_tiny_model(tmp_path, capsys):
@@ -118,13 +122,30 @@ def test_bench_kernel_records(capsys):
         == 0
     )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    compile_info, record = lines
+    compile_info, *records = lines
     assert compile_info["kind"] == "compile" and compile_info["compiled_graphs"] <= 1
-    for key in ("length", "density", "dense_s", "sparse_s", "speedup", "ideal_speedup"):
-        assert key in record
-    assert record["speedup"] == pytest.approx(record["dense_s"] / record["sparse_s"], rel=0.01)
-    assert record["ideal_speedup"] == pytest.approx(1 / record["density"], rel=0.01)
-    assert 0 < record["density"] < 1
+    assert [r["kernel"] for r in records] == ["cpp", "flex"]  # auto picks cpp here, then flex
+    for record in records:
+        for key in ("length", "density", "dense_s", "kernel_dense_s", "sparse_s", "efficiency"):
+            assert key in record
+        # figures are rounded to 3 decimals: compare within that rounding
+        assert record["speedup"] == pytest.approx(
+            record["dense_s"] / record["sparse_s"], rel=0.01, abs=2e-3
+        )
+        assert record["ideal_speedup"] == pytest.approx(1 / record["density"], rel=0.01)
+        assert record["efficiency"] == pytest.approx(  # both rounded to 3 decimals
+            record["speedup"] * record["density"], rel=0.01, abs=2e-3
+        )
+        assert record["dense_ratio"] == pytest.approx(
+            record["dense_s"] / record["kernel_dense_s"], rel=0.01, abs=2e-3
+        )
+        assert 0 < record["density"] < 1
+    assert records[0]["density"] == records[1]["density"]  # the same tiles for both kernels
+
+
+def test_bench_kernel_refuses_unknown_kernels(capsys):
+    assert main(["bench", "kernel", "--kernels", "cpp,triton"]) == 2
+    assert "--kernels 'cpp,triton'" in capsys.readouterr().err
 
 
 def test_bench_decode_records(capsys):
@@ -179,6 +200,25 @@ def test_bench_decode_eviction_records(capsys):
         assert r["peak_mb_setting"] is not None
 
 
+def test_bench_decode_several_settings_share_one_dense_reference(capsys):
+    args = ["bench", "decode", "--json", "--model", "tiny-random-llama", "--lengths", "600"]
+    args += ["--steps", "2", "--setting", "evict=streaming[sink=4,window=60]"]
+    args += ["--setting", "evict=streaming[sink=4,window=124]"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kept_tokens"] for r in records] == [64, 128]
+    assert len({r["dense_hook_s_per_token"] for r in records}) == 1  # measured once
+    assert len({r["kv_bytes_dense"] for r in records}) == 1
+    assert records[0]["kv_bytes"] < records[1]["kv_bytes"]
+
+
+def test_several_settings_only_for_bench_decode(capsys):
+    args = ["bench", "prefill", "--model", "tiny-random-llama", "--lengths", "300"]
+    args += ["--setting", "prefill=streaming", "--setting", "prefill=dense"]
+    assert main(args) == 2
+    assert "--setting given 2 times" in capsys.readouterr().err
+
+
 def test_bench_recall_records(capsys, tmp_path):
     plot = tmp_path / "recall.png"
     assert (
@@ -228,6 +268,7 @@ def test_bench_recall_on_decode_steps(capsys):
     args += ["--lengths", "300", "--steps", "3", "--layers", "0", "1"]
     grid = ["--grid", "decode_oracle.budget=64,1000", "--grid", "tokenselect.budget=64"]
     grid += ["--grid", "tokenselect.reuse_threshold=2.0", "--grid", "quest.budget=64"]
+    grid += ["--grid", "quest.full_layers=0"]
     assert main([*args, "--method", "decode_oracle,tokenselect,quest", *grid]) == 0
     records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert {r["phase"] for r in records} == {"decode"} and {r["layer"] for r in records} == {0, 1}
@@ -237,7 +278,10 @@ def test_bench_recall_on_decode_steps(capsys):
         assert by[("decode_oracle[budget=1000]", layer)]["recall"] == pytest.approx(1.0)
         assert by[("decode_oracle[budget=1000]", layer)]["density"] == pytest.approx(1.0)
         assert oracle["density"] == pytest.approx(64 / 301, abs=0.01)
-        for other in ("tokenselect[budget=64,reuse_threshold=2.0]", "quest[budget=64]"):
+        for other in (
+            "tokenselect[budget=64,reuse_threshold=2.0]",
+            "quest[budget=64,full_layers=0]",
+        ):
             assert 0 < by[(other, layer)]["recall"] <= oracle["recall"] + 1e-6
     assert main([*args, "--method", "xattention"]) == 2
     assert "select(s) only at prefill" in capsys.readouterr().err
@@ -329,3 +373,60 @@ TINY = "tiny-random-llama"
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_prefill_records_hook_dense_and_crossover(capsys):
+    args = ["bench", "prefill", "--json", "--model", "tiny-random-llama", "--method", "streaming"]
+    args += ["--knob", "sink=0", "--knob", "window=64", "--knob", "block_size=32"]
+    args += ["--lengths", "300,600", "--repeats", "1"]
+    assert main(args) == 0
+    *records, summary = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["length"] for r in records] == [300, 600]
+    for r in records:
+        # (ratios of unrounded times; the seconds are rounded to 0.1 ms)
+        assert r["speedup"] == pytest.approx(r["dense_s"] / r["sparse_s"], rel=0.05)
+        assert r["speedup_vs_hook_dense"] == pytest.approx(
+            r["hook_dense_s"] / r["sparse_s"], rel=0.05
+        )
+        assert 0 < r["density"] < 1 and r["prefill_backend"] == "auto"
+    assert summary["kind"] == "crossover" and summary["lengths"] == [300, 600]
+    assert summary["speedups"] == [r["speedup"] for r in records]
+
+
+def test_crossover_length_is_the_first_length_that_stays_faster():
+    from sparseattn.bench.prefill import crossover_length
+
+    assert crossover_length([1000, 2000, 4000, 8000], [0.8, 1.1, 0.99, 1.3]) == 8000
+    assert crossover_length([4000, 1000, 2000], [1.2, 0.9, 1.05]) == 2000
+    assert crossover_length([1000, 2000], [0.5, 0.9]) is None
+    assert crossover_length([1000], [1.0]) == 1000
+
+
+def test_profile_command_writes_a_moa_profile(tmp_path, capsys):
+    from sparseattn.profiles import load_profile
+
+    out = tmp_path / "tiny-moa.json"
+    args = ["profile", "--model", "tiny-random-llama", "--kind", "moa", "--lengths", "384,512"]
+    args += ["--moa-sink", "16", "--response-tokens", "8", "--out", str(out)]
+    assert main(args) == 0
+    profile = load_profile(str(out), "moa")
+    assert profile.calibration["lengths"] == [384, 512] and profile.calibration["sink"] == 16
+    assert profile.levels == (0.1, 0.25, 0.5, 0.75)
+    assert [len(row) for row in profile.heads[0.25]] == [2, 2]  # 2 layers x 2 KV heads
+    err = capsys.readouterr().err
+    assert "[6/6] qa@512#0" in err and "budget 0.25: mean kept share" in err
+
+
+def test_profile_command_writes_a_retrieval_profile(tmp_path, capsys):
+    from sparseattn.profiles import load_profile
+
+    out = tmp_path / "tiny-retrieval.json"
+    args = ["profile", "--model", "tiny-random-llama", "--kind", "retrieval", "--lengths", "512"]
+    assert main([*args, "--samples", "2", "--seed", "1", "--out", str(out)]) == 0
+    profile = load_profile(str(out), "retrieval")
+    assert profile.calibration["prompts"] == 2 and profile.calibration["seed"] == 1
+    assert [len(row) for row in profile.heads[0.0]] == [4, 4]  # 2 layers x 4 query heads
+    copied = profile.calibration["copied_tokens"]
+    err = capsys.readouterr().err
+    assert f"copied needle tokens: {copied} in 2 prompts" in err
+    assert "heads scoring >= 0.3: " in err

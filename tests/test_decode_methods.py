@@ -28,7 +28,7 @@ SPARSE = {
     "streaming": {"sink": 16, "window": 32, "block_size": 16},
     "strided": {"stride": 4, "sink": 16, "window": 32, "block_size": 16},
     "oracle": {"top_p": 0.5},
-    "quest": {"budget": 64, "block_size": 16},
+    "quest": {"budget": 64, "block_size": 16, "full_layers": 0},
     "tokenselect": {"budget": 64, "sink": 4, "window": 8},
     "decode_oracle": {"budget": 64},
     "tidaldecode": {"budget": 64, "sink": 4, "window": 8},
@@ -101,9 +101,12 @@ def test_decode_contract(name):
 
 def test_quest_budget_is_respected_and_counts_pages():
     q, k, v, ctx = decode_call(kv_len=512)
-    selection = Quest(budget=128, block_size=16).select_decode(q, DecodeView(k), ctx)
-    assert selection.pages.shape == (2, 2, 8)  # 128 tokens = 8 pages per KV head
-    assert len(set(selection.pages[0, 0].tolist())) == 8
+    selection = Quest(budget=128, block_size=16, full_layers=0).select_decode(q, DecodeView(k), ctx)
+    slots, valid = selection_slots(selection)
+    assert slots.shape == (2, 2, 128) and bool(valid.all())  # 128 tokens = 8 pages per KV head
+    for row in slots.view(4, 128):
+        pages = set((row // 16).tolist())
+        assert len(pages) == 8 and 511 // 16 in pages  # distinct whole pages, the current one
 
 
 def test_quest_selects_a_planted_key():
@@ -111,7 +114,7 @@ def test_quest_selects_a_planted_key():
     q, k, v, ctx = decode_call(kv_len=512, seed=3)
     target = 137
     k[:, 0, target] = 8.0 * q[:, 0, 0] / q[:, 0, 0].norm(dim=-1, keepdim=True)
-    selection = Quest(budget=64, block_size=16).select_decode(q, DecodeView(k), ctx)
+    selection = Quest(budget=64, block_size=16, full_layers=0).select_decode(q, DecodeView(k), ctx)
     assert ((selection.pages[:, 0] == target // 16).any(-1)).all()
 
 
@@ -128,17 +131,22 @@ def test_quest_bounds_are_upper_bounds_of_every_key():
 
 
 @pytest.mark.parametrize(
-    "evict",
-    [None, {"sink": 8, "window": 40}, {"sink": 8, "window": 40, "rerotate": True}],
-    ids=["full", "ring", "ring-rerotated"],
+    "evict,lengths",
+    [
+        (None, [90, 90]),
+        (None, [90, 71]),
+        ({"sink": 8, "window": 40}, [90, 90]),
+        ({"sink": 8, "window": 40, "rerotate": True}, [90, 90]),
+    ],
+    ids=["full", "full-padded", "ring", "ring-rerotated"],
 )
-def test_quest_incremental_bounds_equal_a_rebuild(evict):
+def test_quest_incremental_bounds_equal_a_rebuild(evict, lengths):
     """After N decode steps the page bounds kept with the cache equal bounds rebuilt from keys
-    (a full cache appends; a bounded ring cache overwrites slots and, re-rotating, moves
-    its sinks' rotation each step)."""
+    (a full cache appends, folding each key into its page in place; a bounded ring cache
+    overwrites slots and, re-rotating, moves its sinks' rotation each step)."""
     model = make_model("llama")
-    ids, mask = left_padded_batch([90, 90], seed=2)
-    quest = Quest(budget=32, block_size=16)
+    ids, mask = left_padded_batch(lengths, seed=2)
+    quest = Quest(budget=32, block_size=16, full_layers=0)
     kwargs = {"evict": "streaming", "evict_knobs": evict} if evict else {}
     with sparseattn.sparse_attention(model, decode=quest, min_length=0, **kwargs):
         out = generate(model, ids, mask, steps=23)
@@ -164,7 +172,7 @@ def test_quest_state_never_crosses_batch_rows_or_calls():
     alone; a second generate starts from a fresh cache and state."""
     model = make_model("llama")
     ids, mask = left_padded_batch([80, 80], seed=5)
-    knobs = {"budget": 32, "block_size": 16}
+    knobs = {"budget": 32, "block_size": 16, "full_layers": 0}
     with sparseattn.sparse_attention(model, decode="quest", decode_knobs=knobs, min_length=0):
         both = generate(model, ids, mask, steps=10)
         alone = [generate(model, ids[i : i + 1], mask[i : i + 1], steps=10) for i in range(2)]
@@ -182,11 +190,74 @@ def test_quest_state_never_crosses_batch_rows_or_calls():
     assert state and again.past_key_values.layers[0].state is not state
 
 
-def test_quest_decode_has_no_host_sync():
+def test_quest_page_reads_without_a_mask_equal_the_reference_backend():
+    """Unpadded contiguous keys: Quest reads its pages and the page being written as a tail
+    with no mask (the fast gather path), which must equal dense fp32 attention over the same
+    selection, with the density counted on the host: the pages read over the keys held."""
     model = make_model("llama")
-    ids, mask = left_padded_batch([120, 97], seed=6)
+    ids, mask = left_padded_batch([150, 150], seed=8)
+    knobs = {"budget": 64, "block_size": 16, "full_layers": 0}
+    runs = {}
+    for backend in ("gather", "reference"):
+        with sparseattn.sparse_attention(
+            model, decode="quest", decode_knobs=knobs, min_length=0, decode_backend=backend
+        ) as stats:
+            runs[backend] = generate(model, ids, mask, steps=12)
+        if backend == "gather":
+            density, decode = stats.density("decode"), stats.decode[0]
+    torch.testing.assert_close(
+        torch.stack(runs["gather"].logits),
+        torch.stack(runs["reference"].logits),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    layer = runs["gather"].past_key_values.layers[0]
+    assert decode.computed is None  # counted on the host
+    steps = [150 + i for i in range(1, 12)]  # keys held at each decode step
+    reads = [3 * 16 + (n - 1) % 16 + 1 for n in steps]  # 3 pages + the page being written
+    assert decode.host_computed == pytest.approx(2 * sum(reads))
+    assert decode.host_visible == pytest.approx(2 * sum(steps))
+    assert 0 < density < 0.5 and layer.state
+
+
+@pytest.mark.parametrize(
+    "name,knobs",
+    [
+        ("tokenselect", {"budget": 40, "sink": 4, "window": 8, "reuse_threshold": 2.0}),
+        ("decode_oracle", {"budget": 40}),
+    ],
+)
+def test_token_reads_without_a_mask_equal_the_reference_backend(name, knobs):
+    """Token selections on an all-visible cache run as one-slot pages read in place (no mask,
+    density counted on the host) and equal dense fp32 attention over the same tokens."""
+    model = make_model("llama")
+    ids, mask = left_padded_batch([150, 150], seed=9)
+    runs = {}
+    for backend in ("gather", "reference"):
+        with sparseattn.sparse_attention(
+            model, decode=name, decode_knobs=knobs, min_length=0, decode_backend=backend
+        ) as stats:
+            runs[backend] = generate(model, ids, mask, steps=8)
+        if backend == "gather":
+            decode = stats.decode[1]
+    torch.testing.assert_close(
+        torch.stack(runs["gather"].logits),
+        torch.stack(runs["reference"].logits),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    if name == "tokenselect":  # one choice per KV head: read in place, counted on the host
+        assert decode.computed is None and decode.host_computed == pytest.approx(2 * 40 * 7)
+    else:  # one choice per query head: gathered per head, counted on the device
+        assert decode.computed is not None
+
+
+@pytest.mark.parametrize("lengths", [[120, 97], [120, 120]], ids=["padded", "unpadded"])
+def test_quest_decode_has_no_host_sync(lengths):
+    model = make_model("llama")
+    ids, mask = left_padded_batch(lengths, seed=6)
     with sparseattn.sparse_attention(
-        model, decode="quest", decode_knobs={"budget": 48}, min_length=0
+        model, decode="quest", decode_knobs={"budget": 48, "full_layers": 0}, min_length=0
     ):
         cache = SparseCache(model)
         out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)

@@ -193,7 +193,7 @@ def test_profile_round_trips_and_refuses_another_architecture(tmp_path):
         load_profile(str(tmp_path / "bad.json"), "duo")
     data["heads"]["0"] = data["heads"]["0"][:1]
     (tmp_path / "bad.json").write_text(json.dumps(data))
-    with pytest.raises(UsageError, match="one gate per layer and KV head"):
+    with pytest.raises(UsageError, match="one per layer"):
         load_profile(str(tmp_path / "bad.json"), "duo")
 
 

@@ -79,7 +79,7 @@ def test_uncached_hub_id_is_not_downloaded():
 def test_bad_backend_and_dense_layers():
     model = make_model("llama")
     with pytest.raises(
-        ValueError, match=r"prefill_backend='cuda'; allowed: \['flex', 'reference'\]"
+        ValueError, match=r"prefill_backend='cuda'; allowed: \['auto', 'cpp', 'flex', 'reference'\]"
     ):
         with sparseattn.sparse_attention(model, "dense", prefill_backend="cuda"):
             pass

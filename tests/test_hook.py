@@ -17,7 +17,7 @@ def valid_logits(logits, mask):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("backend", ["flex", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "flex", "reference"])
 def test_dense_prefill_matches_sdpa_batch2_left_padding(family, backend):
     model = make_model(family)
     ids, mask = left_padded_batch([70, 45])
@@ -261,3 +261,16 @@ def test_attention_without_mask_over_a_foreign_cache_is_refused():
     with sparseattn.sparse_attention(model, "dense", min_length=0):
         with pytest.raises(ValueError, match="query positions are unknown"):
             sparse_attention_forward(attn, q, k, k, None)
+
+
+def test_mask_function_takes_the_cache_position_of_transformers_before_5_24():
+    from transformers.masking_utils import causal_mask_function
+
+    from sparseattn.integration.hf import sparse_mask
+
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+    common = dict(batch_size=2, kv_length=8, kv_offset=0, mask_function=causal_mask_function)
+    new = sparse_mask(q_length=3, q_offset=5, attention_mask=padding, **common)
+    old = sparse_mask(cache_position=torch.arange(5, 8), attention_mask=padding, **common)
+    assert (old.q_offset, old.kv_offset, old.local_size) == (new.q_offset, new.kv_offset, None)
+    assert old.q_offset == 5 and torch.equal(old.padding, new.padding)

@@ -214,12 +214,15 @@ def test_shipped_profiles_are_well_formed():
     shipped = shipped_profiles()
     assert {"smollm2-135m-minference", "smollm2-135m-xattention"} <= set(shipped)
     assert {"smollm2-135m-channels", "gemma3-270m-channels"} <= set(shipped)
+    assert {"smollm2-135m-retrieval", "gemma3-270m-retrieval"} <= set(shipped)
+    assert {"smollm2-135m-moa", "gemma3-270m-moa"} <= set(shipped)
     for name, path in shipped.items():
         kind = name.rsplit("-", 1)[1]
         profile = load_profile(name, kind)
         data = json.loads(path.read_text())
         assert data["calibration"]["lengths"] and "seed" in data["calibration"]
-        per_layer = "num_key_value_heads" if kind in ("channels", "duo") else "num_attention_heads"
+        per_kv_head = kind in ("channels", "moa", "duo")
+        per_layer = "num_key_value_heads" if per_kv_head else "num_attention_heads"
         for level in profile.levels:
             table = profile.heads[level]
             assert len(table) == profile.model["num_hidden_layers"]
@@ -246,7 +249,7 @@ def test_minference_leaves_sliding_layers_as_they_are():
     assert torch.equal(sel, layout.visible[:, None].expand_as(sel))
 
 
-@pytest.mark.parametrize("kind", ["minference", "xattention", "channels"])
+@pytest.mark.parametrize("kind", ["minference", "xattention", "channels", "retrieval", "moa"])
 def test_shipped_smollm2_profile_matches_the_real_model_config(kind):
     """The built-in model's own config (read from its GGUF file) finds its shipped profile."""
     from transformers import AutoConfig

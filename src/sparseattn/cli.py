@@ -35,16 +35,34 @@ def add_setting_args(p: argparse.ArgumentParser, method_default: str, method_hel
     p.add_argument("--evict-knob", action="append", metavar="NAME=VALUE", help="repeatable")
     p.add_argument(
         "--setting",
+        action="append",
         help="a whole setting, e.g. 'prefill=xattention;decode=streaming[window=512];"
-        "evict=streaming[window=1024]' (instead of the flags above)",
+        "evict=streaming[window=1024]' (instead of the flags above; bench decode takes it "
+        "repeatedly and measures every setting against one dense prefill and reference)",
     )
     p.add_argument("--page-size", type=int, default=16, help="cache page size in tokens")
 
 
+def settings_from_args(args) -> list[Setting]:
+    """Every --setting given (validated), or the one the --method/--decode/--evict flags
+    describe."""
+    if args.setting:
+        settings = [Setting.parse(text) for text in args.setting]
+        for setting in settings:
+            _ = setting.parts  # builds every method and policy: bad names and knobs fail here
+        return settings
+    return [setting_from_args(args)]
+
+
 def setting_from_args(args) -> Setting:
     """The Setting the --method/--decode/--evict/--setting flags describe (validated)."""
+    if args.setting and len(args.setting) > 1:
+        raise UsageError(
+            f"--setting given {len(args.setting)} times; only bench decode measures several "
+            "settings in one run"
+        )
     if args.setting:
-        setting = Setting.parse(args.setting)
+        setting = Setting.parse(args.setting[0])
     else:
         method = Spec(args.method, parse_knobs(args.knob))
         evict = Spec(args.evict, parse_knobs(args.evict_knob)) if args.evict else None
@@ -53,7 +71,7 @@ def setting_from_args(args) -> Setting:
             setting = Setting(prefill=method, decode=decode, evict=evict)
         else:
             setting = Setting(prefill=method, decode=method, evict=evict)
-    setting.parts  # builds every method and policy: bad names and knobs fail here
+    _ = setting.parts  # builds every method and policy: bad names and knobs fail here
     return setting
 
 
@@ -148,6 +166,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def min_length_arg(text: str) -> int | str:
+    """--min-length: an integer >= 0 or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= 0 or 'auto'") from None
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -171,18 +199,32 @@ def cmd_bench(args) -> int:
             raise UsageError(
                 f"--densities {args.densities!r}: give numbers, e.g. 0.1,0.25"
             ) from None
-        records.append(compile_report(parse_lengths(args.compile_lengths), shape))
-        _emit(records[-1], args.json)
-        for record in run_kernel_bench(lengths, densities, shape, repeats=args.repeats):
+        kernels = [k for k in (args.kernels or "auto,flex").split(",") if k]
+        bad = sorted(set(kernels) - {"auto", "cpp", "flex"})
+        if bad:
+            raise UsageError(f"--kernels {args.kernels!r}: {bad}; allowed: auto, cpp, flex")
+        if "flex" in kernels:  # the flex kernel's compile count over varied lengths
+            records.append(compile_report(parse_lengths(args.compile_lengths), shape))
+            _emit(records[-1], args.json)
+        runs = run_kernel_bench(lengths, densities, shape, repeats=args.repeats, kernels=kernels)
+        for record in runs:
             records.append(record)
             _emit(record, args.json)
     else:
         from . import load_model
         from .integration.plan import HookOptions
 
-        setting = None if args.kind == "recall" else setting_from_args(args)
+        if args.kind == "recall":
+            setting = None
+        elif args.kind == "decode":
+            setting = settings_from_args(args)
+        else:
+            setting = setting_from_args(args)
         options = HookOptions(
-            dense_layers=frozenset(args.dense_layers), min_length=0, page_size=args.page_size
+            dense_layers=frozenset(args.dense_layers),
+            min_length=0,
+            page_size=args.page_size,
+            prefill_backend=args.prefill_backend,
         )
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
         torch.set_grad_enabled(False)
@@ -333,6 +375,7 @@ def cmd_frontier(args) -> int:
             page_size=args.page_size,
         ),
         dtype=args.dtype,
+        reuse_prefill=not args.no_prefill_reuse,
     )
     prepare_out_dir(Path(args.out), config, args.resume_anyway)  # before loading anything
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -454,53 +497,140 @@ def cmd_profile_duo(args) -> int:
     return 0
 
 
+PROFILE_DEFAULTS = {  # kind: (--lengths, --samples) when not given
+    "minference": ("4k", 1),
+    "xattention": ("4k", 1),
+    "channels": ("4k", 1),
+    "retrieval": ("2k,4k", 6),
+    "moa": ("2k,4k", 1),
+    "duo": ("2k", 1),  # its own --length and --steps
+}
+
+
 def cmd_profile(args) -> int:
     import time
 
     from . import load_model
-    from .bench.calibrate import calibrate, write_profile
 
+    if args.show is not None:
+        made = [flag for flag, value in (("--kind", args.kind), ("--out", args.out)) if value]
+        if made:
+            raise UsageError(
+                f"--show FILE prints a profile and cannot be combined with {' / '.join(made)} "
+                "(which make one); give either --show FILE [--png OUT.png] or --kind K --out F"
+            )
+        return cmd_profile_show(args)
+    if args.png is not None:
+        raise UsageError("--png goes with --show FILE")
+    if not args.kind or not args.out:
+        raise UsageError(
+            "profile needs --kind K and --out FILE.json to make a profile, or --show FILE to "
+            f"print one; kinds: {', '.join(PROFILE_DEFAULTS)}"
+        )
     if args.kind == "duo":
         return cmd_profile_duo(args)
-    lengths = parse_lengths(args.lengths)
+    default_lengths, default_samples = PROFILE_DEFAULTS[args.kind]
+    lengths = parse_lengths(args.lengths or default_lengths)
+    samples = args.samples if args.samples is not None else default_samples
     if not lengths or min(lengths) < 256:
         raise UsageError(f"--lengths {args.lengths!r}: give lengths of at least 256 tokens")
-    if args.samples < 1:
-        raise UsageError(f"--samples {args.samples} must be >= 1")
+    if samples < 1:
+        raise UsageError(f"--samples {samples} must be >= 1")
     out = _check_out(args.out)
+    if args.kind == "moa" and len(set(lengths)) < 2:
+        raise UsageError(f"--lengths {args.lengths!r}: a moa profile needs at least two lengths")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     model.eval()
     start = time.perf_counter()
-    n_inputs = len(lengths) * 3 * args.samples
+    per_length = samples if args.kind == "retrieval" else 3 * samples
+    n_inputs = len(lengths) * per_length
     seen = []
 
     def progress(label: str) -> None:
         seen.append(label)
-        print(f"[{len(seen)}/{n_inputs}] {label}", file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - start
+        print(f"[{len(seen)}/{n_inputs}] {label} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
 
-    profile = calibrate(
-        model,
-        tok,
-        kind=args.kind,
-        model_id=args.model,
-        lengths=lengths,
-        seed=args.seed,
-        samples=args.samples,
-        block_size=args.block_size,
-        stride=args.stride,
-        last_weight=args.last_weight,
-        progress=progress,
-    )
-    write_profile(str(out), profile)
+    common = {"model_id": args.model, "lengths": lengths, "seed": args.seed, "samples": samples}
+    if args.kind == "retrieval":
+        from .bench.retrieval_heads import retrieval_profile
+
+        profile = retrieval_profile(model, tok, progress=progress, **common)
+    elif args.kind == "moa":
+        from .bench.moa import moa_profile
+
+        profile = moa_profile(
+            model,
+            tok,
+            sink=args.moa_sink,
+            response=args.response_tokens,
+            progress=progress,
+            **common,
+        )
+    else:
+        from .bench.calibrate import calibrate
+
+        profile = calibrate(
+            model,
+            tok,
+            kind=args.kind,
+            block_size=args.block_size,
+            stride=args.stride,
+            last_weight=args.last_weight,
+            progress=progress,
+            **common,
+        )
+    from .profiles import save_profile
+
+    save_profile(str(out), **profile)
     for line in _profile_summary(args.kind, profile):
         print(line, file=sys.stderr)
     print(f"profile: {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return 0
 
 
+def cmd_profile_show(args) -> int:
+    from .profiles.show import show_profile
+
+    png = Path(args.png) if args.png else Path(Path(args.show).stem + ".png")
+    if png.suffix != ".png":
+        raise UsageError(f"--png {args.png!r} must name a .png file")
+    if not png.parent.is_dir():
+        raise UsageError(f"--png {args.png!r}: folder {str(png.parent)!r} does not exist")
+    print(show_profile(args.show, png))
+    print(f"heatmap: {png}", file=sys.stderr)
+    return 0
+
+
 def _profile_summary(kind: str, profile: dict) -> list[str]:
     """One line per level of a calibrated profile: what its heads keep, averaged over layers."""
     lines = []
+    if kind == "retrieval":
+        row = profile["summary"][0.0]
+        for threshold in ("0.1", "0.3"):
+            per_layer = row[f"heads>={threshold}"]
+            layers = [f"{i}:{n}" for i, n in enumerate(per_layer) if n]
+            lines.append(
+                f"heads scoring >= {threshold}: {sum(per_layer)} "
+                f"(layer:count {' '.join(layers) or 'none'})"
+            )
+        calibration = profile["calibration"]
+        lines.append(
+            f"copied needle tokens: {calibration['copied_tokens']} in "
+            f"{calibration['prompts']} prompts"
+        )
+        return lines
+    if kind == "moa":
+        for level, row in sorted(profile["summary"].items()):
+            share = sum(row["share"]) / len(row["share"])
+            spans = next(v for k, v in row.items() if k.startswith("span@"))
+            span_name = next(k for k in row if k.startswith("span@"))
+            lines.append(
+                f"budget {level:g}: mean kept share {share:.3f}, predicted loss "
+                f"{sum(row['loss']):.4g}, mean {span_name.replace('@', ' at ')} "
+                f"{sum(spans) / len(spans):.0f}"
+            )
+        return lines
     if kind == "channels":
         for r, row in sorted(profile["summary"].items()):
             share = sum(row["share"]) / len(row["share"])
@@ -541,7 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text (instead of --prompt-file)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
-        "--min-length", type=int, default=1024, help="calls shorter than this stay dense"
+        "--min-length",
+        type=min_length_arg,
+        default="auto",
+        help="calls with fewer keys stay dense; 'auto' (default): the crossover measured once on "
+        "this machine",
     )
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -562,6 +696,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--densities", help="kernel: target block densities, default 0.05,0.1,0.25,0.5")
     p.add_argument("--block-size", type=int, default=128, help="kernel: tile size")
+    p.add_argument(
+        "--prefill-backend",
+        default="auto",
+        help="prefill/decode/memory/recall: auto (C++ kernel for float32 on the CPU, else "
+        "FlexAttention), cpp, flex or reference",
+    )
+    p.add_argument(
+        "--kernels",
+        help="kernel: comma list of auto, cpp, flex (default auto,flex: the kernel the hook picks "
+        "here, then FlexAttention)",
+    )
     p.add_argument(
         "--compile-lengths",
         default="1000,3000,5000,7000",
@@ -647,12 +792,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="small set that finishes in minutes on a CPU"
     )
-    p.add_argument("--min-length", type=int, default=0, help="calls shorter than this stay dense")
+    p.add_argument(
+        "--min-length",
+        type=min_length_arg,
+        default=0,
+        help="calls with fewer keys stay dense (an integer, or 'auto': the measured crossover)",
+    )
     p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layers kept dense")
     p.add_argument(
         "--resume-anyway", action="store_true", help="add to a DIR made with another configuration"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-prefill-reuse",
+        action="store_true",
+        help="prefill every setting itself, even those that prefill as dense does (slower; "
+        "for measuring what the reuse saves)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -662,22 +818,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "profile",
-        help="calibrate per-head patterns (minference), thresholds (xattention) or channel "
-        "rankings (channels, for double_sparsity) for a model",
+        help="per-head profiles: calibrate patterns (minference), thresholds (xattention), "
+        "channel rankings (channels), retrieval scores (retrieval) or span rules (moa) for a "
+        "model, or --show one",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument(
         "--kind",
-        required=True,
-        choices=["minference", "xattention", "channels", "duo"],
+        choices=list(PROFILE_DEFAULTS),
         help="minference: a pattern per head per tile-density budget; xattention: a threshold "
         "per head per target recall; channels: each KV head's channels ranked by mean |q_d k_d|; "
-        "duo: a DuoAttention gate per KV head, optimised on generated passkey retrieval",
+        "retrieval: each head's retrieval score on needle copying; moa: a span rule per KV head "
+        "per KV budget; duo: a DuoAttention gate per KV head, optimised on generated passkey "
+        "retrieval",
     )
-    p.add_argument("--out", required=True, help="the profile to write, FILE.json")
-    p.add_argument("--lengths", default="4k", help="calibration input lengths (default 4k)")
+    p.add_argument("--out", help="the profile to write, FILE.json")
     p.add_argument(
-        "--samples", type=int, default=1, help="inputs per (length, calibration task) (default 1)"
+        "--show",
+        metavar="FILE",
+        help="print the per-layer x per-head map of a profile (a file or a shipped name) and "
+        "write its heatmap (instead of --kind/--out)",
+    )
+    p.add_argument("--png", help="with --show: the heatmap to write (default ./NAME.png)")
+    p.add_argument(
+        "--lengths",
+        help="calibration input lengths (default 4k; retrieval and moa: 2k,4k)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        help="inputs per (length, calibration task) (default 1; retrieval: 6 prompts per length)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated calibration inputs")
     p.add_argument(
@@ -713,6 +883,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     duo.add_argument("--resume", action="store_true", help="continue the run in --checkpoint DIR")
     duo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--moa-sink", type=int, default=64, help="moa: first tokens every span rule keeps (64)"
+    )
+    p.add_argument(
+        "--response-tokens",
+        type=int,
+        default=32,
+        help="moa: tokens of the model's own greedy response the loss is taken on (32)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_profile)

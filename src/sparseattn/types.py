@@ -55,6 +55,8 @@ class AttentionContext:
             key j sits at ``kv_offset + j``. Empty or padded slots hold ``EMPTY_POSITION`` (in
             the future of every query, so never visible).
         device: Device of the call's tensors.
+        key_bias: (B, 1, Lk) float added to every query's logit of each key (a compensation
+            token standing for m dropped tokens carries log m), or None.
     """
 
     layer_idx: int
@@ -72,6 +74,7 @@ class AttentionContext:
     key_valid: torch.Tensor | None = field(default=None, repr=False)
     key_positions: torch.Tensor | None = field(default=None, repr=False)
     device: torch.device = field(default=torch.device("cpu"), repr=False)
+    key_bias: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def groups(self) -> int:
@@ -94,10 +97,14 @@ class BlockSelection:
             Tiles are further restricted at token level by causality, the layer's window and
             padding, so a selection never makes a future or padded key visible.
         block_size: b.
+        static: The tiles depend on the call's shape only (never on q or k), so every layer
+            of a forward may reuse this object, and a backend may cache what it derives from
+            it (a BlockMask) with the layout.
     """
 
     mask: torch.Tensor
     block_size: int
+    static: bool = False
 
     def __post_init__(self) -> None:
         if self.mask.dtype != torch.bool or self.mask.dim() != 4:
@@ -119,11 +126,16 @@ class PageSelection:
             group share their KV head's pages.
         valid: (B, Hkv or Hq, n) bool, False for padding entries (a row may hold fewer pages).
         page_size: Slots per page.
+        tail: Slots [start, stop) every row also reads, contiguously, after its pages (the
+            page being written, which ``pages`` then never holds), or None.
+        all_valid: Every entry of ``valid`` is True (known without reading it).
     """
 
     pages: torch.Tensor
     valid: torch.Tensor
     page_size: int
+    tail: tuple[int, int] | None = None
+    all_valid: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,10 +145,13 @@ class TokenSelection:
     Attributes:
         indices: (B, Hkv or Hq, K) long slot indices into the key tensor.
         valid: (B, Hkv or Hq, K) bool, False for padding entries (rows hold different counts).
+        all_valid: Every entry of ``valid`` is True and every index a visible slot (known
+            without reading them).
     """
 
     indices: torch.Tensor
     valid: torch.Tensor
+    all_valid: bool = False
 
 
 @dataclass

@@ -6,6 +6,8 @@ window edges, padding, ragged ends) as *partial* blocks whose ``mask_mod`` appli
 the layer's window and padding at token level. The kernel is compiled once per (batch, heads, head
 size) with symbolic lengths (inductor C++ on CPU, Triton on CUDA); offsets, window and padding
 are tensors captured by the mask function, so new lengths or offsets do not trigger a recompile.
+A static selection (a pattern of the call shape only) builds its BlockMask once per layout: the
+layers of one forward share it.
 """
 
 from __future__ import annotations
@@ -125,6 +127,17 @@ def build_block_mask(
     )
 
 
+def _block_mask(selection: BlockSelection, ctx: AttentionContext, layout: BlockLayout) -> BlockMask:
+    """The selection's BlockMask; a static selection's is built once per layout and reused."""
+    if not selection.static:
+        return build_block_mask(selection, ctx, layout)
+    key = ("flex_block_mask", id(selection))
+    cached = layout.shared.get(key)
+    if cached is None or cached[0] is not selection:
+        cached = layout.shared[key] = (selection, build_block_mask(selection, ctx, layout))
+    return cached[1]
+
+
 def flex_attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -147,7 +160,7 @@ def flex_attend(
         (B, Lq, Hq, D). Rows with no visible key are zero.
     """
     layout = layout or BlockLayout(ctx, selection.block_size)
-    block_mask = build_block_mask(selection, ctx, layout)
+    block_mask = _block_mask(selection, ctx, layout)
     score_mod = None
     if ctx.softcap is not None:
         cap = torch.tensor(ctx.softcap, device=ctx.device, dtype=torch.float32)

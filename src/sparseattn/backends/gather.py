@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..types import AttentionContext, PageSelection, TokenSelection
+from . import cpp
 from .masks import key_positions
 
 
@@ -25,6 +26,11 @@ def selection_slots(
     offsets = torch.arange(P, device=selection.pages.device)
     slots = (selection.pages[..., None] * P + offsets).flatten(-2)  # (B, Hs, n * P)
     valid = selection.valid[..., None].expand(*selection.valid.shape, P).flatten(-2)
+    if selection.tail is not None:
+        start, stop = selection.tail
+        tail = torch.arange(start, stop, device=slots.device).expand(*slots.shape[:2], -1)
+        slots = torch.cat([slots, tail], -1)
+        valid = torch.cat([valid, torch.ones_like(tail, dtype=torch.bool)], -1)
     return slots, valid
 
 
@@ -75,6 +81,45 @@ def _gather(x: torch.Tensor, index: torch.Tensor, heads: torch.Tensor, row: int)
     return view.index_select(0, flat).view(B, Hs, n * row, D)
 
 
+def gather_pages_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: PageSelection,
+    ctx: AttentionContext,
+) -> torch.Tensor:
+    """Decode over every selected page and the tail, all known visible: no mask is built.
+
+    For a layer whose held keys are all visible (contiguous, no padding, no window) and a
+    selection whose entries are all valid, one row per KV head. On the CPU in float32 the C++
+    kernel reads the pages in place (``cpp.page_decode``); otherwise the pages are gathered
+    from the cache storage with one index shared by K and V, the tail is a slice of the cache,
+    and the g query heads of a KV head attend as the rows of one SDPA call.
+    Returns (B, 1, Hq, Dv).
+    """
+    B, Hq, _, D = q.shape
+    Hkv, g, P = k.shape[1], ctx.groups, selection.page_size
+    pages = selection.pages  # (B, Hkv, n)
+    rows = q.view(B, Hkv, g, D)
+    tail = selection.tail or (0, 0)
+    if ctx.softcap is None and ctx.key_bias is None and cpp.runs_on(q) and cpp.available():
+        out = cpp.page_decode(rows, k, v, pages, P, tail, ctx.scaling)  # pages read in place
+        return out.reshape(B, Hq, 1, -1).transpose(1, 2)
+    k_view, capacity = _rows_view(k, P)
+    v_view, _ = _rows_view(v, P)
+    base = torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1) * (capacity // P)
+    flat = (base + pages).flatten()
+    n = pages.shape[2]
+    k_sel = k_view.index_select(0, flat).view(B, Hkv, n * P, D)
+    v_sel = v_view.index_select(0, flat).view(B, Hkv, n * P, -1)
+    if selection.tail is not None:
+        start, stop = selection.tail
+        k_sel = torch.cat([k_sel, k[:, :, start:stop]], 2)
+        v_sel = torch.cat([v_sel, v[:, :, start:stop]], 2)
+    out = attend_rows(rows, k_sel, v_sel, None, ctx)  # (B, Hkv, g, Dv)
+    return out.reshape(B, Hq, 1, -1).transpose(1, 2)
+
+
 def gather_attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,6 +154,12 @@ def gather_attend(
     else:
         index, row = selection.indices, 1
     k_sel, v_sel = _gather(k, index, heads, row), _gather(v, index, heads, row)  # (B, Hs, K, D)
+    if isinstance(selection, PageSelection) and selection.tail is not None:
+        start, stop = selection.tail  # read after the pages, as selection_slots lists them
+        k_tail, v_tail = k[:, :, start:stop], v[:, :, start:stop]
+        if Hs != Hkv:
+            k_tail, v_tail = k_tail.index_select(1, heads), v_tail.index_select(1, heads)
+        k_sel, v_sel = torch.cat([k_sel, k_tail], 2), torch.cat([v_sel, v_tail], 2)
     rows = q.view(B, Hkv, g, D) if Hs == Hkv else q  # grouped: g query rows per KV head
     out = attend_rows(rows, k_sel, v_sel, mask[:, :, None, :], ctx)
     return out.reshape(B, Hq, 1, -1).transpose(1, 2)
@@ -126,6 +177,8 @@ def attend_rows(
         return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=ctx.scaling)
     scores = torch.matmul(rows.float(), k.float().transpose(-1, -2)) * ctx.scaling
     scores = torch.tanh(scores / ctx.softcap) * ctx.softcap
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:  # an additive float mask
+        scores = scores + mask
     return torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), v.float()).to(rows.dtype)

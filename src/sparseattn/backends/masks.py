@@ -6,7 +6,7 @@ the layer's own sliding window, not padding. Sparse methods only ever remove til
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -71,11 +71,14 @@ class BlockLayout:
     """Block-level view of the base mask for one call and one block size.
 
     ``counts[b, i, j]`` is the number of visible (query, key) pairs inside tile (i, j); computed
-    from prefix sums of valid keys in O(B * Lq * nK), never as an Lq x Lk matrix.
+    from prefix sums of valid keys in O(B * Lq * nK), never as an Lq x Lk matrix. ``shared``
+    holds what the layers of one forward derive from the same call shape: static selections
+    and the BlockMasks built from them.
     """
 
     ctx: AttentionContext
     block_size: int
+    shared: dict = field(default_factory=dict, repr=False, compare=False)  # per-shape products
 
     def __post_init__(self) -> None:
         if not self.ctx.contiguous:

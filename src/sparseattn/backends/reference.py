@@ -58,6 +58,8 @@ def reference_attend(
     scores = scores.view(B, Hq, Lq, -1)
     if ctx.softcap is not None:
         scores = torch.tanh(scores / ctx.softcap) * ctx.softcap
+    if ctx.key_bias is not None:
+        scores = scores + ctx.key_bias[:, :, None, :].float()
     mask = selection_token_mask(selection, ctx)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0

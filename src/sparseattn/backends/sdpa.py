@@ -36,6 +36,17 @@ def decode_key_mask(ctx: AttentionContext) -> torch.Tensor:
     return mask[:, :, None, :].expand(ctx.batch, -1, -1, -1)
 
 
+def with_key_bias(mask: torch.Tensor | None, ctx: AttentionContext) -> torch.Tensor | None:
+    """A bool mask (or None) as an additive float mask carrying ``ctx.key_bias``; unchanged
+    when the call has no bias. Broadcasts like the mask (B, H, R, Lk)."""
+    if ctx.key_bias is None:
+        return mask
+    bias = ctx.key_bias[:, :, None, :]  # (B, 1, 1, Lk)
+    if mask is None:
+        return bias
+    return torch.where(mask, bias, float("-inf"))
+
+
 def dense_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, all_visible: bool
 ) -> torch.Tensor:
@@ -51,7 +62,7 @@ def dense_decode(
     B, Hq, _, D = q.shape
     rows = q.view(B, ctx.num_kv_heads, ctx.groups, D)  # (B, Hkv, g, D)
     mask = None if all_visible else decode_key_mask(ctx)
-    out = attend_rows(rows, k, v, mask, ctx)  # (B, Hkv, g, Dv)
+    out = attend_rows(rows, k, v, with_key_bias(mask, ctx), ctx)  # (B, Hkv, g, Dv)
     return out.reshape(B, Hq, 1, -1).transpose(1, 2)
 
 
@@ -65,7 +76,7 @@ def dense_prefill(
     """
     gqa = ctx.groups > 1
     aligned = ctx.contiguous and ctx.q_offset + ctx.q_len == ctx.kv_offset + ctx.kv_len
-    plain = aligned and ctx.key_valid is None and not window_matters(ctx)
+    plain = aligned and ctx.key_valid is None and not window_matters(ctx) and ctx.key_bias is None
     if plain and ctx.q_len == ctx.kv_len:
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=ctx.scaling, enable_gqa=gqa
@@ -74,7 +85,7 @@ def dense_prefill(
         mask = base_token_mask(ctx)  # (B, 1 or Hq, Lq, Lk)
         mask = mask | ~mask.any(-1, keepdim=True)  # padded query rows: finite garbage, never NaN
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=ctx.scaling, enable_gqa=gqa
+            q, k, v, attn_mask=with_key_bias(mask, ctx), scale=ctx.scaling, enable_gqa=gqa
         )
     return out.transpose(1, 2)
 

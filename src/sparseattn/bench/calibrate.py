@@ -27,12 +27,13 @@ from ..errors import UsageError
 from ..methods.estimators import keep_cumulative_mass
 from ..methods.oracle import true_tile_mass
 from ..methods.xattention import antidiagonal_tile_scores
-from ..profiles import KINDS, fingerprint, save_profile
+from ..profiles import fingerprint, save_profile
 from ..registry import build_method
 from ..types import BlockSelection
 from .channels import channel_profile, mean_importance
 from .recall import capture_qk
 
+CALIBRATED_KINDS = ("minference", "xattention", "channels")  # retrieval, moa: their own modules
 CALIBRATION_TASKS = ("fidelity", "niah_single", "variable_tracking")
 MINFERENCE_CHOICES: tuple[dict[str, Any], ...] = (
     *(
@@ -154,8 +155,8 @@ def calibrate(
             (minference and xattention; 0 = every query counts the same).
         progress: Called with a label before each input.
     """
-    if kind not in KINDS:
-        raise UsageError(f"kind={kind!r}; allowed: {list(KINDS)}")
+    if kind not in CALIBRATED_KINDS:
+        raise UsageError(f"kind={kind!r}; allowed: {list(CALIBRATED_KINDS)}")
     if not 0.0 <= last_weight <= 1.0:
         raise UsageError(f"last_weight={last_weight} is outside the allowed range [0, 1]")
     if last_weight and kind == "channels":

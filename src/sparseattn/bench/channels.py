@@ -5,7 +5,9 @@ inputs, after RoPE and any q/k norm, as attention sees them. A channel d of a KV
 to the extent that its terms q_d k_d move the scores q.k: its importance is the mean of
 |q_d k_d| over every (query, visible key) pair of an input and over the query heads of the
 group, averaged over the inputs. Each KV head's channels are stored ranked, most important
-first, so a method takes any number r of them as a prefix.
+first, so a method takes any number r of them as a prefix. The summary holds, for a few r, the
+share of the importance the first r channels hold, per layer (mean over its KV heads) and per
+KV head.
 """
 
 from __future__ import annotations
@@ -92,7 +94,10 @@ def channel_profile(
     share = ranked.cumsum(-1) / ranked.sum(-1, keepdim=True).clamp_min(1e-30)  # (layers, Hkv, D)
     D = importance.shape[-1]
     summary = {
-        float(r): {"share": [round(float(v), 4) for v in share[:, :, r - 1].mean(-1)]}
+        float(r): {
+            "share": [round(float(v), 4) for v in share[:, :, r - 1].mean(-1)],
+            "head_share": [[round(float(v), 4) for v in row] for row in share[:, :, r - 1]],
+        }
         for r in SUMMARY_CHANNELS
         if r <= D
     }

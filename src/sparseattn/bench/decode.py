@@ -1,23 +1,22 @@
 """Decode benchmark: seconds per generated token, transformers' own SDPA vs the hook's dense path
-vs a setting, in one run, from the same prefilled prompt; with KV bytes and peak memory per
+vs one or more settings, in one run, from the same prefilled prompt; with KV bytes and peak memory per
 setting, and the ceiling (dense decode over a cache of the size the setting keeps).
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from ..cache import cache_nbytes
-from ..integration.compat import cache_kwargs, output_cache
+from ..integration.compat import cache_kwargs
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
-from ..integration.stats import timed
+from ..integration.stats import DECODE_WARMUP, per_token_seconds, timed
 from ..setting import Setting
 from .peak import PeakMemory
 from .prefill import benchmark_input
@@ -34,17 +33,16 @@ def prefill_cache(model, ids: torch.Tensor, batch: int) -> tuple[DynamicCache, t
     return cache, out.logits[:, -1:].argmax(-1).expand(batch, 1).contiguous()
 
 
-def decode_steps(model, cache, first: torch.Tensor, steps: int, warmup: int = 2) -> float:
-    """Median seconds per greedy step over ``steps`` steps after ``warmup`` untimed ones."""
+def decode_steps(model, cache, first: torch.Tensor, steps: int) -> float:
+    """Seconds per greedy step over ``steps`` steps after the warm-up ones (the rule the
+    frontier uses too: ``per_token_seconds``)."""
     token, times = first, []
-    for i in range(warmup + steps):
+    for _ in range(DECODE_WARMUP + steps):
         start = timed(token.device)
         out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        elapsed = timed(token.device) - start
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
+        times.append(timed(token.device) - start)
+    return per_token_seconds(times)
 
 
 def run_setting(
@@ -56,16 +54,18 @@ def run_setting(
     policy = setting.parts[2]
     fresh = policy is not None and policy.needs_queries
     work = None if fresh else copy.deepcopy(cache)  # before the peak scope: shared, not added
-    with PeakMemory(device) as peak:
-        with sparse_attention(
+    with (
+        PeakMemory(device) as peak,
+        sparse_attention(
             model, **setting.hook_kwargs(), **{**options.kwargs(), "timing": device.type == "cpu"}
-        ) as stats:
-            if fresh:
-                work, first = prefill_cache(model, prompt, first.shape[0])
-            seconds = decode_steps(model, work, first, steps)
-            kv_bytes = cache_nbytes(work)
-            held = [layer.get_seq_length() for layer in work.layers]
-            kept = max(getattr(layer, "width", 0) for layer in work.layers)
+        ) as stats,
+    ):
+        if fresh:
+            work, first = prefill_cache(model, prompt, first.shape[0])
+        seconds = decode_steps(model, work, first, steps)
+        kv_bytes = cache_nbytes(work)
+        held = [layer.get_seq_length() for layer in work.layers]
+        kept = max(mean_held(layer) for layer in work.layers)
     decode = stats.seconds("decode")
     return {
         "s_per_token": seconds,
@@ -84,7 +84,7 @@ def run_setting(
 def run_decode_bench(
     model,
     tokenizer,
-    setting: Setting,
+    setting: Setting | Sequence[Setting],
     lengths: list[int],
     *,
     batches: tuple[int, ...] = (1,),
@@ -93,7 +93,7 @@ def run_decode_bench(
     ceiling: bool = True,
     seed: int = 0,
 ) -> Iterator[dict[str, Any]]:
-    """One record per (length, batch): seconds per token of transformers' SDPA, of the hook's
+    """One record per (length, batch, setting): seconds per token of transformers' SDPA, of the hook's
     dense path and of ``setting``, their ratios, KV bytes and per-setting peak memory.
 
     Every measurement decodes from a copy of one dense prefill (repeated over the batch), so all
@@ -105,6 +105,7 @@ def run_decode_bench(
     """
     options = options or HookOptions(min_length=0)
     device = next(model.parameters()).device
+    settings = [setting] if isinstance(setting, Setting) else list(setting)
     for length in lengths:
         prompt = benchmark_input(tokenizer, length, seed).to(device)
         for batch in batches:
@@ -114,45 +115,75 @@ def run_decode_bench(
                 own_s = decode_steps(model, own_cache, first, steps)
             del own_cache
             dense = run_setting(model, DENSE, cache, first, steps, options)
-            sparse = run_setting(model, setting, cache, first, steps, options, prompt)
-            record = {
-                "model": str(model.config._name_or_path),
-                "setting": setting.label,
-                "length": length,
-                "batch": batch,
-                "steps": steps,
-                "own_sdpa_s_per_token": round(own_s, 5),
-                "dense_hook_s_per_token": round(dense["s_per_token"], 5),
-                "setting_s_per_token": round(sparse["s_per_token"], 5),
-                "hook_vs_sdpa": round(own_s / dense["s_per_token"], 3),
-                "speedup_vs_sdpa": round(own_s / sparse["s_per_token"], 3),
-                "speedup_vs_dense_hook": round(dense["s_per_token"] / sparse["s_per_token"], 3),
-                "decode_density": round(sparse["density"] or 1.0, 4),
-                "select_share": round(sparse["select_share"], 4),
-                "counters": sparse["counters"],  # the method's own (cache hits, recall ...)
-                "kv_bytes_dense": dense["kv_bytes"],
-                "kv_bytes": sparse["kv_bytes"],
-                "kv_ratio": round(sparse["kv_bytes"] / max(dense["kv_bytes"], 1), 4),
-                "kept_tokens": sparse["kept_tokens"],
-                "peak_mb_own_sdpa": _round(own_peak.peak_mb),
-                "peak_mb_dense_hook": _round(dense["peak_mb"]),
-                "peak_mb_setting": _round(sparse["peak_mb"]),
-                "peak_added_mb_dense_hook": _round(dense["peak_added_mb"]),
-                "peak_added_mb_setting": _round(sparse["peak_added_mb"]),
-                "peak_memory_method": own_peak.method,
-                "device": str(device),
-            }
-            if ceiling:
-                read = max(1, round(sparse["kept_tokens"] * (sparse["density"] or 1.0)))
-                small_cache, small_first = prefill_cache(model, prompt[:, -read:], batch)
-                top = run_setting(model, DENSE, small_cache, small_first, steps, options)
-                record.update(
-                    ceiling_tokens=read,
-                    ceiling_s_per_token=round(top["s_per_token"], 5),
-                    ceiling_vs_dense_hook=round(dense["s_per_token"] / top["s_per_token"], 3),
-                    ceiling_vs_sdpa=round(own_s / top["s_per_token"], 3),
+            for each in settings:
+                yield _record(
+                    model,
+                    each,
+                    cache,
+                    first,
+                    prompt,
+                    steps,
+                    options,
+                    own_s,
+                    own_peak,
+                    dense,
+                    ceiling,
                 )
-            yield record
+
+
+def _record(
+    model, setting, cache, first, prompt, steps, options, own_s, own_peak, dense, ceiling
+) -> dict[str, Any]:
+    device = first.device
+    length, batch = prompt.shape[-1], first.shape[0]
+    sparse = run_setting(model, setting, cache, first, steps, options, prompt)
+    record = {
+        "model": str(model.config._name_or_path),
+        "setting": setting.label,
+        "length": length,
+        "batch": batch,
+        "steps": steps,
+        "own_sdpa_s_per_token": round(own_s, 5),
+        "dense_hook_s_per_token": round(dense["s_per_token"], 5),
+        "setting_s_per_token": round(sparse["s_per_token"], 5),
+        "hook_vs_sdpa": round(own_s / dense["s_per_token"], 3),
+        "speedup_vs_sdpa": round(own_s / sparse["s_per_token"], 3),
+        "speedup_vs_dense_hook": round(dense["s_per_token"] / sparse["s_per_token"], 3),
+        "decode_density": round(sparse["density"] or 1.0, 4),
+        "select_share": round(sparse["select_share"], 4),
+        "counters": sparse["counters"],  # the method's own (cache hits, recall ...)
+        "kv_bytes_dense": dense["kv_bytes"],
+        "kv_bytes": sparse["kv_bytes"],
+        "kv_ratio": round(sparse["kv_bytes"] / max(dense["kv_bytes"], 1), 4),
+        "kept_tokens": sparse["kept_tokens"],
+        "peak_mb_own_sdpa": _round(own_peak.peak_mb),
+        "peak_mb_dense_hook": _round(dense["peak_mb"]),
+        "peak_mb_setting": _round(sparse["peak_mb"]),
+        "peak_added_mb_dense_hook": _round(dense["peak_added_mb"]),
+        "peak_added_mb_setting": _round(sparse["peak_added_mb"]),
+        "peak_memory_method": own_peak.method,
+        "device": str(device),
+    }
+    if ceiling:
+        read = max(1, round(sparse["kept_tokens"] * (sparse["density"] or 1.0)))
+        small_cache, small_first = prefill_cache(model, prompt[:, -read:], batch)
+        top = run_setting(model, DENSE, small_cache, small_first, steps, options)
+        record.update(
+            ceiling_tokens=read,
+            ceiling_s_per_token=round(top["s_per_token"], 5),
+            ceiling_vs_dense_hook=round(dense["s_per_token"] / top["s_per_token"], 3),
+            ceiling_vs_sdpa=round(own_s / top["s_per_token"], 3),
+        )
+    return record
+
+
+def mean_held(layer) -> int:
+    """Tokens a cache layer holds per (row, KV head), on average (what a decode step reads)."""
+    held = getattr(layer, "held_tokens", None)
+    if held is None:
+        return layer.get_seq_length()
+    count = held()
+    return count if isinstance(count, int) else round(float(count.float().mean()))
 
 
 def _round(value: float | None) -> float | None:

@@ -8,11 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..integration.compat import cache_kwargs, output_cache
+from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
+from ..integration.stats import DECODE_WARMUP
 from ..setting import Setting
+from .prefill import benchmark_input
 from .runner import SampleRunner, versions
 from .sweep import TaskSpec
 
@@ -32,6 +37,7 @@ class FrontierConfig:
     seed: int = 0
     options: HookOptions = field(default_factory=HookOptions)
     dtype: str = "float32"
+    reuse_prefill: bool = True  # settings that prefill as dense does start from its prefill
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +49,7 @@ class FrontierConfig:
             "seed": self.seed,
             "hook_options": self.options.kwargs(),
             "dtype": self.dtype,
+            **({} if self.reuse_prefill else {"reuse_prefill": False}),
         }
 
     def total(self) -> int:
@@ -104,6 +111,25 @@ def repair_tail(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
+WARMUP_LENGTH = 1024
+
+
+@torch.inference_mode()
+def warm_up(model, tokenizer, settings: list[Setting], options: HookOptions) -> None:
+    """One short prefill and a few decode steps per setting before any record is timed, as
+    ``bench prefill`` and ``bench decode`` warm up, so no record carries a kernel compile."""
+    if not settings:
+        return
+    ids = benchmark_input(tokenizer, WARMUP_LENGTH).to(next(model.parameters()).device)
+    for setting in settings:
+        with sparse_attention(model, **setting.hook_kwargs(), **options.kwargs()):
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+            for _ in range(DECODE_WARMUP):
+                token = model(input_ids=token, **cache_kwargs(model, cache)).logits[:, -1:]
+                token = token.argmax(-1)
+
+
 def record_key(task: str, length: int, sample: int, setting: str) -> tuple:
     return (task, length, sample, setting)
 
@@ -152,6 +178,8 @@ def run_frontier(
         for setting in config.settings
     }
     common = {"model": config.model, "versions": versions(), "seed": config.seed}
+    pending = [s for s in config.settings if any(k[3] == s.label for k in wanted_keys - done)]
+    warm_up(model, tokenizer, pending, config.options)
     added = 0
     bar = tqdm(
         total=config.total(),
@@ -173,7 +201,9 @@ def run_frontier(
                     if not todo:
                         continue
                     sample = task.generate(tokenizer, length, config.seed, index)
-                    runner = SampleRunner(model, tokenizer, sample, config.options)
+                    runner = SampleRunner(
+                        model, tokenizer, sample, config.options, config.reuse_prefill
+                    )
                     for setting in todo:
                         bar.set_postfix_str(
                             f"{spec.label} {length} #{index} {setting.label}", refresh=False

@@ -1,9 +1,10 @@
-"""Kernel benchmark: block-sparse FlexAttention vs dense attention at the same shape, same run.
+"""Kernel benchmark: block-sparse kernels vs dense attention at the same shape, same run.
 
 Shape defaults to SmolLM2-135M's attention (9 query heads, 3 KV heads, head dim 64). Dense is
-timed twice: SDPA with ``is_causal`` (what the model itself runs) and FlexAttention with every
-causal tile (the same kernel as the sparse run), so the report separates the gain of skipping
-tiles from the difference between kernels.
+timed twice per kernel: SDPA with ``is_causal`` (what the model itself runs, the baseline of
+every speedup) and the kernel itself with every causal tile ("dense through the sparse path"),
+so a record separates the gain of skipping tiles from the difference between kernels. The
+efficiency of a record is its speedup over SDPA divided by the ideal speedup 1 / density.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import BlockLayout, flex_attend
+from ..backends.tiles import attend_tiles, tile_kernel
 from ..integration.stats import timed
 from ..types import AttentionContext, Phase
 
@@ -72,10 +74,29 @@ def random_tiles(layout: BlockLayout, density: float, seed: int) -> torch.Tensor
     return raw.to(layout.ctx.device)
 
 
+def kernels_to_run(requested: list[str], shape: KernelShape) -> list[str]:
+    """``requested`` with ``auto`` resolved for this shape (duplicates dropped, order kept)."""
+    probe_ctx = prefill_context(shape.block_size, shape)
+    probe = torch.empty(0, dtype=shape.dtype, device=shape.device)
+    chosen = [tile_kernel(name, probe, probe_ctx) for name in requested]
+    return list(dict.fromkeys(chosen))
+
+
 def run_kernel_bench(
-    lengths: list[int], densities: list[float], shape: KernelShape, repeats: int = 3, seed: int = 0
+    lengths: list[int],
+    densities: list[float],
+    shape: KernelShape,
+    repeats: int = 3,
+    seed: int = 0,
+    kernels: list[str] | None = None,
 ) -> Iterator[dict]:
-    """Yield one record per (length, density) with dense and sparse seconds from the same run."""
+    """Yield one record per (length, kernel, density), every time from the same run.
+
+    Args:
+        kernels: Backends to time ("auto", "cpp", "flex"); default the one ``auto`` picks,
+            then flex.
+    """
+    kernels = kernels_to_run(kernels or ["auto", "flex"], shape)
     g = torch.Generator().manual_seed(seed)
     for length in lengths:
         ctx = prefill_context(length, shape)
@@ -88,34 +109,40 @@ def run_kernel_bench(
         v = torch.randn_like(k)
         layout = BlockLayout(ctx, shape.block_size)
         every = layout.every_tile(shape.num_q_heads)
-        dense_sdpa_s = _timed(
+        dense_s = _timed(
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
             repeats,
             shape.device,
         )
-        dense_flex_s = _timed(
-            lambda: flex_attend(q, k, v, every, ctx, layout), repeats, shape.device
-        )
-        for density in densities:
-            selection = layout.finalize(random_tiles(layout, density, seed))
-            computed, visible = layout.density(selection)
-            measured = float(computed.sum() / visible.sum())
-            sparse_s = _timed(
-                lambda: flex_attend(q, k, v, selection, ctx, layout), repeats, shape.device
-            )
-            yield {
-                "length": length,
-                "target_density": density,
-                "density": round(measured, 4),
-                "dense_s": round(dense_sdpa_s, 5),
-                "dense_flex_s": round(dense_flex_s, 5),
-                "sparse_s": round(sparse_s, 5),
-                "speedup": round(dense_sdpa_s / sparse_s, 3),
-                "speedup_vs_flex_dense": round(dense_flex_s / sparse_s, 3),
-                "ideal_speedup": round(1.0 / measured, 3),
-                "block_size": shape.block_size,
-                "device": shape.device,
-            }
+        selections = [layout.finalize(random_tiles(layout, d, seed)) for d in densities]
+        for kernel in kernels:
+
+            def run(selection, kernel=kernel):
+                return attend_tiles(kernel, q, k, v, selection, ctx, layout)
+
+            kernel_dense_s = _timed(lambda: run(every), repeats, shape.device)
+            for density, selection in zip(densities, selections):
+                computed, visible = layout.density(selection)
+                measured = float(computed.sum() / visible.sum())
+                sparse_s = _timed(lambda: run(selection), repeats, shape.device)
+                speedup = dense_s / sparse_s
+                yield {
+                    "length": length,
+                    "kernel": kernel,
+                    "target_density": density,
+                    "density": round(measured, 4),
+                    "dense_s": round(dense_s, 5),
+                    "kernel_dense_s": round(kernel_dense_s, 5),
+                    "dense_ratio": round(dense_s / kernel_dense_s, 3),
+                    "sparse_s": round(sparse_s, 5),
+                    "speedup": round(speedup, 3),
+                    "speedup_vs_kernel_dense": round(kernel_dense_s / sparse_s, 3),
+                    "ideal_speedup": round(1.0 / measured, 3),
+                    "efficiency": round(speedup * measured, 3),
+                    "block_size": shape.block_size,
+                    "device": shape.device,
+                    "threads": torch.get_num_threads(),
+                }
 
 
 def compile_report(lengths: list[int], shape: KernelShape) -> dict:

@@ -13,7 +13,7 @@ from ..cache import cache_nbytes
 from ..integration.compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
-from ..integration.stats import timed
+from ..integration.stats import per_token_seconds, timed
 from ..setting import Setting
 from ..types import Phase
 from .peak import PeakMemory
@@ -77,20 +77,19 @@ def generate_answer(
     device = prefilled.logprobs.device
     tokens: list[int] = []
     next_id = prefilled.next_id
-    steps = 0  # forward passes after the prefill
-    start = timed(device)
+    times: list[float] = []  # seconds of each forward after the prefill
     while int(next_id) not in eos_ids:  # the harness reads each token; the library does not
         tokens.append(int(next_id))
         if len(tokens) == max_new_tokens:
             break
+        start = timed(device)
         out = model(input_ids=next_id[:, None], **cache_kwargs(model, cache), use_cache=True)
         next_id = out.logits[:, -1].argmax(-1)
-        steps += 1
-    decode_s = timed(device) - start
+        times.append(timed(device) - start)
     return {
         "tokens": tokens,
         "prefill_s": prefilled.prefill_s,
-        "decode_s_per_token": decode_s / steps if steps else None,
+        "decode_s_per_token": per_token_seconds(times),
         "kv_bytes": cache_nbytes(cache),
     }
 
@@ -155,9 +154,12 @@ class SampleRunner:
 
     def prefills_densely(self, setting: Setting) -> bool:
         """True when ``setting`` runs the prompt exactly as dense does (a dense or decode-only
-        prefill method, no eviction), so its decode can start from dense's prefilled cache."""
-        method = setting.parts[0]
-        return setting.evict is None and (
+        prefill method; no eviction policy, or one that neither scores the prompt's queries nor
+        changes its attention), so its decode can start from dense's prefilled cache: the
+        setting's cache takes that cache over and keeps what the policy keeps of it."""
+        method, policy = setting.parts[0], setting.parts[2]
+        keeps_prefill = policy is None or not (policy.needs_queries or policy.changes_prefill)
+        return keeps_prefill and (
             setting.prefill.name == "dense" or not (method.phases & {Phase.PREFILL})
         )
 

@@ -1,10 +1,25 @@
 """The KV cache that really forgets: layers hold only what they keep, positions stay explicit."""
 
+from .compensated import CompensatedLayer
+from .groups import HeadGroup, HeadGroupsLayer
 from .layers import KVLayer
 from .rope import RopeRotation, rope_rotation
-from .sparse_cache import SparseCache, adopt, build_layers, cache_nbytes, is_empty
+from .sparse_cache import (
+    OUR_LAYERS,
+    CacheLayer,
+    SparseCache,
+    adopt,
+    build_layers,
+    cache_nbytes,
+    is_empty,
+)
 
 __all__ = [
+    "OUR_LAYERS",
+    "CacheLayer",
+    "CompensatedLayer",
+    "HeadGroup",
+    "HeadGroupsLayer",
     "KVLayer",
     "RopeRotation",
     "SparseCache",

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..integration import compat
 from ..types import EMPTY_POSITION
 from .rope import RopeRotation
 
@@ -69,11 +70,14 @@ class KVLayer(CacheLayerMixin):
         self.origin: tuple = ("sliding", window) if sliding else ("full",)  # what built it
         self._clear()
 
+    extra_slots = 0  # slots a subclass keeps after the sink + window (a compensation token)
+
     def _clear(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
         self.seen = 0  # tokens seen: the next position
-        self.width = 0  # slots in use
+        self.width = 0  # slots in use by the sink and the window (or every token)
+        self.extra_held = 0  # extra slots published after them (0 or extra_slots)
         self.cursor = 0  # next ring slot to overwrite, counted from the sink
         self.positions: torch.Tensor | None = None  # (B, 1 or Hkv, capacity) long
         self.sink_keys: torch.Tensor | None = None  # (B, Hkv, sink, D) as rotated at their position
@@ -86,6 +90,7 @@ class KVLayer(CacheLayerMixin):
         self._buf_k = self._buf_v = None
         self._call: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._pending = False  # the latest call overflowed a bounded layer: finish_call compacts
+        self._contiguous_call = False  # that call is a first prompt: its keys sit at 0..n-1
         self._marked = False  # padding was emptied in this call: finish_call recounts holes
         self._call_valid: torch.Tensor | None = None  # (B, Lk) padding of this call's keys
 
@@ -106,7 +111,7 @@ class KVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         B, H, _, D = key_states.shape
-        slots = self.slots if self.bounded else 0
+        slots = self.slots + self.extra_slots if self.bounded else 0
         self._allocate(B, H, D, value_states.shape[-1], round_up(max(slots, 1), self.page_size))
         if self.bounded:
             self.positions = torch.full(
@@ -142,6 +147,7 @@ class KVLayer(CacheLayerMixin):
             if n == 1 and self.width == self.slots:
                 slot = self.sink + self.cursor  # overwrite the oldest window token
                 self.cursor = (self.cursor + 1) % self.window
+                self._dropping(slot)
                 self._write(slot, key_states, value_states, new_positions)
                 self._rerotate_sink()
                 return self._publish()
@@ -150,6 +156,10 @@ class KVLayer(CacheLayerMixin):
             held = self.positions[:, :, : self.width]
             positions = torch.cat([held, new_positions.expand(held.shape[0], held.shape[1], n)], 2)
             self._call, self._pending = (keys, values, positions), True
+            # a first prompt into an empty layer holds positions 0..n-1: attention sees it as
+            # contiguous keys (causal SDPA or tiles, not a masked L x L product); compaction
+            # and padding still use the explicit positions
+            self._contiguous_call = first == 0 and held.shape[2] == 0
             self.last_write = (0, 0)
             return keys, values
         if not self.bounded and self.width + n > self.capacity:
@@ -167,10 +177,24 @@ class KVLayer(CacheLayerMixin):
             self.positions[:, :, slot : slot + n] = pos
         self.last_write = (slot, slot + n)
 
+    def _dropping(self, slot: int) -> None:
+        """The ring is about to overwrite ``slot`` (a subclass may keep what it held)."""
+
+    def _dropped(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, gone: torch.Tensor
+    ) -> None:
+        """A compaction dropped the call's tokens where ``gone`` (B, N) is True.
+
+        Args:
+            keys: (B, Hkv, N, D) every key of the call; values likewise.
+            positions: (B, N) their positions.
+        """
+
     def _publish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys = self._buf_k[:, :, : self.width]
-        self.values = self._buf_v[:, :, : self.width]
-        positions = None if self.positions is None else self.positions[:, :, : self.width]
+        held = self.width + self.extra_held
+        self.keys = self._buf_k[:, :, :held]
+        self.values = self._buf_v[:, :, :held]
+        positions = None if self.positions is None else self.positions[:, :, :held]
         self._call = (self.keys, self.values, positions)
         return self.keys, self.values
 
@@ -193,7 +217,13 @@ class KVLayer(CacheLayerMixin):
     # -- what our attention hook reads ---------------------------------------------------
     def call_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys, values and explicit positions (None: slot j holds position j) of this call."""
+        if self._contiguous_call and self._pending:
+            return self._call[0], self._call[1], None
         return self._call
+
+    def key_bias(self) -> torch.Tensor | None:
+        """(B, 1, held) logit bias per held key, or None (only a compensation token has one)."""
+        return None
 
     def all_visible_at_decode(self) -> bool:
         """True when a decode query sees every held slot (no padding, no holes, window kept)."""
@@ -210,7 +240,7 @@ class KVLayer(CacheLayerMixin):
             key_valid: (B, Lk) bool over this call's keys.
         """
         self._call_valid = key_valid
-        _, _, positions = self._call
+        _, _, positions = self._call  # explicit even when the call is seen as contiguous
         if positions is None:
             self.padded = True
             return
@@ -228,7 +258,8 @@ class KVLayer(CacheLayerMixin):
         if self.bounded:
             self._compact()
         self._marked = False
-        self.holes = bool((self.positions[:, :, : self.width] == EMPTY_POSITION).any())
+        held = self.width + self.extra_held
+        self.holes = bool((self.positions[:, :, :held] == EMPTY_POSITION).any())
 
     def _compact(self) -> None:
         """Keep, per row, the first ``sink`` and the last ``window`` tokens by position.
@@ -253,7 +284,7 @@ class KVLayer(CacheLayerMixin):
         source = torch.full((pos.shape[0], slots + 1), -1, dtype=torch.long, device=self.device)
         source.scatter_(-1, dest, order)
         source = source[:, :slots]  # (B, slots) index into the call's keys, -1 = empty
-        capacity = round_up(slots, self.page_size)
+        capacity = round_up(slots + self.extra_slots, self.page_size)
         source = torch.nn.functional.pad(source, (0, capacity - slots), value=-1)
         take = source.clamp_min(0)
         B, H, _, D = keys.shape
@@ -266,6 +297,8 @@ class KVLayer(CacheLayerMixin):
         ]
         self.width, self.cursor, self._pending = slots, 0, False
         self.sink_keys = self._buf_k[:, :, : self.sink].clone() if self.rotation else None
+        gone = torch.zeros_like(valid).scatter_(-1, order, valid & ~(in_sink | in_window))
+        self._dropped(keys, values, positions[:, 0], gone)
         self.state.clear()
         self._publish()
 
@@ -334,18 +367,22 @@ class KVLayer(CacheLayerMixin):
 
     def held_tokens(self) -> torch.Tensor | int:
         """Tokens held per (row, head): an int while nothing is empty, else (B, Hp) counts."""
+        held = self.width + self.extra_held
         if self.positions is None or not self.holes:
-            return self.width
-        return (self.positions[:, :, : self.width] != EMPTY_POSITION).sum(-1)
+            return held
+        return (self.positions[:, :, :held] != EMPTY_POSITION).sum(-1)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.width + query_length, max(self.seen - self.width, 0)
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        held = self.width + self.extra_held
+        return held + compat.query_length(query_length), max(self.seen - held, 0)
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_max_length(self) -> int:
         return -1 if self.slots is None else self.slots
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.24
 
     def reset(self) -> None:
         self._clear()

@@ -9,7 +9,11 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import UsageError
+from .groups import HeadGroupsLayer
 from .layers import KVLayer
+
+CacheLayer = KVLayer | HeadGroupsLayer
+OUR_LAYERS = (KVLayer, HeadGroupsLayer)
 
 
 class LayerFactory(Protocol):
@@ -18,13 +22,13 @@ class LayerFactory(Protocol):
     name: str
     needs_queries: bool
 
-    def make_layer(self, model: nn.Module, layer_idx: int, page_size: int) -> KVLayer: ...
+    def make_layer(self, model: nn.Module, layer_idx: int, page_size: int) -> CacheLayer: ...
 
 
 def build_layers(
     model: nn.Module, policy: LayerFactory | None = None, page_size: int = 16
-) -> list[KVLayer]:
-    """One KVLayer per decoder layer, mirroring the layer kinds transformers would build.
+) -> list[CacheLayer]:
+    """One cache layer per decoder layer, mirroring the layer kinds transformers would build.
 
     Sliding-window layers keep their own window (a bounded layer with no sink); full-attention
     layers get the policy's layer (a full layer without a policy).
@@ -33,7 +37,7 @@ def build_layers(
         ValueError: a layer kind we cannot hold (linear attention, KV sharing ...), named.
     """
     config = model.config.get_text_config(decoder=True)
-    layers: list[KVLayer] = []
+    layers: list[CacheLayer] = []
     for i, template in enumerate(DynamicCache(config=config).layers):
         if isinstance(template, DynamicSlidingWindowLayer):
             layers.append(
@@ -69,7 +73,7 @@ class SparseCache(Cache):
         *,
         policy: LayerFactory | None = None,
         page_size: int = 16,
-        layers: list[KVLayer] | None = None,
+        layers: list[CacheLayer] | None = None,
     ) -> None:
         if layers is None:
             if model is None:
@@ -91,7 +95,7 @@ class SparseCache(Cache):
 
 def layer_nbytes(layer: Any, kv_only: bool = False) -> int:
     """Bytes a cache layer holds, ours or transformers'."""
-    if isinstance(layer, KVLayer):
+    if isinstance(layer, OUR_LAYERS):
         return layer.kv_nbytes() if kv_only else layer.nbytes()
     total = 0
     for name in ("keys", "values"):
@@ -112,7 +116,7 @@ def is_empty(cache: Cache) -> bool:
     return all(getattr(layer, "get_seq_length", lambda: 0)() == 0 for layer in cache.layers)
 
 
-def adopt(cache: Cache, layers: list[KVLayer], padding: torch.Tensor | None = None) -> None:
+def adopt(cache: Cache, layers: list[CacheLayer], padding: torch.Tensor | None = None) -> None:
     """Give ``cache`` our layers in place, keeping what it already holds.
 
     The object the caller passed (a ``DynamicCache`` built by ``generate`` or by the user, or a
@@ -148,6 +152,11 @@ def adopt(cache: Cache, layers: list[KVLayer], padding: torch.Tensor | None = No
 
 def _held(layer: Any, index: int):
     """Keys, values, explicit positions (None if contiguous) and tokens seen of a held layer."""
+    if isinstance(layer, HeadGroupsLayer):
+        raise UsageError(
+            f"cache layer {index} is split into head groups under another setting; pass an "
+            "empty cache (or none) to use it under this one"
+        )
     if isinstance(layer, KVLayer):
         keys, values, positions = layer.call_view()
         if positions is not None:

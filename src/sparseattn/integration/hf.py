@@ -103,20 +103,25 @@ def check_mask_function(
 
 def sparse_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int = 0,
     q_offset: int | torch.Tensor = 0,
     kv_offset: int = 0,
     mask_function: Any = None,
     attention_mask: torch.Tensor | None = None,
     local_size: int | None = None,
+    cache_position: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> VisibilityInfo:
     """Mask function for transformers' AttentionMaskInterface: positions and padding only.
 
     Prompt chunks probe transformers' mask function (``check_mask_function``); decode steps do
-    no work that reads the device.
+    no work that reads the device. transformers before 5.24 pass ``cache_position`` (the query
+    positions) instead of ``q_length`` and ``q_offset``; its first entry is read once per
+    forward there (a host read those versions impose).
     """
+    if q_length is None:  # transformers < 5.24
+        q_length, q_offset = cache_position.shape[0], cache_position[0]
     if isinstance(q_offset, torch.Tensor):  # static caches hand a tensor (one sync, their choice)
         q_offset = int(q_offset)
     device = attention_mask.device if attention_mask is not None else kwargs.get("device", "cpu")
@@ -229,7 +234,8 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     return good
 
 
-def _configs(model: nn.Module) -> list[PretrainedConfig]:
+def model_configs(model: nn.Module) -> list[PretrainedConfig]:
+    """Every config of the model and its sub-configs: each names the attention implementation."""
     seen: dict[int, PretrainedConfig] = {}
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -285,8 +291,8 @@ def sparse_attention(
     decode_knobs: dict[str, Any] | None = None,
     evict_knobs: dict[str, Any] | None = None,
     dense_layers: Sequence[int] = (),
-    min_length: int = 1024,
-    prefill_backend: str = "flex",
+    min_length: int | str = "auto",
+    prefill_backend: str = "auto",
     decode_backend: str = "gather",
     page_size: int = 16,
     timing: bool = False,
@@ -313,8 +319,11 @@ def sparse_attention(
         decode_knobs: Knobs of the decode method.
         evict_knobs: Knobs of the eviction policy.
         dense_layers: Layer indices that always attend densely (e.g. (0, 1)).
-        min_length: Calls whose key length is below this stay dense (sparse would be slower).
-        prefill_backend: "flex" (block-sparse kernel) or "reference" (dense fp32 oracle).
+        min_length: Calls whose key length is below this stay dense (sparse would be slower);
+            "auto" (default): prompt chunks use the crossover measured once per machine for
+            their kernel and head layout (cached in the user cache dir), decode steps 1024.
+        prefill_backend: "auto" (default: the C++ block-sparse kernel for float32 on the CPU,
+            FlexAttention elsewhere), "cpp", "flex" or "reference" (dense fp32 oracle).
         decode_backend: "gather" (gather the selected pages, then SDPA) or "reference".
         page_size: Cache storage granularity in tokens.
         timing: Time selection and attention per layer (adds a device sync per call).
@@ -374,7 +383,7 @@ def sparse_attention(
         plan.bind_cache(kwargs, getattr(module, "config", model.config), argument)
         return args, kwargs
 
-    configs = _configs(model)
+    configs = model_configs(model)
     previous = [c._attn_implementation for c in configs]
     for layer in layers:
         _ACTIVE[layer] = plan
@@ -407,6 +416,7 @@ __all__ = [
     "Phase",
     "decoder_of",
     "last_stats",
+    "model_configs",
     "sparse_attention",
     "sparse_attention_forward",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,30 +11,49 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from ..backends import (
-    BlockLayout,
-    dense_decode,
-    dense_prefill,
-    flex_attend,
-    gather_attend,
-    reference_attend,
-)
-from ..backends.gather import selection_slots, visible_slots
+from ..backends import BlockLayout, dense_decode, dense_prefill, gather_attend, reference_attend
+from ..backends.gather import gather_pages_attend, selection_slots, visible_slots
 from ..backends.sdpa import decode_key_mask, visible_keys, window_matters
-from ..cache import KVLayer, SparseCache, adopt, build_layers, is_empty
+from ..backends.tiles import (
+    PREFILL_BACKENDS,
+    attend_tiles,
+    density_once,
+    select_once,
+    tile_kernel,
+)
+from ..cache import (
+    OUR_LAYERS,
+    CacheLayer,
+    HeadGroup,
+    HeadGroupsLayer,
+    KVLayer,
+    SparseCache,
+    adopt,
+    build_layers,
+    is_empty,
+)
 from ..errors import UsageError
 from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..methods.static import Dense
-from ..types import AttentionContext, DecodeView, Phase, Selection
+from ..types import (
+    AttentionContext,
+    BlockSelection,
+    DecodeView,
+    PageSelection,
+    Phase,
+    Selection,
+    TokenSelection,
+)
 from .compat import passed_cache
+from .crossover import crossover, layout_key
 from .stats import RunStats, timed
 
-PREFILL_BACKENDS = ("flex", "reference")
 DECODE_BACKENDS = ("gather", "reference")
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 _DENSE = Dense()
 _STATS_BLOCK = 128
+DECODE_MIN_LENGTH = 1024  # what min_length="auto" means for decode steps
 
 
 @dataclass(frozen=True)
@@ -43,15 +63,20 @@ class HookOptions:
     Attributes:
         dense_layers: Layer indices that always attend densely.
         min_length: Calls whose key length is below this stay dense (sparse would be slower).
-        prefill_backend: "flex" (block-sparse kernel) or "reference" (dense fp32 oracle).
+            "auto": a prompt chunk uses the crossover measured for its method (with its
+            estimation), kernel, device, dtype and head layout (once per machine, cached; see
+            ``integration/crossover.py``), a decode step ``DECODE_MIN_LENGTH``.
+        prefill_backend: "auto" (the C++ kernel for float32 on the CPU, else FlexAttention),
+            "cpp" (the C++ block-sparse kernel), "flex" (FlexAttention) or "reference" (dense
+            fp32 oracle).
         decode_backend: "gather" (gather the selected pages, then SDPA) or "reference".
         page_size: Cache storage granularity in tokens (a page view of the cache is free).
         timing: Time selection and attention per layer (synchronizes; off by default).
     """
 
     dense_layers: frozenset[int] = frozenset()
-    min_length: int = 1024
-    prefill_backend: str = "flex"
+    min_length: int | str = "auto"
+    prefill_backend: str = "auto"
     decode_backend: str = "gather"
     page_size: int = 16
     timing: bool = False
@@ -67,9 +92,11 @@ class HookOptions:
             )
         if self.page_size not in PAGE_SIZES:
             raise UsageError(f"page_size={self.page_size!r}; allowed: {list(PAGE_SIZES)}")
+        if self.min_length == "auto":
+            return
         bad = isinstance(self.min_length, bool) or not isinstance(self.min_length, int)
         if bad or self.min_length < 0:
-            raise UsageError(f"min_length={self.min_length!r} must be an integer >= 0")
+            raise UsageError(f"min_length={self.min_length!r} must be an integer >= 0 or 'auto'")
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``sparse_attention`` (JSON-ready)."""
@@ -101,7 +128,7 @@ class SparsePlan:
     _layouts: dict = field(default_factory=dict, repr=False)
 
     # -- the cache -----------------------------------------------------------------------
-    def make_layers(self) -> list[KVLayer]:
+    def make_layers(self) -> list[CacheLayer]:
         return build_layers(self.model, self.evict, self.options.page_size)
 
     def bind_cache(self, kwargs: dict[str, Any], config: Any, argument: str) -> None:
@@ -127,7 +154,7 @@ class SparsePlan:
         self.stats.bind_cache(cache)
 
     def _prepare(self, cache: Cache, attention_mask: torch.Tensor | None) -> None:
-        ours = all(isinstance(layer, KVLayer) for layer in cache.layers) and cache.layers
+        ours = all(isinstance(layer, OUR_LAYERS) for layer in cache.layers) and cache.layers
         if not (ours or isinstance(cache, DynamicCache)):
             if self.evict is not None or getattr(self.decode, "needs_cache_state", False):
                 raise UsageError(
@@ -153,12 +180,12 @@ class SparsePlan:
         wanted = [layer.origin for layer in self.make_layers()]
         return [getattr(layer, "origin", None) for layer in cache.layers] == wanted
 
-    def cache_layer(self, layer_idx: int, key: torch.Tensor) -> KVLayer | None:
+    def cache_layer(self, layer_idx: int, key: torch.Tensor) -> CacheLayer | None:
         """Our cache layer whose update produced ``key`` in this forward, or None."""
         if self.cache is None or layer_idx >= len(self.cache.layers):
             return None
         layer = self.cache.layers[layer_idx]
-        if isinstance(layer, KVLayer) and layer.call_view() is not None:
+        if isinstance(layer, OUR_LAYERS) and layer.call_view() is not None:
             if layer.call_view()[0] is key:
                 return layer
         return None
@@ -189,16 +216,33 @@ class SparsePlan:
         layout = self._layouts[key] = BlockLayout(ctx, block_size)
         return layout
 
-    def method_for(self, ctx: AttentionContext) -> Method:
+    def min_length(self, ctx: AttentionContext, q: torch.Tensor, method: Method) -> int:
+        """The shortest key length at which this call may run sparse."""
+        if self.options.min_length != "auto":
+            return self.options.min_length
+        if not ctx.phase.is_prefill:
+            return DECODE_MIN_LENGTH
+        requested = self.options.prefill_backend
+        kernel = tile_kernel("auto" if requested == "reference" else requested, q, ctx)
+        return crossover(layout_key(kernel, q, ctx, method.block_size, method), method)
+
+    def method_for(
+        self, ctx: AttentionContext, q: torch.Tensor, group: HeadGroup | None = None
+    ) -> Method:
         """The phase's method, or dense for kept-dense layers, short calls and unsupported phases.
 
+        A head group may carry its own method for a phase (``group.prefill`` / ``.decode``).
         Sparse prefill methods estimate over contiguous key positions; a prompt chunk arriving
         at a layer that already evicted runs dense over what it kept.
         """
         method = self.prefill if ctx.phase.is_prefill else self.decode
+        own = None if group is None else group.prefill if ctx.phase.is_prefill else group.decode
+        method = own or method
+        if isinstance(method, Dense):
+            return method  # the setting's own dense (its tile size shapes a grouped prefill)
         if (
             ctx.layer_idx in self.options.dense_layers
-            or ctx.kv_len < self.options.min_length
+            or ctx.kv_len < self.min_length(ctx, q, method)
             or not method.supports(ctx.phase)
             or (ctx.phase.is_prefill and not ctx.contiguous)
         ):
@@ -230,11 +274,57 @@ class CallInput:
     softcap: float | None
 
 
+@dataclass(frozen=True)
+class GroupCall:
+    """How a call over a head group's keys differs from a whole-layer call.
+
+    Attributes:
+        group: The head group (its own methods, if any).
+        heads: (h,) indices of its query heads among the layer's.
+        num_heads: The layer's query heads (for the stats).
+    """
+
+    group: HeadGroup
+    heads: torch.Tensor
+    num_heads: int
+
+
 def run_layer(plan: SparsePlan, call: CallInput) -> torch.Tensor:
-    """Select, execute, record and evict for one attention call. Returns (B, Lq, Hq, D)."""
+    """Select, execute, record and evict for one attention call. Returns (B, Lq, Hq, D).
+
+    A layer split into head groups runs its first prompt once over every head (each group's
+    own prefill pattern merged into one selection), and any later call per group over the
+    keys that group holds.
+    """
+    layer = plan.cache_layer(call.layer_idx, call.key)
+    if isinstance(layer, HeadGroupsLayer) and not layer.whole:
+        return _run_groups(plan, call, layer)
+    return _run_call(plan, call, layer)
+
+
+def _run_groups(plan: SparsePlan, call: CallInput, layer: HeadGroupsLayer) -> torch.Tensor:
+    """One call per head group, over that group's keys; outputs assembled in head order."""
+    B, Hq, Lq, _ = call.query.shape
+    groups = Hq // call.key.shape[1]
+    out = None
+    for group, heads in zip(layer.groups, layer.query_heads(groups)):
+        keys, values, _ = group.layer.call_view()
+        part = dataclasses.replace(
+            call, query=call.query.index_select(1, heads), key=keys, value=values
+        )
+        done = _run_call(plan, part, group.layer, GroupCall(group, heads, Hq))  # (B, Lq, h, Dv)
+        if out is None:
+            out = done.new_empty(B, Lq, Hq, done.shape[-1])
+        out.index_copy_(2, heads, done)
+    return out
+
+
+def _run_call(
+    plan: SparsePlan, call: CallInput, layer: CacheLayer | None, part: GroupCall | None = None
+) -> torch.Tensor:
+    """One attention call over ``layer``'s keys (all heads, or one head group's)."""
     query, key, value = call.query, call.key, call.value
     B, Hq, Lq, _ = query.shape
-    layer = plan.cache_layer(call.layer_idx, key)
     positions, q_offset, kv_offset = None, call.q_offset, call.kv_offset
     if layer is not None:
         _, _, positions = layer.call_view()
@@ -262,11 +352,12 @@ def run_layer(plan: SparsePlan, call: CallInput) -> torch.Tensor:
         key_valid=key_valid,
         key_positions=positions,
         device=query.device,
+        key_bias=None if layer is None else layer.key_bias(),
     )
     if phase is Phase.DECODE:
-        out = _decode(plan, ctx, query, key, value, layer)
+        out = _decode(plan, ctx, query, key, value, layer, part)
     else:
-        out = _prefill(plan, ctx, query, key, value)
+        out = _prefill(plan, ctx, query, key, value, layer, part)
         if layer is not None and plan.evict is not None and plan.evict.needs_queries:
             plan.evict.after_prefill(layer, query, ctx)
     if layer is not None:
@@ -299,18 +390,28 @@ def _key_valid(
 
 
 def _prefill(
-    plan: SparsePlan, ctx: AttentionContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    plan: SparsePlan,
+    ctx: AttentionContext,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: CacheLayer | None = None,
+    part: GroupCall | None = None,
 ) -> torch.Tensor:
     """A prompt chunk: dense through SDPA where it can, else the method's tiles through a kernel.
 
     Dense calls whose window hides keys (or with a softcap) on contiguous keys run as every
-    visible tile through flex, never as a dense masked L x L product; over explicit positions
-    (a layer that evicted) they run as masked SDPA over what the layer kept.
+    visible tile through the tile kernel (``prefill_backend``), never as a dense masked L x L
+    product; over explicit positions (a layer that evicted) they run as masked SDPA over what
+    the layer kept. The first prompt of a layer split into head groups runs as one selection
+    in which each group with a prefill method of its own has that method's tiles.
     """
-    method = plan.method_for(ctx)
+    method = plan.method_for(ctx, q, None if part is None else part.group)
+    patterns = _group_patterns(plan, ctx, q, layer)
+    heads = None if part is None else (part.heads, part.num_heads)
     profile = plan.options.timing
     start = timed(ctx.device) if profile else 0.0
-    dense = isinstance(method, Dense)
+    dense = isinstance(method, Dense) and not patterns
     if dense and not ctx.contiguous:
         out = (
             dense_prefill(q, k, v, ctx)
@@ -321,28 +422,68 @@ def _prefill(
         out = dense_prefill(q, k, v, ctx)
     else:
         layout = plan.layout_for(ctx, method.block_size)
-        selection = method.select(q, k, ctx, layout)
+        selection = select_once(method, q, k, ctx, layout)
+        if patterns:
+            selection = _merge_patterns(selection, patterns, q, k, ctx, layout)
         selected = timed(ctx.device) if profile else 0.0
-        if plan.options.prefill_backend == "reference":
-            out = reference_attend(q, k, v, selection, ctx)
-        else:
-            out = flex_attend(q, k, v, selection, ctx, layout)
+        out = attend_tiles(plan.options.prefill_backend, q, k, v, selection, ctx, layout)
         done = timed(ctx.device) if profile else 0.0
-        computed, visible = layout.density(selection)
+        computed, visible = density_once(layout, selection)
+        name = (
+            method.name
+            if not patterns
+            else "+".join([method.name, *(m.name for *_, m in patterns)])
+        )
         plan.stats.record(
             ctx.layer_idx,
             ctx.phase,
-            method.name,
+            name,
             computed,
             visible,
             selected - start,
             done - selected,
+            heads,
         )
         return out
     visible = _dense_pairs(plan, ctx)
     attend_s = timed(ctx.device) - start if profile else 0.0
-    plan.stats.record(ctx.layer_idx, ctx.phase, method.name, visible, visible, 0.0, attend_s)
+    plan.stats.record(ctx.layer_idx, ctx.phase, method.name, visible, visible, 0.0, attend_s, heads)
     return out
+
+
+def _group_patterns(
+    plan: SparsePlan, ctx: AttentionContext, q: torch.Tensor, layer: CacheLayer | None
+) -> list[tuple[torch.Tensor, torch.Tensor, Method]]:
+    """(query heads, KV heads, method) of each group of a whole grouped call that prefills with
+    a method of its own (none where the layer or call stays dense)."""
+    if not isinstance(layer, HeadGroupsLayer) or not layer.whole:
+        return []
+    patterns = []
+    for group, index, heads in zip(layer.groups, layer._index, layer.query_heads(ctx.groups)):
+        method = plan.method_for(ctx, q, group) if group.prefill is not None else None
+        if method is not None and not isinstance(method, Dense):
+            patterns.append((heads, index, method))
+    return patterns
+
+
+def _merge_patterns(
+    selection: BlockSelection,
+    patterns: list[tuple[torch.Tensor, torch.Tensor, Method]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    ctx: AttentionContext,
+    layout: BlockLayout,
+) -> BlockSelection:
+    """``selection`` with each pattern's query heads replaced by its method's own tiles."""
+    B, Hq = ctx.batch, ctx.num_q_heads
+    mask = selection.mask.expand(B, Hq, -1, -1).clone()  # (B, Hq, nQ, nK)
+    for heads, kv_heads, method in patterns:
+        part = dataclasses.replace(ctx, num_q_heads=heads.shape[0], num_kv_heads=kv_heads.shape[0])
+        own = select_once(
+            method, q.index_select(1, heads), k.index_select(1, kv_heads), part, layout
+        )
+        mask[:, heads] = own.mask.expand(B, heads.shape[0], -1, -1)
+    return BlockSelection(mask=mask, block_size=selection.block_size)
 
 
 def _dense_pairs(plan: SparsePlan, ctx: AttentionContext) -> torch.Tensor:
@@ -360,8 +501,10 @@ def _decode(
     k: torch.Tensor,
     v: torch.Tensor,
     layer: KVLayer | None,
+    part: GroupCall | None = None,
 ) -> torch.Tensor:
-    method = plan.method_for(ctx)
+    method = plan.method_for(ctx, q, None if part is None else part.group)
+    heads = None if part is None else (part.heads, part.num_heads)
     profile = plan.options.timing
     start = timed(ctx.device) if profile else 0.0
     selection, selected = None, start
@@ -379,9 +522,28 @@ def _decode(
         name = method.name
     done = timed(ctx.device) if profile else 0.0
     plan.stats.record(
-        ctx.layer_idx, ctx.phase, name, computed, visible, selected - start, done - selected
+        ctx.layer_idx, ctx.phase, name, computed, visible, selected - start, done - selected, heads
     )
     return out
+
+
+def _known_visible(ctx: AttentionContext, layer: KVLayer | None, selection: Selection) -> bool:
+    """Whether every slot of a page selection is visible, decided without reading the device:
+    grouped rows, all entries valid, pages inside the held keys of a layer whose every key the
+    query sees (the page being written is the selection's tail)."""
+    if isinstance(selection, TokenSelection):
+        rows, whole = selection.indices.shape[1], True  # single slots: never past the keys
+    else:
+        rows, tail = selection.pages.shape[1], selection.tail
+        whole = tail is not None and tail[1] == ctx.kv_len and tail[0] % selection.page_size == 0
+        whole = whole or selection.page_size == 1
+    return (
+        selection.all_valid
+        and whole
+        and rows == ctx.num_kv_heads
+        and ctx.contiguous
+        and _all_visible(ctx, layer)
+    )
 
 
 def _all_visible(ctx: AttentionContext, layer: KVLayer | None) -> bool:
@@ -426,7 +588,16 @@ def _run_selection(
     selection: Selection,
     layer: KVLayer | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Execute a decode selection; returns the output and the pairs computed (B, Hq)."""
+    """Execute a decode selection; returns the output and the pairs computed: (B, Hq), or a
+    host number per head (summed over rows) when every selected slot is known visible."""
+    if isinstance(selection, TokenSelection) and _known_visible(ctx, layer, selection):
+        selection = PageSelection(  # tokens are pages of one slot
+            selection.indices, selection.valid, page_size=1, all_valid=True
+        )
+    if _known_visible(ctx, layer, selection) and plan.options.decode_backend == "gather":
+        P, (start, stop) = selection.page_size, selection.tail or (0, 0)
+        read = selection.pages.shape[-1] * P + stop - start
+        return gather_pages_attend(q, k, v, selection, ctx), float(ctx.batch * read)
     slots, valid = selection_slots(selection)
     visible = visible_slots(slots, valid, ctx)  # (B, Hs, K)
     if plan.options.decode_backend == "reference":

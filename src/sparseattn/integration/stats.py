@@ -7,6 +7,7 @@ every key add a Python number instead of touching the device at all.
 
 from __future__ import annotations
 
+import statistics
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ class LayerStats:
         methods: Calls per method name (a layer may run dense for short calls, sparse later).
         computed: (H,) float64 pairs computed, summed over calls and batch rows (device).
         visible: (H,) float64 pairs the dense model would compute (device).
-        dense_pairs: Pairs per head of calls that computed every visible pair (host number).
+        host_computed: Pairs per head computed by calls that counted them on the host (every
+            head and row alike: dense calls, fixed-budget reads of an all-visible cache).
+        host_visible: The visible pairs per head of those calls.
     """
 
     layer_idx: int
@@ -34,7 +37,8 @@ class LayerStats:
     calls: int = 0
     computed: torch.Tensor | None = None
     visible: torch.Tensor | None = None
-    dense_pairs: float = 0.0
+    host_computed: float = 0.0
+    host_visible: float = 0.0
     select_s: float = 0.0
     attend_s: float = 0.0
 
@@ -50,22 +54,30 @@ class LayerStats:
         visible: torch.Tensor | float,
         select_s: float = 0.0,
         attend_s: float = 0.0,
+        heads: tuple[torch.Tensor, int] | None = None,
     ) -> None:
         """Count one call.
 
         Args:
             computed: (B, H) pairs computed per row and head, or a host number of pairs per head
-                (summed over rows) when the call computed every visible pair.
+                (summed over rows) when every head and row computed the same.
             visible: (B, H) pairs the dense model computes, or a host number per head (summed
                 over rows) when every key is visible.
+            heads: For a call over some of the layer's query heads (a head group): their
+                indices (h,) and the layer's head count; ``computed``/``visible`` cover those.
         """
         self.methods[method] = self.methods.get(method, 0) + 1
         self.calls += 1
         self.select_s += select_s
         self.attend_s += attend_s
-        if not isinstance(computed, torch.Tensor):  # dense: computed == visible, a host number
-            self.dense_pairs += float(computed)
+        if heads is not None:
+            computed, visible = (_spread(x, *heads) for x in (computed, visible))
+        if not isinstance(computed, torch.Tensor) and not isinstance(visible, torch.Tensor):
+            self.host_computed += float(computed)  # counted on the host: no device work
+            self.host_visible += float(visible)
             return
+        if not isinstance(computed, torch.Tensor):
+            computed = torch.full_like(visible, float(computed) / visible.shape[0])
         computed = computed.sum(0)  # (B, H) -> (H,)
         if self.computed is None:
             self.computed = torch.zeros_like(computed, dtype=torch.float64)
@@ -77,9 +89,9 @@ class LayerStats:
         """(H,) computed and visible pairs per head, device counters and host numbers together."""
         if self.computed is None:
             heads = num_heads or 1
-            dense = torch.full((heads,), self.dense_pairs, dtype=torch.float64)
-            return dense, dense.clone()
-        return self.computed + self.dense_pairs, self.visible + self.dense_pairs
+            computed = torch.full((heads,), self.host_computed, dtype=torch.float64)
+            return computed, torch.full((heads,), self.host_visible, dtype=torch.float64)
+        return self.computed + self.host_computed, self.visible + self.host_visible
 
     @property
     def density(self) -> float:
@@ -91,6 +103,16 @@ class LayerStats:
     def head_density(self) -> list[float]:
         computed, visible = self.totals()
         return (computed / visible.clamp_min(1)).tolist()
+
+
+def _spread(x: torch.Tensor | float, index: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, h) counts of heads ``index`` (or one host number per head) -> (B or 1, H), zeros
+    for the layer's other heads."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.full((1, index.shape[0]), float(x), dtype=torch.float64, device=index.device)
+    x = x.to(torch.float64).expand(-1, index.shape[0])
+    out = torch.zeros(x.shape[0], num_heads, dtype=torch.float64, device=x.device)
+    return out.index_copy_(1, index, x)
 
 
 @dataclass
@@ -111,15 +133,17 @@ class RunStats:
         visible: torch.Tensor | float,
         select_s: float = 0.0,
         attend_s: float = 0.0,
+        heads: tuple[torch.Tensor, int] | None = None,
     ) -> None:
-        if phase is Phase.PREFILL and layer_idx in self.prefill:  # a new prompt starts a new run
+        if phase is Phase.PREFILL and layer_idx in self.prefill and heads is None:
+            # a new prompt starts a new run (a head group's call is part of the layer's)
             self.prefill.clear()
             self.decode.clear()
             self.counters.clear()
         group = self.prefill if phase.is_prefill else self.decode
         if layer_idx not in group:
             group[layer_idx] = LayerStats(layer_idx)
-        group[layer_idx].add(method, computed, visible, select_s, attend_s)
+        group[layer_idx].add(method, computed, visible, select_s, attend_s, heads)
 
     def bind_cache(self, cache: Any) -> None:
         """Remember the cache of the latest forward (weakly) to report what it holds."""
@@ -184,6 +208,19 @@ class RunStats:
         if phase not in ("prefill", "decode"):
             raise UsageError(f"phase must be 'prefill' or 'decode', got {phase!r}")
         return self.prefill if phase == "prefill" else self.decode
+
+
+DECODE_WARMUP = 2  # decode steps left out of a per-token time (first calls of a new shape)
+
+
+def per_token_seconds(times: list[float]) -> float | None:
+    """Seconds per decode step: the median over the steps after the first ``DECODE_WARMUP``
+    (over all of them when there are no more). The one rule of ``bench decode`` and the
+    frontier, so both report the same figure for the same setting."""
+    if not times:
+        return None
+    kept = times[DECODE_WARMUP:] or times
+    return statistics.median(kept)
 
 
 def timed(device: torch.device | str) -> float:

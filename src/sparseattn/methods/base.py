@@ -95,6 +95,9 @@ class Method(ABC):
     is_speedup: ClassVar[bool] = True  # False for analysis methods such as the oracle
     dense_limit: ClassVar[dict[str, Any]] = {}  # knob values at which the method equals dense
     default_grid: ClassVar[dict[str, list[Any]]] = {}  # knob values the frontier sweeps by default
+    # the prefill tiles depend on the call's shape only (never on q or k): the layers of one
+    # forward share one selection and whatever a backend derives from it
+    static_pattern: ClassVar[bool] = False
 
     block_size: int = knob(128, choices=(16, 32, 64, 128, 256), help="tile size b in tokens")
 

@@ -23,6 +23,7 @@ class Dense(Method):
     """Full causal attention (the model's own mask): the reference every method is compared to."""
 
     name: ClassVar[str] = "dense"
+    static_pattern: ClassVar[bool] = True
     paper: ClassVar[str] = "baseline"
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
@@ -43,6 +44,7 @@ class Streaming(Method):
     """
 
     name: ClassVar[str] = "streaming"
+    static_pattern: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)"
     )
@@ -124,6 +126,7 @@ class Strided(Method):
     """
 
     name: ClassVar[str] = "strided"
+    static_pattern: ClassVar[bool] = True
     paper: ClassVar[str] = (
         "S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (arXiv:2407.17678)"
     )

@@ -10,12 +10,20 @@ per (layer, head) and level. The kinds:
   head needs;
 - ``channels`` (double_sparsity): ``heads[0][layer][kv_head]`` orders the head's channels from
   most to least important, so any number of channels is a prefix of it;
-- ``duo`` (DuoAttention gates): ``heads[0][layer][kv_head]`` is the head's trained gate in
-  [0, 1] (retrieval head at >= 0.5); ``summary[0]`` has each layer's ``mean_gate`` and
-  ``retrieval_heads``.
+- ``retrieval``: ``heads[0][layer][q_head]`` is the head's retrieval score in [0, 1] (share of
+  copied needle tokens its argmax attention points at); summary: max score and the count of
+  heads >= 0.1 / 0.3 per layer;
+- ``duo``: ``heads[0][layer][kv_head]`` is the head's trained DuoAttention gate in [0, 1]
+  (retrieval head at >= 0.5); ``summary[0]`` has each layer's ``mean_gate`` and
+  ``retrieval_heads``;
+- ``moa``: ``choices`` lists span rules {"alpha", "beta", "sink"} (span(N) = alpha + beta * N,
+  ``span_at``); for each kept-KV budget (the mean share of the tokens a head keeps at the
+  profiled lengths), ``heads[budget][layer][kv_head]`` is the index of the rule that head uses.
 
 ``summary[level]`` holds the calibration's mean recall and density per layer at that level
-(channels: ``summary[r]["share"]``, the share of channel importance the first r channels hold).
+(channels: ``summary[r]["share"]``, the share of channel importance the first r channels hold,
+and ``summary[r]["head_share"]`` the same per KV head; moa: kept share, predicted loss and mean
+span per layer). ``sparseattn profile --show FILE`` prints any kind as a map (``show.py``).
 
 Shipped profiles live next to this module as ``<model>-<kind>.json``.
 """
@@ -31,6 +39,7 @@ from .profile import (
     resolve,
     save_profile,
     shipped_profiles,
+    span_at,
 )
 
 __all__ = [
@@ -46,4 +55,5 @@ __all__ = [
     "save_profile",
     "shipped_for",
     "shipped_profiles",
+    "span_at",
 ]

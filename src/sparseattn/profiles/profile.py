@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,17 @@ from ..errors import UsageError
 from .architecture import FINGERPRINT_KEYS, describe_architecture, fingerprint
 
 FORMAT = 1
-KINDS = ("minference", "xattention", "channels", "duo")
+KINDS = ("minference", "xattention", "channels", "retrieval", "duo", "moa")
+CHOICE_KINDS = ("minference", "moa")  # heads hold an index into ``choices``
+# kinds whose one table is a score in [0, 1] per head, and which heads a row has
+SCORE_KINDS = {"retrieval": "num_attention_heads", "duo": "num_key_value_heads"}
 SHIPPED_DIR = Path(__file__).parent
+
+
+def span_at(rule: dict[str, Any], length: int) -> int:
+    """A moa span rule's span at ``length`` tokens: alpha + beta * length, floored, kept within
+    [1, length] (MoA's elastic rule; the rule's sink is kept besides)."""
+    return min(length, max(1, math.floor(rule["alpha"] + rule["beta"] * length)))
 
 
 def shipped_profiles() -> dict[str, Path]:
@@ -25,16 +35,19 @@ class Profile:
     """A loaded profile.
 
     Attributes:
-        kind: "minference", "xattention", "channels" or "duo".
+        kind: One of ``KINDS``.
         model: The fingerprint plus ``id`` (the name the model was loaded by).
         calibration: How it was made: lengths, seed, inputs, block size, ...
-        levels: The budgets (minference, tile density) or target recalls (xattention) it holds,
-            ascending; channels: the one level 0.
-        heads: heads[level][layer][head] -> a choice index (minference) or a threshold;
-            channels: heads[0][layer][kv_head] -> that KV head's channels, most important first;
-            duo: heads[0][layer][kv_head] -> that KV head's gate in [0, 1].
-        choices: The candidate patterns ({"pattern", "knobs"}) of a minference profile.
-        summary: summary[level] -> {"recall": [...], "density": [...]} per layer.
+        levels: The budgets (minference, tile density; moa, kept share of the KV cache) or
+            target recalls (xattention) it holds, ascending; channels, retrieval, duo: the one
+            level 0.
+        heads: heads[level][layer][head] -> a choice index (minference, moa per KV head) or a
+            threshold; channels: heads[0][layer][kv_head] -> that KV head's channels, most
+            important first; retrieval: heads[0][layer][q_head] -> retrieval score in [0, 1];
+            duo: heads[0][layer][kv_head] -> gate in [0, 1].
+        choices: The candidate patterns ({"pattern", "knobs"}) of a minference profile; the
+            candidate span rules ({"alpha", "beta", "sink"}) of a moa profile.
+        summary: summary[level] -> {name: [...] per layer} (recall and density, ...).
         source: The file it was read from.
     """
 
@@ -92,7 +105,7 @@ class Profile:
         return self.levels[0]
 
     def layer(self, level: float, layer_idx: int, num_heads: int) -> list[Any]:
-        """One layer's per-head entries at ``level``: choice dicts (minference) or thresholds.
+        """One layer's per-head entries at ``level``: choice dicts (minference, moa) or values.
 
         Raises:
             UsageError: the profile does not cover this layer and head count.
@@ -105,7 +118,7 @@ class Profile:
                 f"with {num_heads} heads: it was made for another model"
             )
         row = table[layer_idx]
-        return [self.choices[i] for i in row] if self.kind == "minference" else row
+        return [self.choices[i] for i in row] if self.kind in CHOICE_KINDS else row
 
 
 def resolve(name_or_path: str) -> Path:
@@ -143,11 +156,20 @@ def load_profile(name_or_path: str, kind: str) -> Profile:
     if not heads or not all(isinstance(t, list) and t for t in heads.values()):
         raise UsageError(f"profile {path} holds no per-head tables")
     choices = data.get("choices", [])
-    if kind == "minference":
+    _check_rows(path, kind, heads, data.get("model", {}))
+    if kind in CHOICE_KINDS:
         n = len(choices)
         bad = [i for t in heads.values() for row in t for i in row if not 0 <= i < n]
         if bad:
             raise UsageError(f"profile {path}: choice index {bad[0]} outside 0..{n - 1}")
+    if kind == "moa":
+        _check_span_rules(path, choices)
+    if kind in SCORE_KINDS:
+        if set(heads) != {0.0}:
+            raise UsageError(f"profile {path}: a {kind} profile holds one level, 0")
+        bad = [x for row in heads[0.0] for x in row if not _unit(x)]
+        if bad:
+            raise UsageError(f"profile {path}: {kind} value {bad[0]!r} is outside [0, 1]")
     if kind == "channels":
         head_dim = data.get("model", {}).get("head_dim")
         want = list(range(head_dim)) if isinstance(head_dim, int) else None
@@ -157,8 +179,6 @@ def load_profile(name_or_path: str, kind: str) -> Profile:
                 f"profile {path}: a channel ranking is not an order of the {head_dim} channels "
                 f"of a head: {bad[0]}"
             )
-    if kind == "duo":
-        _check_gates(path, heads, data.get("model", {}))
     return Profile(
         kind=kind,
         model=data.get("model", {}),
@@ -171,18 +191,44 @@ def load_profile(name_or_path: str, kind: str) -> Profile:
     )
 
 
-def _check_gates(path: Path, heads: dict[float, list], model: dict[str, Any]) -> None:
-    """UsageError unless a duo profile holds one [0, 1] gate per (layer, KV head) at level 0."""
-    shape = (model.get("num_hidden_layers"), model.get("num_key_value_heads"))
-    table = heads.get(0.0)
-    if set(heads) != {0.0} or len(table) != shape[0] or any(len(r) != shape[1] for r in table):
-        raise UsageError(
-            f"profile {path}: a duo profile holds level 0 only, one gate per layer and KV head "
-            f"({shape[0]} x {shape[1]})"
-        )
-    bad = [g for row in table for g in row if not isinstance(g, (int, float)) or not 0 <= g <= 1]
-    if bad:
-        raise UsageError(f"profile {path}: gate {bad[0]!r} is outside [0, 1]")
+_HEAD_NAMES = {"num_attention_heads": "query head", "num_key_value_heads": "key-value head"}
+
+
+def _unit(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0
+
+
+def _check_rows(path: Path, kind: str, heads: dict[float, list], model: dict[str, Any]) -> None:
+    """The new kinds: one row per layer, each as long as the model's (query or KV) heads."""
+    per_row = SCORE_KINDS.get(kind) or ("num_key_value_heads" if kind == "moa" else None)
+    if per_row is None:
+        return
+    layers, width = model.get("num_hidden_layers"), model.get(per_row)
+    for level, table in heads.items():
+        shape_ok = all(isinstance(row, list) for row in table)
+        if not shape_ok or (layers is not None and len(table) != layers):
+            raise UsageError(
+                f"profile {path}: level {level:g} has {len(table)} rows; one per layer "
+                f"({layers}) is needed"
+            )
+        if width is not None and any(len(row) != width for row in table):
+            raise UsageError(
+                f"profile {path}: level {level:g} has a row that is not {width} entries long "
+                f"(one per {_HEAD_NAMES[per_row]})"
+            )
+
+
+def _check_span_rules(path: Path, choices: list[Any]) -> None:
+    """Every moa choice is {"alpha": int, "beta": float in [0, 1], "sink": int >= 0}."""
+    for choice in choices:
+        ok = isinstance(choice, dict) and set(choice) == {"alpha", "beta", "sink"}
+        ok = ok and isinstance(choice["alpha"], int) and _unit(choice["beta"])
+        ok = ok and isinstance(choice["sink"], int) and choice["sink"] >= 0
+        if not ok:
+            raise UsageError(
+                f"profile {path}: span rule {choice!r} is not "
+                '{"alpha": int, "beta": float in [0, 1], "sink": int >= 0}'
+            )
 
 
 def save_profile(

@@ -16,19 +16,60 @@ _BIG = 2**31 - 1
 PAGE_SIZES = (8, 16, 32, 64, 128)
 
 
-@dataclass
 class PageBounds:
-    """Elementwise min and max of the keys of every page of one cache layer.
+    """Elementwise max and min of the keys of every page of one cache layer, in one buffer
+    (B, Hkv, pages, 2D) = [max | min], preallocated with room to grow like the cache.
 
     Attributes:
-        low: (B, Hkv, nP, D) min over the page's slots.
-        high: (B, Hkv, nP, D) max over the page's slots.
+        pages: Pages covered.
         writes: The layer's update count these bounds include.
     """
 
-    low: torch.Tensor
-    high: torch.Tensor
-    writes: int
+    def __init__(self, low: torch.Tensor, high: torch.Tensor, writes: int) -> None:
+        B, H, n, D = low.shape
+        self.buffer = low.new_empty(B, H, max(n, 1) * 2, 2 * D)
+        self.pages, self.writes, self.head_dim = n, writes, D
+        self.buffer[:, :, :n, :D] = high
+        self.buffer[:, :, :n, D:] = low
+
+    @property
+    def bounds(self) -> torch.Tensor:
+        """(B, Hkv, pages, 2D) [max | min] of the covered pages (a view)."""
+        return self.buffer[:, :, : self.pages]
+
+    @property
+    def high(self) -> torch.Tensor:
+        return self.bounds[..., : self.head_dim]
+
+    @property
+    def low(self) -> torch.Tensor:
+        return self.bounds[..., self.head_dim :]
+
+    def grow(self, pages: int) -> None:
+        """Cover ``pages`` pages (new pages are written before they are read)."""
+        if pages > self.buffer.shape[2]:
+            B, H, _, D2 = self.buffer.shape
+            grown = self.buffer.new_empty(B, H, 2 * pages, D2)
+            grown[:, :, : self.pages] = self.bounds
+            self.buffer = grown
+        self.pages = max(self.pages, pages)
+
+    def set(self, first: int, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Overwrite pages [first, first + n) with bounds (B, Hkv, n, D)."""
+        n, D = low.shape[2], self.head_dim
+        self.buffer[:, :, first : first + n, :D] = high
+        self.buffer[:, :, first : first + n, D:] = low
+
+    def append(self, slot: int, key: torch.Tensor, page_size: int) -> None:
+        """Fold the key (B, Hkv, 1, D) written at ``slot`` of a contiguous layer into its page."""
+        page, D = slot // page_size, self.head_dim
+        if slot % page_size == 0:  # a fresh page: the key is its bounds
+            self.grow(page + 1)
+            self.set(page, key, key)
+            return
+        high, low = self.buffer[:, :, page : page + 1, :D], self.buffer[:, :, page : page + 1, D:]
+        torch.maximum(high, key, out=high)
+        torch.minimum(low, key, out=low)
 
 
 def page_bounds(keys: torch.Tensor, page_size: int, first: int = 0) -> tuple[torch.Tensor, ...]:
@@ -62,7 +103,9 @@ class Quest(Method):
     a page is chosen per KV head (one gather per KV head) by summing its query heads' softmax
     over their page bounds, so a head with larger logits does not drown the others; or per
     query head as in the paper with ``per_query_head=True``; the budget counts
-    the forced pages (page-aligned sink and window edges may add up to two pages).
+    the forced pages (page-aligned sink and window edges may add up to two pages); the first
+    ``full_layers`` layers decode densely (two, as in the paper); on contiguous unpadded keys
+    the page being written is read as a slice after the chosen pages, so no mask is built.
     """
 
     name: ClassVar[str] = "quest"
@@ -78,6 +121,7 @@ class Quest(Method):
     sink: int = knob(0, low=0, high=_BIG, help="first tokens always read")
     window: int = knob(0, low=0, high=_BIG, help="most recent tokens always read")
     per_query_head: bool = knob(False, choices=(False, True), help="select per query head")
+    full_layers: int = knob(2, low=0, high=_BIG, help="first layers that decode densely")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,31 +137,30 @@ class Quest(Method):
     def state_key(self) -> str:
         return f"quest:{self.block_size}"
 
-    def bounds(self, view: DecodeView) -> PageBounds:
-        """This layer's page bounds, updated with the latest write (rebuilt if any was missed)."""
+    def bounds(self, view: DecodeView, appended: bool = False) -> PageBounds:
+        """This layer's page bounds, updated with the latest write (rebuilt if any was missed).
+
+        Args:
+            appended: The latest write appended one token to a contiguous layer (its slot is
+                its position), so the bounds fold it in place.
+        """
         P, keys = self.block_size, view.keys
         state = view.state.get(self.state_key)
         start, stop = view.last_write
         fresh = state is None or state.writes != view.writes - 1 or stop - start != 1
         if fresh:
-            low, high = page_bounds(keys, P)
-            state = PageBounds(low, high, view.writes)
+            state = PageBounds(*page_bounds(keys, P), view.writes)
+        elif appended and view.rewritten[1] == view.rewritten[0]:
+            state.append(start, keys[:, :, start:stop].float(), P)
+            state.writes = view.writes
         else:
             page = start // P
-            n_pages = -(-keys.shape[2] // P)
-            if n_pages > state.low.shape[2]:  # a new page: grow by one page
-                grow = n_pages - state.low.shape[2]
-                state.low = torch.nn.functional.pad(state.low, (0, 0, 0, grow))
-                state.high = torch.nn.functional.pad(state.high, (0, 0, 0, grow))
-            low, high = page_bounds(keys[:, :, page * P : (page + 1) * P], P)
-            state.low[:, :, page : page + 1] = low
-            state.high[:, :, page : page + 1] = high
+            state.grow(-(-keys.shape[2] // P))
+            state.set(page, *page_bounds(keys[:, :, page * P : (page + 1) * P], P))
             first, last = view.rewritten
             if last > first:  # keys changed in place (re-rotated sinks): their pages too
                 a, b = first // P, -(-last // P)
-                low, high = page_bounds(keys[:, :, a * P : b * P], P)
-                state.low[:, :, a:b] = low
-                state.high[:, :, a:b] = high
+                state.set(a, *page_bounds(keys[:, :, a * P : b * P], P))
             state.writes = view.writes
         view.state[self.state_key] = state
         return state
@@ -127,13 +170,19 @@ class Quest(Method):
     ) -> PageSelection | None:
         P = self.block_size
         n_pages = -(-ctx.kv_len // P)
+        if ctx.layer_idx < self.full_layers:
+            return None  # the paper keeps its first two layers dense
         forced_at_most = -(-self.sink // P) + -(-self.window // P) + 2  # page-aligned edges
         keep = min(max(self.budget // P, forced_at_most), n_pages)
         if keep >= n_pages:
             return None  # the budget covers the cache: dense
-        bounds = self.bounds(view)
+        plain = ctx.contiguous and ctx.key_valid is None and not self.per_query_head
+        plain = plain and (ctx.sliding_window is None or ctx.q_offset < ctx.sliding_window)
+        bounds = self.bounds(view, appended=plain and ctx.kv_offset == 0)
         B, Hq, _, D = q.shape
-        rows = q.float().view(B, ctx.num_kv_heads, ctx.groups, D)  # (B, Hkv, g, D)
+        rows = q.float().view(B, ctx.num_kv_heads, ctx.groups, D) * ctx.scaling  # (B, Hkv, g, D)
+        if plain:
+            return self._select_plain(rows, bounds, ctx, keep, n_pages)
         # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min: two matmuls, no (nP, D) product
         high = torch.matmul(rows.clamp(min=0), bounds.high.transpose(-1, -2))
         scores = torch.matmul(rows.clamp(max=0), bounds.low.transpose(-1, -2)).add_(high)
@@ -142,12 +191,43 @@ class Quest(Method):
             scores = scores.view(B, Hq, n_pages)  # (B, Hq, nP)
             forced = forced.repeat_interleave(ctx.groups, 1) if forced.shape[1] > 1 else forced
         else:  # each query head votes with its softmax share, so no head drowns the others
-            scores = torch.softmax(scores * ctx.scaling, dim=-1).sum(2)  # (B, Hkv, nP)
+            scores = torch.softmax(scores, dim=-1).sum(2)  # (B, Hkv, nP)
         scores = scores.masked_fill(forced, float("inf"))
         pages = scores.topk(keep, dim=-1).indices
         return PageSelection(
             pages=pages, valid=torch.ones_like(pages, dtype=torch.bool), page_size=P
         )
+
+    def _select_plain(
+        self, rows: torch.Tensor, bounds: PageBounds, ctx: AttentionContext, keep: int, n_pages: int
+    ) -> PageSelection:
+        """Contiguous unpadded keys: one matmul scores every page against [q+ | q-], the page
+        being written is read as the selection's tail, the other forced pages win the top-k."""
+        positive = rows.clamp(min=0)
+        scores = torch.matmul(torch.cat([positive, rows - positive], -1), bounds.bounds.mT)
+        scores = torch.softmax(scores, dim=-1).sum(2)  # (B, Hkv, nP) the group's soft vote
+        scores = scores + self._page_bias(ctx, n_pages)
+        pages = scores.topk(keep - 1, dim=-1).indices  # (B, Hkv, keep - 1)
+        current = (ctx.kv_len - 1) // self.block_size * self.block_size
+        return PageSelection(
+            pages=pages,
+            valid=torch.ones_like(pages, dtype=torch.bool),
+            page_size=self.block_size,
+            tail=(current, ctx.kv_len),
+            all_valid=True,
+        )
+
+    def _page_bias(self, ctx: AttentionContext, n_pages: int) -> torch.Tensor:
+        """(nP,) +inf on the sink and window pages, -inf on the page being written, else 0;
+        the same for every layer of a step, so it is made once per step."""
+        key = (n_pages, ctx.kv_offset, ctx.q_offset, ctx.kv_len, ctx.device)
+        cached = getattr(self, "_bias", None)
+        if cached is None or cached[0] != key:
+            forced = self.forced_pages(ctx, n_pages)[0, 0]
+            bias = torch.zeros(n_pages, device=ctx.device).masked_fill(forced, float("inf"))
+            bias[-1] = float("-inf")  # the current page: the tail
+            self._bias = cached = (key, bias)
+        return cached[1]
 
     def forced_pages(self, ctx: AttentionContext, n_pages: int) -> torch.Tensor:
         """(B or 1, 1 or Hkv, nP) bool: pages always read (sink, window, the current page)."""

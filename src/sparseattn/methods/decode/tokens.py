@@ -62,7 +62,10 @@ def top_tokens(
     visible = _visible(ctx, scores.shape[1])
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(forced & visible, float("inf"))
     indices = scores.topk(budget, dim=-1).indices
-    return TokenSelection(indices=indices, valid=torch.ones_like(indices, dtype=torch.bool))
+    every = not (bool(ctx.key_valid is not None) or not ctx.contiguous or ctx.sliding_window)
+    return TokenSelection(  # on an all-visible cache, budget < held keys: all picks visible
+        indices=indices, valid=torch.ones_like(indices, dtype=torch.bool), all_valid=every
+    )
 
 
 def _visible(ctx: AttentionContext, rows: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Eviction policies (``evict=...``): importing this package registers the built-in ones."""
 
-from . import adakv, pyramidkv, snapkv, streaming  # noqa: F401  (registration side effects)
+from . import adakv, duo, moa, pyramidkv, razor, snapkv, streaming  # noqa: F401  (registration)
 from .base import EvictionPolicy
 
 __all__ = ["EvictionPolicy"]

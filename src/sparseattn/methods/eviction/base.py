@@ -34,6 +34,12 @@ class EvictionPolicy(ABC):
     def __post_init__(self) -> None:
         validate_knobs(self)
 
+    @property
+    def changes_prefill(self) -> bool:
+        """True when the policy also changes how the prompt is attended (not only what is
+        kept after it), so a dense prefill cannot stand in for its own."""
+        return False
+
     def knobs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

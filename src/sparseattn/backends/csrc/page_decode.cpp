@@ -1,0 +1,191 @@
+// Decode attention over selected pages of the KV cache, read in place (no gather, no copy):
+// one query position per row, the g query heads of a KV head as the rows of one work item,
+// online softmax over the chosen pages and then a contiguous tail of slots (the page being
+// written). Work items split a (row, KV head)'s pages into chunks when there are fewer items
+// than threads; chunks merge by log-sum-exp.
+//
+// Registered as torch.ops.sparseattn.page_decode_attention (a fragment of the library that
+// block_sparse.cpp defines; both are built into one shared library by backends/cpp.py).
+//
+// Shapes: q (B, Hkv, g, D) contiguous; k (B, Hkv, S, D), v (B, Hkv, S, Dv) with the last
+// dimension contiguous (any other strides: a view of the cache buffer); pages (B, Hkv, n)
+// int64 page indices of page_size slots each; slots [tail_start, tail_stop) read after them.
+// Returns (B, Hkv, g, Dv) float32.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxRows = 16;  // query heads per KV head handled by one item
+constexpr float kNone = -1e30f;
+
+// exp for softmax arguments (<= 0 up to rounding): range reduction to [-ln2/2, ln2/2] and a
+// degree-6 polynomial, written so the compiler vectorises loops that call it.
+inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+struct Partial {
+  float max[kMaxRows];
+  float sum[kMaxRows];
+};
+
+// Folds `count` consecutive slots starting at key row `first` into the running state.
+inline void fold(const float* q, int g, int D, int Dv, const float* k, int64_t k_stride,
+                 const float* v, int64_t v_stride, int64_t first, int count, float scale,
+                 Partial& part, float* acc, float* scores) {
+  for (int s = 0; s < count; ++s) {
+    const float* key = k + (first + s) * k_stride;
+    for (int r = 0; r < g; ++r) {
+      const float* row = q + r * D;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int d = 0; d < D; ++d) dot += row[d] * key[d];
+      scores[r * count + s] = dot * scale;
+    }
+  }
+  for (int r = 0; r < g; ++r) {
+    float* sc = scores + r * count;
+    float top = part.max[r];
+    for (int s = 0; s < count; ++s) top = std::max(top, sc[s]);
+    const float correction = fast_exp(part.max[r] - top);
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int s = 0; s < count; ++s) {
+      sc[s] = fast_exp(sc[s] - top);
+      total += sc[s];
+    }
+    part.sum[r] = part.sum[r] * correction + total;
+    part.max[r] = top;
+    float* out = acc + r * Dv;
+#pragma omp simd
+    for (int d = 0; d < Dv; ++d) out[d] *= correction;
+    for (int s = 0; s < count; ++s) {
+      const float w = sc[s];
+      const float* value = v + (first + s) * v_stride;
+#pragma omp simd
+      for (int d = 0; d < Dv; ++d) out[d] += w * value[d];
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor page_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& pages, int64_t page_size, int64_t tail_start,
+                                 int64_t tail_stop, double scale_d) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && pages.dim() == 3,
+              "page_decode_attention: q, k, v are 4-D and pages 3-D");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat && pages.scalar_type() == at::kLong,
+              "page_decode_attention: float32 q/k/v and int64 pages");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "the last dimension of k, v is contiguous");
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor pc = pages.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), S = k.size(2), n = pages.size(2);
+  const int g = static_cast<int>(q.size(2)), D = static_cast<int>(q.size(3));
+  const int Dv = static_cast<int>(v.size(3));
+  TORCH_CHECK(g <= kMaxRows, "page_decode_attention: at most 16 query heads per KV head");
+  TORCH_CHECK(tail_start <= tail_stop && tail_stop <= S, "tail outside the held slots");
+  const int P = static_cast<int>(page_size);
+  const float scale = static_cast<float>(scale_d);
+  // blocks: the n pages, then the tail in pieces of at most P slots
+  const int64_t tail_blocks = (tail_stop - tail_start + P - 1) / P;
+  const int64_t blocks = n + tail_blocks;
+  const int64_t pairs = B * H;
+  const int64_t threads = at::get_num_threads();
+  int64_t splits = std::max<int64_t>(1, (2 * threads + pairs - 1) / pairs);
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, blocks));
+  const int64_t per_split = (blocks + splits - 1) / splits;
+
+  std::vector<float> acc(static_cast<size_t>(pairs * splits * g * Dv), 0.0f);
+  std::vector<Partial> parts(static_cast<size_t>(pairs * splits));
+  const float* qp = qc.data_ptr<float>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+
+  at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(g * P));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pair = item / splits, split = item % splits;
+      const int64_t b = pair / H, h = pair % H;
+      const float* qrow = qp + pair * g * D;
+      const float* kh = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vh = vp + b * v.stride(0) + h * v.stride(1);
+      Partial& part = parts[item];
+      for (int r = 0; r < g; ++r) part.max[r] = kNone, part.sum[r] = 0.0f;
+      float* out = acc.data() + item * g * Dv;
+      const int64_t first = split * per_split, last = std::min(blocks, first + per_split);
+      for (int64_t block = first; block < last; ++block) {
+        int64_t slot;
+        int count;
+        if (block < n) {
+          slot = pp[pair * n + block] * P;
+          count = static_cast<int>(std::min<int64_t>(P, S - slot));
+        } else {
+          slot = tail_start + (block - n) * P;
+          count = static_cast<int>(std::min<int64_t>(P, tail_stop - slot));
+        }
+        if (count > 0)
+          fold(qrow, g, D, Dv, kh, k.stride(2), vh, v.stride(2), slot, count, scale, part, out,
+               scores.data());
+      }
+    }
+  });
+
+  at::Tensor result = at::empty({B, H, g, Dv}, q.options());
+  float* rp = result.data_ptr<float>();
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      for (int r = 0; r < g; ++r) {
+        float top = kNone;
+        for (int64_t s = 0; s < splits; ++s) top = std::max(top, parts[pair * splits + s].max[r]);
+        float total = 0.0f;
+        float* dst = rp + (pair * g + r) * Dv;
+        for (int d = 0; d < Dv; ++d) dst[d] = 0.0f;
+        for (int64_t s = 0; s < splits; ++s) {
+          const Partial& part = parts[pair * splits + s];
+          if (part.sum[r] == 0.0f) continue;
+          const float w = fast_exp(part.max[r] - top);
+          total += part.sum[r] * w;
+          const float* src = acc.data() + ((pair * splits + s) * g + r) * Dv;
+          for (int d = 0; d < Dv; ++d) dst[d] += w * src[d];
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int d = 0; d < Dv; ++d) dst[d] *= inv;
+      }
+    }
+  });
+  return result;
+}
+
+TORCH_LIBRARY_FRAGMENT(sparseattn, m) {
+  m.def(
+      "page_decode_attention(Tensor q, Tensor k, Tensor v, Tensor pages, int page_size, "
+      "int tail_start, int tail_stop, float scale) -> Tensor");
+  m.impl("page_decode_attention", c10::DispatchKey::CPU, &page_decode_attention);
+}

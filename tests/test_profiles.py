@@ -217,9 +217,10 @@ def test_shipped_profiles_are_well_formed():
     assert {"smollm2-135m-retrieval", "gemma3-270m-retrieval"} <= set(shipped)
     assert {"smollm2-135m-moa", "gemma3-270m-moa"} <= set(shipped)
     for name, path in shipped.items():
-        kind = name.rsplit("-", 1)[1]
-        profile = load_profile(name, kind)
         data = json.loads(path.read_text())
+        kind = data["kind"]  # named MODEL-KIND, or MODEL-KIND-VARIANT (never picked by 'auto')
+        assert name.endswith("-" + kind) or ("-" + kind + "-") in name
+        profile = load_profile(name, kind)
         assert data["calibration"]["lengths"] and "seed" in data["calibration"]
         per_kv_head = kind in ("channels", "moa", "duo")
         per_layer = "num_key_value_heads" if per_kv_head else "num_attention_heads"

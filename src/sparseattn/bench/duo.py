@@ -146,8 +146,9 @@ class GateTrainer:
     def train_step(self, ids: torch.Tensor, answer_start: int) -> tuple[float, float]:
         """One optimiser step; returns (distill, l1 sum) before the step."""
         start, cpu = time.perf_counter(), time.process_time()
-        distill, reg = self.loss(ids, answer_start)
-        (distill + self.config.l1 * reg).backward()
+        with torch.enable_grad():  # whatever the caller's grad mode
+            distill, reg = self.loss(ids, answer_start)
+            (distill + self.config.l1 * reg).backward()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -38,7 +38,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..errors import UsageError
-from .hf import _configs, attention_layers, sparse_mask
+from .hf import attention_layers, model_configs, sparse_mask
 
 IMPLEMENTATION = "sparseattn_gated"
 
@@ -202,7 +202,7 @@ def gated_attention(
     if any(m in _BOUND for m in layers):
         raise UsageError("this model is already inside a gated_attention() block")
     binding = GateBinding(gates=gates, sink=sink, window=window)
-    configs = _configs(model)
+    configs = model_configs(model)
     previous = [c._attn_implementation for c in configs]
     for layer in layers:
         _BOUND[layer] = binding

@@ -34,7 +34,9 @@ from .masks import BlockLayout
 
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("block_sparse.cpp", "page_decode.cpp")]
 OPS = ("block_sparse_attention", "page_decode_attention")
-_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is a header template whose OpenMP branch compiles only with it;
+# without it every kernel call ran on one thread whatever torch.get_num_threads() said
+_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno"]
 _FLAGS += ["-fno-trapping-math", "-Wno-deprecated-declarations"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}

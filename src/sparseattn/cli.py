@@ -819,8 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "profile",
         help="per-head profiles: calibrate patterns (minference), thresholds (xattention), "
-        "channel rankings (channels), retrieval scores (retrieval) or span rules (moa) for a "
-        "model, or --show one",
+        "channel rankings (channels), retrieval scores (retrieval), DuoAttention gates (duo) or "
+        "span rules (moa) for a model, or --show one",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument(

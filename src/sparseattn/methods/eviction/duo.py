@@ -18,6 +18,7 @@ from .heads import (
     full_group,
     heads_for_compression,
     lowest,
+    profile_knob,
     split_groups,
 )
 
@@ -56,11 +57,7 @@ class DuoAttention(HeadSplitPolicy):
     profile_kind: ClassVar[str] = "duo"
     default_grid: ClassVar[dict] = {"compression": [0.5, 0.75, 0.9]}
 
-    profile: str = knob(
-        "auto",
-        help="'auto' (the shipped duo profile of the hooked model), a shipped profile name, "
-        "or a .json file written by `sparseattn profile --kind duo`",
-    )
+    profile: str = profile_knob("duo")
     sparsity: float = knob(0.5, low=0.0, high=1.0, help="share of KV heads made streaming heads")
     compression: float = knob(
         0.0,

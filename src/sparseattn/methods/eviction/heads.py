@@ -20,7 +20,17 @@ from ...cache.layers import KVLayer
 from ...errors import UsageError
 from ...profiles.binding import bind_profile, open_profile
 from ...profiles.profile import Profile
+from ..base import knob
 from .base import EvictionPolicy
+
+
+def profile_knob(kind: str):
+    """The ``profile`` knob of a policy that reads a ``kind`` profile."""
+    return knob(
+        "auto",
+        help=f"'auto' (the shipped {kind} profile of the hooked model), a shipped profile name, "
+        f"or a .json file written by `sparseattn profile --kind {kind}`",
+    )
 
 
 def full_attention_layers(config: Any) -> list[int]:

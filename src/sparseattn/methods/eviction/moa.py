@@ -11,7 +11,7 @@ from ...profiles.profile import Profile, span_at
 from ...registry import register_policy
 from ..base import knob
 from ..static import Streaming
-from .heads import HeadSplitPolicy
+from .heads import HeadSplitPolicy, profile_knob
 
 
 @register_policy
@@ -40,11 +40,7 @@ class MoA(HeadSplitPolicy):
     profile_kind: ClassVar[str] = "moa"
     default_grid: ClassVar[dict] = {"compression": [0.5, 0.75, 0.9]}
 
-    profile: str = knob(
-        "auto",
-        help="'auto' (the shipped moa profile of the hooked model), a shipped profile name, "
-        "or a .json file written by `sparseattn profile --kind moa`",
-    )
+    profile: str = profile_knob("moa")
     compression: float = knob(
         0.5, low=0.0, high=1.0, help="share of the KV removed: selects the budget 1 - compression"
     )

@@ -11,7 +11,14 @@ from ...profiles.profile import Profile
 from ...registry import register_policy
 from ..base import knob
 from ..static import Dense
-from .heads import HeadSplitPolicy, full_attention_layers, full_group, lowest, split_groups
+from .heads import (
+    HeadSplitPolicy,
+    full_attention_layers,
+    full_group,
+    lowest,
+    profile_knob,
+    split_groups,
+)
 
 _BIG = 2**31 - 1
 
@@ -46,11 +53,7 @@ class RazorAttention(HeadSplitPolicy):
     profile_kind: ClassVar[str] = "retrieval"
     default_grid: ClassVar[dict] = {"compression": [0.5, 0.75, 0.9]}
 
-    profile: str = knob(
-        "auto",
-        help="'auto' (the shipped retrieval profile of the hooked model), a shipped profile "
-        "name, or a .json file written by `sparseattn profile --kind retrieval`",
-    )
+    profile: str = profile_knob("retrieval")
     retrieval: float = knob(0.15, low=0.0, high=1.0, help="share of KV heads kept whole")
     sink: int = knob(4, low=0, high=_BIG, help="first tokens a non-retrieval head keeps")
     window: int = knob(

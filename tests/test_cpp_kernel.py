@@ -201,8 +201,10 @@ _FALLBACK = """
     print("REASON", cpp.reason())
     out = attend_tiles("auto", q, k, v, sel, ctx, layout)
     rows = valid_rows(ctx).expand_as(out)
+    # the flex path: the tolerance of the other flex-vs-reference tests (its fp32 accumulation
+    # order differs from the reference's by a few 1e-5 on some CPUs)
     torch.testing.assert_close(out[rows], reference_attend(q, k, v, sel, ctx)[rows],
-                               atol=3e-5, rtol=1e-4)
+                               atol=1e-4, rtol=1e-4)
     try:
         tile_kernel("cpp", q, ctx)
     except UsageError as err:

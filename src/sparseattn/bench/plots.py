@@ -1,4 +1,5 @@
-"""PNG plots of the frontier: score vs density, score vs prefill speedup, method x length heatmap."""
+"""PNG plots of the frontier: score vs prefill density, vs prefill speedup and vs decode speedup,
+and a setting x length heatmap."""
 
 from __future__ import annotations
 
@@ -17,13 +18,27 @@ def _overall(rows: list[SummaryRow]) -> list[SummaryRow]:
     return [r for r in rows if r.task == "ALL"]
 
 
+_MARKERS = "osD^vP<>Xh"
+
+
+def _style(index: int) -> dict:
+    """Colour and marker of the index-th curve: 20 colours x 10 markers, so a grid with many
+    method families still tells its curves apart."""
+    return {"color": plt.get_cmap("tab20")(index % 20), "marker": _MARKERS[index % len(_MARKERS)]}
+
+
 def score_vs(rows: list[SummaryRow], x_field: str, xlabel: str, path: Path) -> None:
-    """One subplot per length; one line per method through its settings; dense as a star."""
+    """One subplot per length; one line per method through its settings; dense as a star; one
+    legend for the figure, beside the subplots."""
     overall = _overall(rows)
     lengths = sorted({r.length for r in overall})
-    fig, axes = plt.subplots(
-        1, max(len(lengths), 1), figsize=(5 * max(len(lengths), 1), 4), squeeze=False
-    )
+    methods = sorted({r.method for r in overall if r.method != "dense"})
+    columns = max(len(lengths), 1)
+    legend_width = 0.5 + 0.065 * max((len(m) for m in methods), default=0)
+    width = 5 * columns + legend_width
+    height = max(4.0, 0.5 + 0.22 * (len(methods) + 1))
+    fig, axes = plt.subplots(1, columns, figsize=(width, height), squeeze=False)
+    handles: dict[str, object] = {}
     for ax, length in zip(axes[0], lengths):
         by_method: dict[str, list[SummaryRow]] = defaultdict(list)
         for r in overall:
@@ -33,32 +48,39 @@ def score_vs(rows: list[SummaryRow], x_field: str, xlabel: str, path: Path) -> N
             group.sort(key=lambda r: getattr(r, x_field))
             xs, ys = [getattr(r, x_field) for r in group], [r.score_mean for r in group]
             if method == "dense":
-                ax.scatter(xs, ys, marker="*", s=180, color="black", label="dense", zorder=3)
-            else:
-                line = ax.plot(xs, ys, marker="o", label=method)[0]
-                # the paired 95% interval of (setting - dense), drawn around the setting's mean
-                bars = [
-                    (x, y, r.score_delta - r.score_delta_low, r.score_delta_high - r.score_delta)
-                    for x, y, r in zip(xs, ys, group)
-                    if r.score_delta is not None
-                ]
-                if bars:
-                    ax.errorbar(
-                        [b[0] for b in bars],
-                        [b[1] for b in bars],
-                        yerr=[[b[2] for b in bars], [b[3] for b in bars]],
-                        fmt="none",
-                        ecolor=line.get_color(),
-                        capsize=3,
-                        alpha=0.7,
-                    )
+                handles["dense"] = ax.scatter(
+                    xs, ys, marker="*", s=180, color="black", label="dense", zorder=3
+                )
+                continue
+            style = _style(methods.index(method))
+            line = ax.plot(xs, ys, label=method, **style)[0]
+            handles.setdefault(method, line)
+            # the paired 95% interval of (setting - dense), drawn around the setting's mean
+            bars = [
+                (x, y, r.score_delta - r.score_delta_low, r.score_delta_high - r.score_delta)
+                for x, y, r in zip(xs, ys, group)
+                if r.score_delta is not None
+            ]
+            if bars:
+                ax.errorbar(
+                    [b[0] for b in bars],
+                    [b[1] for b in bars],
+                    yerr=[[b[2] for b in bars], [b[3] for b in bars]],
+                    fmt="none",
+                    ecolor=style["color"],
+                    capsize=3,
+                    alpha=0.7,
+                )
         ax.set_title(f"{length} tokens")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean score over tasks")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    order = [m for m in ["dense", *methods] if m in handles]
+    fig.tight_layout(rect=(0, 0, 1 - legend_width / width, 1))
+    fig.legend(
+        [handles[m] for m in order], order, loc="center right", fontsize=8, frameon=False
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -71,7 +93,10 @@ def heatmap(rows: list[SummaryRow], path: Path) -> None:
     grid = [[float("nan")] * len(lengths) for _ in settings]
     for r in overall:
         grid[settings.index(r.setting)][lengths.index(r.length)] = r.score_mean
-    fig, ax = plt.subplots(figsize=(2 + 1.5 * len(lengths), 1 + 0.45 * len(settings)))
+    label_width = 0.065 * max((len(s) for s in settings), default=0)  # inches at fontsize 8
+    fig, ax = plt.subplots(
+        figsize=(2 + label_width + 1.5 * len(lengths), 1 + 0.3 * len(settings))
+    )
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(settings)), settings, fontsize=8)
@@ -98,11 +123,13 @@ def write_plots(rows: list[SummaryRow], out_dir: Path) -> list[Path]:
     paths = [
         out_dir / "score_vs_density.png",
         out_dir / "score_vs_speedup.png",
+        out_dir / "score_vs_decode_speedup.png",
         out_dir / "heatmap.png",
     ]
     score_vs(rows, "prefill_density_mean", "measured prefill density", paths[0])
     score_vs(rows, "prefill_speedup", "prefill speedup vs dense (same run)", paths[1])
-    heatmap(rows, paths[2])
+    score_vs(rows, "decode_speedup", "decode speedup per token vs dense (same run)", paths[2])
+    heatmap(rows, paths[3])
     return paths
 
 

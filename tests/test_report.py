@@ -134,8 +134,12 @@ def test_report_files_are_self_contained(report_dir):
     assert "uninformative" in md and "## 2000 tokens" in md
     page = (path / "report.html").read_text()
     assert "http://" not in page and "https://" not in page
-    names = ("score_vs_density.png", "score_vs_speedup.png", "score_vs_decode_speedup.png",
-             "heatmap.png")
+    names = (
+        "score_vs_density.png",
+        "score_vs_speedup.png",
+        "score_vs_decode_speedup.png",
+        "heatmap.png",
+    )
     assert page.count("data:image/png;base64,") == len(names)
     for name in names:
         assert (path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

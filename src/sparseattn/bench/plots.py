@@ -78,9 +78,7 @@ def score_vs(rows: list[SummaryRow], x_field: str, xlabel: str, path: Path) -> N
         ax.grid(alpha=0.3)
     order = [m for m in ["dense", *methods] if m in handles]
     fig.tight_layout(rect=(0, 0, 1 - legend_width / width, 1))
-    fig.legend(
-        [handles[m] for m in order], order, loc="center right", fontsize=8, frameon=False
-    )
+    fig.legend([handles[m] for m in order], order, loc="center right", fontsize=8, frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -94,9 +92,7 @@ def heatmap(rows: list[SummaryRow], path: Path) -> None:
     for r in overall:
         grid[settings.index(r.setting)][lengths.index(r.length)] = r.score_mean
     label_width = 0.065 * max((len(s) for s in settings), default=0)  # inches at fontsize 8
-    fig, ax = plt.subplots(
-        figsize=(2 + label_width + 1.5 * len(lengths), 1 + 0.3 * len(settings))
-    )
+    fig, ax = plt.subplots(figsize=(2 + label_width + 1.5 * len(lengths), 1 + 0.3 * len(settings)))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(settings)), settings, fontsize=8)

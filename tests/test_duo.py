@@ -258,7 +258,7 @@ def test_profile_command_trains_gates_and_resumes(tmp_path, capsys):
     assert "give --checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m"])  # gemma3-270m: not trained yet (README)
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_shipped_duo_profiles_fit_the_built_in_models(name):
     """The built-in model's own config (from its GGUF file) finds its shipped gates; sliding
     layers read 1 and the summary counts what the table holds."""

@@ -172,6 +172,10 @@ def test_task_list_and_grid_parsing():
         "evict": "streaming",
     }
     assert Setting.parse(mixed[3].label) == mixed[3]
+    # one method for every phase: its label round-trips, as a --setting would give it
+    single = Setting.parse("xattention[threshold=0.9]")
+    assert single == Setting.single("xattention", {"threshold": 0.9}) and single.is_single
+    assert single.label == "xattention[threshold=0.9]" and Setting.parse(single.label) == single
     with pytest.raises(ValueError, match="unknown eviction policy 'nope'"):
         expand_settings(["dense"], {}, evict=["nope"])
     with pytest.raises(ValueError, match="roles are prefill=, decode=, evict="):

@@ -80,7 +80,8 @@ class Setting:
         """'xattention[threshold=0.9]' (one method for every phase it supports) or roles joined
         by ';': 'prefill=xattention;decode=quest[budget=512];evict=streaming'."""
         if "=" not in text.split("[", 1)[0]:
-            return cls.single(**vars(Spec.parse(text)))
+            spec = Spec.parse(text)
+            return cls.single(spec.name, spec.knobs)
         parts: dict[str, Spec] = {}
         for item in filter(None, (p.strip() for p in text.split(";"))):
             role, _, spec = item.partition("=")

@@ -216,6 +216,7 @@ def test_shipped_profiles_are_well_formed():
     assert {"smollm2-135m-channels", "gemma3-270m-channels"} <= set(shipped)
     assert {"smollm2-135m-retrieval", "gemma3-270m-retrieval"} <= set(shipped)
     assert {"smollm2-135m-moa", "gemma3-270m-moa"} <= set(shipped)
+    assert {"smollm2-135m-duo", "gemma3-270m-duo"} <= set(shipped)
     for name, path in shipped.items():
         data = json.loads(path.read_text())
         kind = data["kind"]  # named MODEL-KIND, or MODEL-KIND-VARIANT (never picked by 'auto')

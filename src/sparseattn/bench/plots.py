@@ -21,6 +21,11 @@ def _overall(rows: list[SummaryRow]) -> list[SummaryRow]:
 _MARKERS = "osD^vP<>Xh"
 
 
+def _label_inches(labels) -> float:
+    """About how wide the longest of ``labels`` is at fontsize 8, in inches."""
+    return 0.065 * max((len(label) for label in labels), default=0)
+
+
 def _style(index: int) -> dict:
     """Colour and marker of the index-th curve: 20 colours x 10 markers, so a grid with many
     method families still tells its curves apart."""
@@ -34,7 +39,7 @@ def score_vs(rows: list[SummaryRow], x_field: str, xlabel: str, path: Path) -> N
     lengths = sorted({r.length for r in overall})
     methods = sorted({r.method for r in overall if r.method != "dense"})
     columns = max(len(lengths), 1)
-    legend_width = 0.5 + 0.065 * max((len(m) for m in methods), default=0)
+    legend_width = 0.5 + _label_inches(methods)
     width = 5 * columns + legend_width
     height = max(4.0, 0.5 + 0.22 * (len(methods) + 1))
     fig, axes = plt.subplots(1, columns, figsize=(width, height), squeeze=False)
@@ -91,8 +96,8 @@ def heatmap(rows: list[SummaryRow], path: Path) -> None:
     grid = [[float("nan")] * len(lengths) for _ in settings]
     for r in overall:
         grid[settings.index(r.setting)][lengths.index(r.length)] = r.score_mean
-    label_width = 0.065 * max((len(s) for s in settings), default=0)  # inches at fontsize 8
-    fig, ax = plt.subplots(figsize=(2 + label_width + 1.5 * len(lengths), 1 + 0.3 * len(settings)))
+    width = 2 + _label_inches(settings) + 1.5 * len(lengths)
+    fig, ax = plt.subplots(figsize=(width, 1 + 0.3 * len(settings)))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(settings)), settings, fontsize=8)

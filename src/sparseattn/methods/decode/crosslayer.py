@@ -179,8 +179,10 @@ class CrossLayer(Method):
         return f"{self.name}:chosen"
 
     def selects(self, layer_idx: int) -> bool:
-        """Whether layer ``layer_idx`` (at or past ``full_layers``) is a selection layer."""
-        raise NotImplementedError
+        """Whether layer ``layer_idx`` (at or past ``full_layers``) is a selection layer: each
+        cross-layer method says (``tidaldecode``: its two selection layers; ``delta``: every
+        ``select_every``-th); this base is never registered itself."""
+        raise NotImplementedError(f"{type(self).__name__} must say which layers select")
 
     def select_decode(
         self, q: torch.Tensor, view: DecodeView, ctx: AttentionContext

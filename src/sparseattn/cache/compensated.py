@@ -75,7 +75,20 @@ class CompensatedLayer(KVLayer):
         share of the softmax is that of m keys equal to the mean key (RazorAttention)."""
         if not self.extra_held:
             return None
-        return self.bias[:, :, : self.width + self.extra_held]
+        held = self.width + self.extra_held
+        if self._pending:  # a multi-token call over every held key and the new ones
+            keys = self._call[0]
+            bias = self.bias.new_zeros(keys.shape[0], 1, keys.shape[2])
+            bias[:, :, :held] = self.bias[:, :, :held]
+            return bias
+        return self.bias[:, :, :held]
+
+    def _compact(self) -> None:
+        """The compensation token took part in the call's attention; it is not a token to keep
+        or drop: the running mean goes on, folding in what this compaction drops."""
+        if self.extra_held:
+            self._call[2][:, :, self.comp_slot] = EMPTY_POSITION
+        super()._compact()
 
     def _dropped(
         self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, gone: torch.Tensor

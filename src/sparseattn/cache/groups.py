@@ -80,6 +80,7 @@ class HeadGroupsLayer(CacheLayerMixin):
         self.whole = False  # the latest call's keys are every key of every head (first prompt)
         self.keys = self.values = None
         self._call: tuple[torch.Tensor, torch.Tensor, None] | None = None
+        self.shape: tuple[int, int] = (0, 0)  # (B, Hkv) of the latest call
         self.state: dict = {}
 
     # -- transformers' side ----------------------------------------------------------------
@@ -125,8 +126,9 @@ class HeadGroupsLayer(CacheLayerMixin):
             )
         self.seen += key_states.shape[2]
         self.writes += 1
-        self.keys, self.values = key_states, value_states
+        self.keys, self.values = key_states, value_states  # this call only: see finish_call
         self._call = (key_states, value_states, None)
+        self.shape = (key_states.shape[0], key_states.shape[1])
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
@@ -183,7 +185,11 @@ class HeadGroupsLayer(CacheLayerMixin):
         self._each("mark_padding", key_valid)
 
     def finish_call(self) -> None:
+        """After attention: each group compacts; the call's keys and values are released (the
+        groups hold what they keep, so no reference to a whole prompt outlives its call)."""
         self._each("finish_call")
+        self.keys = self.values = None
+        self._call = None
 
     def nbytes(self) -> int:
         return sum(g.layer.nbytes() for g in self.groups or [])
@@ -198,7 +204,7 @@ class HeadGroupsLayer(CacheLayerMixin):
             return 0
         if all(isinstance(h, int) for h in held) and len(set(held)) == 1:
             return held[0]
-        out = torch.zeros(self.keys.shape[0], self.keys.shape[1], dtype=torch.long)
+        out = torch.zeros(*self.shape, dtype=torch.long)
         for group, count in zip(self.groups, held):
             count = torch.as_tensor(count).cpu()
             out[:, list(group.heads)] = count.expand(out.shape[0], -1) if count.dim() else count

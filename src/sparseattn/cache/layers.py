@@ -27,11 +27,18 @@ from ..integration import compat
 from ..types import EMPTY_POSITION
 from .rope import RopeRotation
 
-GROWTH = 256  # slots added when a full layer runs out of room (a multiple of every page size)
+GROWTH_SHARE = 16  # a full layer that runs out of room grows by 1/16 of what it needs (>= a page)
 
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def grown_capacity(needed: int, page_size: int) -> int:
+    """Slots to allocate when a layer must hold ``needed``: the headroom is proportional to what
+    it holds (1/16, at least one page), so appends copy the layer O(log n) times and a long
+    prompt never carries a fixed block of spare slots per layer."""
+    return round_up(needed + max(page_size, needed // GROWTH_SHARE), page_size)
 
 
 class KVLayer(CacheLayerMixin):
@@ -87,6 +94,7 @@ class KVLayer(CacheLayerMixin):
         self.last_write: tuple[int, int] = (0, 0)  # slots [start, stop) of the latest update
         self.rewritten: tuple[int, int] = (0, 0)  # other slots it changed (re-rotated sinks)
         self.state: dict[str, Any] = {}  # decode-method state of this layer, per sequence
+        self.padding_tokens: torch.Tensor | None = None  # (B,) padding of the first call
         self._buf_k = self._buf_v = None
         self._call: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._pending = False  # the latest call overflowed a bounded layer: finish_call compacts
@@ -151,9 +159,10 @@ class KVLayer(CacheLayerMixin):
                 self._write(slot, key_states, value_states, new_positions)
                 self._rerotate_sink()
                 return self._publish()
-            keys = torch.cat([self._buf_k[:, :, : self.width], key_states], 2)  # every held key
-            values = torch.cat([self._buf_v[:, :, : self.width], value_states], 2)
-            held = self.positions[:, :, : self.width]
+            kept = self.width + self.extra_held  # every held key (a compensation token too)
+            keys = torch.cat([self._buf_k[:, :, :kept], key_states], 2)
+            values = torch.cat([self._buf_v[:, :, :kept], value_states], 2)
+            held = self.positions[:, :, :kept]
             positions = torch.cat([held, new_positions.expand(held.shape[0], held.shape[1], n)], 2)
             self._call, self._pending = (keys, values, positions), True
             # a first prompt into an empty layer holds positions 0..n-1: attention sees it as
@@ -163,7 +172,7 @@ class KVLayer(CacheLayerMixin):
             self.last_write = (0, 0)
             return keys, values
         if not self.bounded and self.width + n > self.capacity:
-            self._grow(round_up(self.width + n + GROWTH, GROWTH))
+            self._grow(grown_capacity(self.width + n, self.page_size))
         slot = self.width
         self.width += n
         self._write(slot, key_states, value_states, new_positions)
@@ -269,6 +278,7 @@ class KVLayer(CacheLayerMixin):
         always overwrites an empty slot or the oldest token.
         """
         keys, values, positions = self._call
+        held_sinks = None if self.positions is None else self.positions[:, 0, : self.sink].clone()
         pos = positions[:, 0]  # (B, N): bounded layers share positions across heads
         order = pos.argsort(-1)
         pos = pos.gather(-1, order)
@@ -296,11 +306,32 @@ class KVLayer(CacheLayerMixin):
             :, None
         ]
         self.width, self.cursor, self._pending = slots, 0, False
-        self.sink_keys = self._buf_k[:, :, : self.sink].clone() if self.rotation else None
+        self._keep_sink_rotation(held_sinks)
         gone = torch.zeros_like(valid).scatter_(-1, order, valid & ~(in_sink | in_window))
         self._dropped(keys, values, positions[:, 0], gone)
         self.state.clear()
         self._publish()
+
+    def _keep_sink_rotation(self, held_sinks: torch.Tensor | None) -> None:
+        """After a compaction: keep the sinks' keys as first rotated, then move them next to
+        the window.
+
+        ``sink_keys`` always holds the sinks rotated at their own positions: a call that
+        arrives after re-rotating decode steps holds them moved (they are the keys it attends
+        to), so when the same tokens are still the sinks the earlier copy is kept, never the
+        moved keys (re-rotating those would rotate them twice).
+        """
+        if self.rotation is None:
+            self.sink_keys = None
+            return
+        same = (
+            self.sink_keys is not None
+            and held_sinks is not None
+            and torch.equal(held_sinks, self.positions[:, 0, : self.sink])
+        )
+        if not same:
+            self.sink_keys = self._buf_k[:, :, : self.sink].clone()
+        self._rerotate_sink()
 
     def _rerotate_sink(self) -> None:
         """Move the sink keys' rotation next to the oldest window token (positions in the cache)."""
@@ -331,7 +362,7 @@ class KVLayer(CacheLayerMixin):
             raise ValueError("retain() acts on full layers; a bounded layer keeps sink + window")
         keys, values, positions = self._call
         B, H, C = slots.shape
-        capacity = round_up(C + 1, self.page_size)  # later appends grow it by GROWTH
+        capacity = round_up(C + 1, self.page_size)  # later appends grow it in proportion
         take = torch.nn.functional.pad(slots, (0, capacity - C))
         D, Dv = keys.shape[-1], values.shape[-1]
         self._buf_k = keys.gather(2, take[..., None].expand(B, H, capacity, D))
@@ -405,6 +436,8 @@ class KVLayer(CacheLayerMixin):
             self.positions = fn(self.positions)
         if self.sink_keys is not None:
             self.sink_keys = fn(self.sink_keys)
+        if self.padding_tokens is not None:
+            self.padding_tokens = fn(self.padding_tokens)
         self.state.clear()
         if self.width and not self._pending:
             self._publish()

@@ -316,6 +316,7 @@ def _run_groups(plan: SparsePlan, call: CallInput, layer: HeadGroupsLayer) -> to
         if out is None:
             out = done.new_empty(B, Lq, Hq, done.shape[-1])
         out.index_copy_(2, heads, done)
+    layer.finish_call()  # the groups are done; the layer lets go of the call
     return out
 
 

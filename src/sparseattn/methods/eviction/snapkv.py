@@ -10,7 +10,7 @@ import torch
 from ...cache.layers import KVLayer
 from ...errors import UsageError
 from ...registry import register_policy
-from ...types import AttentionContext, Phase
+from ...types import EMPTY_POSITION, AttentionContext, Phase
 from ..base import knob
 from ..estimators import last_query_probs
 from .base import EvictionPolicy
@@ -106,14 +106,20 @@ class SnapKV(EvictionPolicy):
     keys plus the observation window itself. Budget per row of n prompt tokens (padding
     excluded): with ``capacity`` > 0 each head keeps ``capacity`` prefix keys + the window;
     with ``capacity`` = 0 each head keeps n - floor(compression * n) tokens, window included,
-    but never fewer than the window. Choices: the prompt is compressed once, by the first
-    prefill call of a sequence (later prompt chunks and generated tokens are all kept, as in the
-    paper); the observation window is the call's last ``window`` slots, each row's last tokens
-    under left padding (what ``generate`` does); padding is never scored nor kept and each batch
-    row selects on its own; equal scores (pooling makes them) go to the earlier slot, so a row
-    chooses the same with or without padding before it; a row whose budget covers its prompt
-    keeps it whole, and when every row does the layer stays a full layer (token-identical to no
-    eviction). The model's sliding-window layers keep their window. Scoring materialises
+    but never fewer than the window. Choices: every prompt chunk is compressed after it is
+    attended (chunked prefill, e.g. ``generate(..., prefill_chunk_size=C)``, and any later
+    multi-token call): the chunk's last ``window`` queries score every key the layer holds
+    (the kept keys of earlier chunks and the chunk's own), and the layer keeps the budget of
+    the n tokens seen so far, so memory stays at budget + one chunk whatever the prompt length
+    (the chunked SnapKV of the literature; a single call is the paper's method exactly). Pooling
+    runs over held slots, so after a compaction a kept key's neighbours are the keys held
+    beside it. Generated tokens count towards n and are kept between calls. The observation
+    window is the call's last ``window`` slots, each row's last tokens under left padding (what
+    ``generate`` does); padding is never scored nor kept and each batch row selects on its own;
+    equal scores (pooling makes them) go to the earlier slot, so a row chooses the same with or
+    without padding before it; a row whose budget covers what it holds keeps it whole, and when
+    every row does the layer stays as it is (token-identical to no eviction while nothing was
+    dropped). The model's sliding-window layers keep their window. Scoring materialises
     (B, Hq, window, L) fp32 attention probabilities once per layer.
     """
 
@@ -165,21 +171,43 @@ class SnapKV(EvictionPolicy):
         return top_per_head(scores, capacities)
 
     def after_prefill(self, layer: KVLayer, query: torch.Tensor, ctx: AttentionContext) -> None:
-        if ctx.phase is not Phase.PREFILL or layer.bounded or layer.positions is not None:
-            return  # later prompt chunks are kept; sliding layers keep their own window
-        keys = layer.call_view()[0]
-        w = min(self.window, ctx.kv_len)
+        if layer.bounded:
+            return  # sliding layers keep their own window
+        keys, _, positions = layer.call_view()
+        w = min(self.window, ctx.q_len, ctx.kv_len)
         prefix = ctx.kv_len - w
+        tokens = prompt_tokens(layer, ctx)
         if prefix == 0:
             return
+        held = held_prefix(ctx, positions, prefix)  # (B, Hkv or 1, Lp) bool
+        before = held.sum(-1).amax(-1).tolist()  # widest head of each row
+        caps = self.capacities(layer, tokens, [max(t - w, 0) for t in tokens])
+        if all(c >= b for c, b in zip(caps, before)):
+            return  # every row keeps what it holds
+        scores = observation_scores(query, keys, ctx, w, self.kernel)
+        scores = scores.masked_fill(~held, float("-inf"))
+        keep = self.choose(scores, caps) & held
+        retain_prefix(layer, keep, ctx.kv_len)
+
+
+def prompt_tokens(layer: KVLayer, ctx: AttentionContext) -> list[int]:
+    """Tokens each row has seen so far, padding excluded (what the compression rate applies to).
+
+    The padding count of a row is read from its first call (left padding sits there) and kept
+    on the layer, so later chunks, whose keys may be compacted already, count from it.
+    """
+    if ctx.phase is Phase.PREFILL or layer.padding_tokens is None:
         if ctx.key_valid is None:
-            tokens, before = [ctx.kv_len] * ctx.batch, [prefix] * ctx.batch
+            layer.padding_tokens = torch.zeros(ctx.batch, dtype=torch.long, device=ctx.device)
         else:
-            valid = ctx.key_valid.long()
-            counts = torch.stack([valid.sum(-1), valid[:, :prefix].sum(-1)]).tolist()
-            tokens, before = counts
-        caps = self.capacities(layer, tokens, before)
-        if caps == before:
-            return  # every row keeps its whole prompt
-        scores = observation_scores(query, keys, ctx, self.window, self.kernel)
-        retain_prefix(layer, self.choose(scores, caps), ctx.kv_len)
+            layer.padding_tokens = (~ctx.key_valid).sum(-1)  # (B,)
+    return (layer.seen - layer.padding_tokens).tolist()  # one host read per prompt chunk
+
+
+def held_prefix(ctx: AttentionContext, positions: torch.Tensor | None, prefix: int) -> torch.Tensor:
+    """(B, Hkv or 1, Lp) bool: prefix slots holding a real (non-padding, non-empty) key."""
+    if positions is not None:
+        return positions[..., :prefix] != EMPTY_POSITION
+    if ctx.key_valid is not None:
+        return ctx.key_valid[:, None, :prefix]
+    return torch.ones(ctx.batch, 1, prefix, dtype=torch.bool, device=ctx.device)

@@ -4,6 +4,8 @@ selected once per forward, and min_length="auto" follows an injected crossover."
 from __future__ import annotations
 
 import json
+import multiprocessing
+import threading
 
 import pytest
 import torch
@@ -158,6 +160,64 @@ def test_crossover_is_cached_on_disk(tmp_path, monkeypatch):
     with crossover.measured_by(lambda k: 5000, persist=True):
         assert crossover.crossover(other) == 5000
     assert len(json.loads((tmp_path / "crossover.json").read_text())) == 2
+
+
+def test_crossover_key_names_threads_kernel_build_and_version(monkeypatch):
+    """A crossover measured at one thread count, kernel build or package version is never
+    reused at another."""
+    key = crossover.LayoutKey("cpp", "cpu", "float32", 9, 3, 64, 128)
+    before = key.text
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert key.text != before
+    finally:
+        torch.set_num_threads(threads)
+    assert key.text == before
+    crossover.kernel_build.cache_clear()
+    monkeypatch.setattr(crossover.cpp, "_FLAGS", [*crossover.cpp._FLAGS, "-DANOTHER_BUILD"])
+    assert key.text != before  # the kernel's compile flags (or sources) changed
+    monkeypatch.undo()
+    crossover.kernel_build.cache_clear()
+    assert key.text == before
+    monkeypatch.setattr(crossover, "package_version", lambda: "0.0.0-another")
+    assert key.text != before
+
+
+def _write_after_both_read(path, text: str, length: int, barrier) -> None:
+    """One writer process: ``crossover._write``, pausing right after it reads the file until
+    the other writer has read it too (or 2 s have passed: under a lock it never will)."""
+    read = crossover._read
+
+    def read_then_wait(where):
+        entries = read(where)
+        try:
+            barrier.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return entries
+
+    crossover._read = read_then_wait
+    crossover._write(path, text, length)
+
+
+def test_concurrent_writers_keep_both_crossovers(tmp_path):
+    """Two processes that measured different layouts at once both keep their entry (no
+    read-modify-write race: the file is read again and merged under a lock)."""
+    path = tmp_path / "crossover.json"
+    path.write_text(json.dumps({"earlier": 1}))
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    writers = [
+        context.Process(target=_write_after_both_read, args=(path, text, n, barrier))
+        for text, n in (("first", 2), ("second", 3))
+    ]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=30)
+        assert writer.exitcode == 0
+    assert json.loads(path.read_text()) == {"earlier": 1, "first": 2, "second": 3}
 
 
 @pytest.mark.parametrize("method", [None, XAttention(block_size=32)], ids=["kernel", "xattention"])

@@ -9,7 +9,8 @@ import statistics
 
 import pytest
 
-from sparseattn.bench.report import write_report
+from sparseattn.bench.report import tables, write_report
+from sparseattn.bench.summary import summarize
 
 
 def synthetic_records():
@@ -143,3 +144,62 @@ def test_report_files_are_self_contained(report_dir):
     assert page.count("data:image/png;base64,") == len(names)
     for name in names:
         assert (path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pooled_column_leaves_out_cells_dense_by_construction():
+    """A decode-only setting (no prefill method, no eviction) runs the prompt exactly as dense
+    does, so on fidelity (which scores the prompt alone) it equals dense by construction: the
+    pooled ALL figure leaves that cell out. It keeps fidelity for a setting with a prefill
+    method or an eviction policy, and every other task for all of them."""
+    phases = {
+        "dense": {"prefill": "dense", "decode": "dense", "evict": None},
+        "quest[budget=64]": {"prefill": "dense", "decode": "quest", "evict": None},
+        "streaming[window=64]": {"prefill": "streaming", "decode": "streaming", "evict": None},
+        "evict=snapkv[capacity=64]": {"prefill": "dense", "decode": "dense", "evict": "snapkv"},
+        "tokenselect[budget=64]": {"prefill": "dense", "decode": "tokenselect", "evict": None},
+    }
+    scores = {  # (fidelity, niah) per sample 0..3
+        "dense": ([1.0] * 4, [1.0, 1.0, 0.0, 1.0]),
+        "quest[budget=64]": ([1.0] * 4, [0.0, 1.0, 0.0, 0.0]),
+        "streaming[window=64]": ([0.6, 0.7, 0.5, 0.6], [0.0, 1.0, 0.0, 0.0]),
+        "evict=snapkv[capacity=64]": ([1.0] * 4, [1.0, 0.0, 0.0, 1.0]),
+        "tokenselect[budget=64]": ([1.0] * 4, None),  # fidelity alone: nothing to pool
+    }
+    records = []
+    for setting, (fidelity, niah) in scores.items():
+        for task, values in (("fidelity", fidelity), ("niah[depth=0.5]", niah)):
+            for sample, score in enumerate(values or []):
+                records.append(
+                    {
+                        "task": task,
+                        "length": 1000,
+                        "sample": sample,
+                        "setting": setting,
+                        "method": setting.split("[")[0],
+                        "phase_policy": phases[setting],
+                        "score": score,
+                        "prefill_density": 1.0,
+                        "prefill_s": 1.0,
+                    }
+                )
+    rows = summarize(records)
+    pooled = {r.setting: r for r in rows if r.task == "ALL"}
+    cell = {(r.task, r.setting): r for r in rows}
+
+    quest, niah_quest = pooled["quest[budget=64]"], cell[("niah[depth=0.5]", "quest[budget=64]")]
+    assert quest.n_samples == 4  # niah alone
+    assert quest.score_mean == pytest.approx(0.25)
+    assert quest.score_delta == pytest.approx(niah_quest.score_delta) == pytest.approx(-0.5)
+    assert ("fidelity", "quest[budget=64]") in cell  # the task's own column keeps it
+    assert "tokenselect[budget=64]" not in pooled
+
+    for setting in ("streaming[window=64]", "evict=snapkv[capacity=64]", "dense"):
+        row = pooled[setting]
+        fidelity, niah = scores[setting]
+        assert row.n_samples == 8
+        assert row.score_mean == pytest.approx(statistics.fmean(fidelity + niah))
+    assert pooled["streaming[window=64]"].score_delta == pytest.approx((-0.4 - 0.5) / 2)
+
+    [(_, header, body)] = tables(rows)  # a setting with nothing pooled still gets its line
+    line = next(line for line in body if line[0] == "tokenselect[budget=64]")
+    assert line[header.index("ALL")] == "" and line[header.index("prefill speedup")] == "-"

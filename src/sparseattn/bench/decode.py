@@ -1,11 +1,11 @@
 """Decode benchmark: seconds per generated token, transformers' own SDPA vs the hook's dense path
-vs one or more settings, in one run, from the same prefilled prompt; with KV bytes and peak memory per
-setting, and the ceiling (dense decode over a cache of the size the setting keeps).
+vs one or more settings, in one run, each from its own prefill of the same prompt; with KV bytes
+and peak memory per setting (its own prefill and its decode steps), and the ceiling (dense decode
+over a cache of the size the setting keeps).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -46,22 +46,20 @@ def decode_steps(model, cache, first: torch.Tensor, steps: int) -> float:
 
 
 def run_setting(
-    model, setting: Setting, cache, first, steps: int, options: HookOptions, prompt=None
+    model, setting: Setting, prompt: torch.Tensor, batch: int, steps: int, options: HookOptions
 ) -> dict[str, Any]:
-    """Decode ``steps`` tokens under ``setting`` from a copy of ``cache`` (or a fresh prefill of
-    ``prompt`` inside the block when the policy scores the prompt's queries)."""
-    device = first.device
-    policy = setting.parts[2]
-    fresh = policy is not None and policy.needs_queries
-    work = None if fresh else copy.deepcopy(cache)  # before the peak scope: shared, not added
+    """Prefill ``prompt`` (repeated ``batch`` times) and decode ``steps`` tokens under
+    ``setting``, both inside one peak-memory scope: the peak is the setting's own prefill (its
+    prefill method, its eviction policy's compaction) and its decode steps; the seconds are the
+    decode steps' alone."""
+    device = prompt.device
     with (
         PeakMemory(device) as peak,
         sparse_attention(
             model, **setting.hook_kwargs(), **{**options.kwargs(), "timing": device.type == "cpu"}
         ) as stats,
     ):
-        if fresh:
-            work, first = prefill_cache(model, prompt, first.shape[0])
+        work, first = prefill_cache(model, prompt, batch)
         seconds = decode_steps(model, work, first, steps)
         kv_bytes = cache_nbytes(work)
         held = [layer.get_seq_length() for layer in work.layers]
@@ -96,12 +94,14 @@ def run_decode_bench(
     """One record per (length, batch, setting): seconds per token of transformers' SDPA, of the hook's
     dense path and of ``setting``, their ratios, KV bytes and per-setting peak memory.
 
-    Every measurement decodes from a copy of one dense prefill (repeated over the batch), so all
-    attend to the same context; the copy is made before each setting's peak-memory scope, so a
-    peak is what that setting reached while decoding (a policy that scores the prompt's queries
-    prefills inside its own scope), and settings never inherit each other's peaks. The ceiling
-    is the hook's dense decode over a prompt of the size the setting reads per step (kept tokens
-    x measured density): no sparse decode can beat it.
+    Every measurement (transformers' SDPA, the hook's dense path, each setting, each ceiling)
+    prefills the same prompt itself (once, repeated over the batch) and decodes from that cache,
+    both inside its own peak-memory scope: a peak is what that setting reached over its own
+    prefill (a prefill method, a policy that changes the prompt's attention or compacts the
+    prompt's cache) and its decode steps, and settings never inherit each other's peaks or
+    caches. Seconds per token time the decode steps alone. The ceiling is the hook's dense
+    decode over a prompt of the size the setting reads per step (kept tokens x measured
+    density): no sparse decode can beat it.
     """
     options = options or HookOptions(min_length=0)
     device = next(model.parameters()).device
@@ -109,34 +109,23 @@ def run_decode_bench(
     for length in lengths:
         prompt = benchmark_input(tokenizer, length, seed).to(device)
         for batch in batches:
-            cache, first = prefill_cache(model, prompt, batch)
-            own_cache = copy.deepcopy(cache)
             with PeakMemory(device) as own_peak:
+                own_cache, first = prefill_cache(model, prompt, batch)
                 own_s = decode_steps(model, own_cache, first, steps)
-            del own_cache
-            dense = run_setting(model, DENSE, cache, first, steps, options)
+            del own_cache, first
+            dense = run_setting(model, DENSE, prompt, batch, steps, options)
             for each in settings:
                 yield _record(
-                    model,
-                    each,
-                    cache,
-                    first,
-                    prompt,
-                    steps,
-                    options,
-                    own_s,
-                    own_peak,
-                    dense,
-                    ceiling,
+                    model, each, prompt, batch, steps, options, own_s, own_peak, dense, ceiling
                 )
 
 
 def _record(
-    model, setting, cache, first, prompt, steps, options, own_s, own_peak, dense, ceiling
+    model, setting, prompt, batch, steps, options, own_s, own_peak, dense, ceiling
 ) -> dict[str, Any]:
-    device = first.device
-    length, batch = prompt.shape[-1], first.shape[0]
-    sparse = run_setting(model, setting, cache, first, steps, options, prompt)
+    device = prompt.device
+    length = prompt.shape[-1]
+    sparse = run_setting(model, setting, prompt, batch, steps, options)
     record = {
         "model": str(model.config._name_or_path),
         "setting": setting.label,
@@ -166,8 +155,7 @@ def _record(
     }
     if ceiling:
         read = max(1, round(sparse["kept_tokens"] * (sparse["density"] or 1.0)))
-        small_cache, small_first = prefill_cache(model, prompt[:, -read:], batch)
-        top = run_setting(model, DENSE, small_cache, small_first, steps, options)
+        top = run_setting(model, DENSE, prompt[:, -read:], batch, steps, options)
         record.update(
             ceiling_tokens=read,
             ceiling_s_per_token=round(top["s_per_token"], 5),

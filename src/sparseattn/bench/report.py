@@ -68,11 +68,11 @@ def tables(rows: list[SummaryRow]) -> list[tuple[int, list[str], list[list[str]]
                     continue
                 text = f"{r.score_mean:.2f}" + _versus_dense(r) + (" *" if r.pareto else "")
                 line.append(text + ("" if r.informative else " (uninformative)"))
-            overall = cell[("ALL", setting)]
+            overall = cell.get(("ALL", setting))  # None: every cell is dense by construction
             line += [
-                _fmt(overall.prefill_density_mean, 3),
-                _fmt(overall.prefill_speedup),
-                _fmt(overall.decode_speedup),
+                _fmt(overall and overall.prefill_density_mean, 3),
+                _fmt(overall and overall.prefill_speedup),
+                _fmt(overall and overall.decode_speedup),
             ]
             body.append(line)
         out.append((length, header, body))
@@ -94,7 +94,9 @@ def write_markdown(rows, records, images, path: Path) -> None:
         "(score, measured prefill density) for that task and length, where only real "
         "differences count (a setting indistinguishable from dense ranks with dense); "
         "`(uninformative)` = dense scores below 0.3 there, so the cell says little about "
-        "sparsity. Density is measured (fraction of causal pairs computed); speedups are dense "
+        "sparsity. `ALL` pools the tasks, leaving out cells where a setting equals dense by "
+        "construction (a decode-only setting on `fidelity`, which scores the prompt alone). "
+        "Density is measured (fraction of causal pairs computed); speedups are dense "
         "time / setting time from the same run.",
         "",
     ]
@@ -124,7 +126,9 @@ def write_html(rows, records, images, path: Path) -> None:
         "<p>Mean score; Δ / ll = paired difference from dense in score / answer "
         "log-likelihood (nats) with its 95% bootstrap interval (↑ better, ↓ worse, = "
         "indistinguishable); <b>*</b> Pareto-optimal (score vs measured prefill density, only "
-        "real differences count); grey = uninformative (dense below 0.3). Speedups: dense "
+        "real differences count); grey = uninformative (dense below 0.3); ALL pools the "
+        "tasks, leaving out cells where a setting equals dense by construction (a decode-only "
+        "setting on fidelity, which scores the prompt alone). Speedups: dense "
         "time / setting time, same run.</p>",
     ]
     for length, header, body in tables(rows):

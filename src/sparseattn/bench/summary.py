@@ -58,6 +58,20 @@ def _speedup(dense: dict[int, dict], mine: dict[int, dict], key: str) -> float |
 
 
 LEVELS = {"better": 1, "indistinguishable": 0, "reference": 0, "worse": -1}
+PROMPT_ONLY_TASKS = frozenset({"fidelity"})  # scored on the prompt alone (tasks/documents.py)
+
+
+def dense_by_construction(record: dict[str, Any]) -> bool:
+    """True for a record of a decode-only setting (no prefill method, no eviction policy) on a
+    task that scores the prompt alone: the setting runs the prompt exactly as dense does, so
+    its figures there are dense's by construction and say nothing about it."""
+    phases = record.get("phase_policy") or {}
+    decode_only = (
+        phases.get("prefill") == "dense"
+        and phases.get("evict") is None
+        and phases.get("decode") not in (None, "dense")
+    )
+    return decode_only and record["task"].split("[", 1)[0] in PROMPT_ONLY_TASKS
 
 
 def score_level(row: SummaryRow) -> float:
@@ -80,12 +94,20 @@ def pareto_flags(rows: list[SummaryRow]) -> None:
 
 
 def summarize(records: list[dict[str, Any]]) -> list[SummaryRow]:
-    """One SummaryRow per (task, length, setting), plus task "ALL" means per (length, setting)."""
+    """One SummaryRow per (task, length, setting), plus task "ALL" means per (length, setting).
+
+    "ALL" pools the tasks of a setting, leaving out the cells where it equals dense by
+    construction (``dense_by_construction``: a decode-only setting on fidelity); their rows
+    per task stay.
+    """
     cells: dict[tuple, dict[int, dict]] = defaultdict(dict)
     methods: dict[str, str] = {}
+    unpooled: set[tuple] = set()  # (task, length, setting) left out of "ALL"
     for r in records:
         cells[(r["task"], r["length"], r["setting"])][r["sample"]] = r
         methods[r["setting"]] = r["method"]
+        if dense_by_construction(r):
+            unpooled.add((r["task"], r["length"], r["setting"]))
     rows: list[SummaryRow] = []
     differences: dict[tuple, list] = defaultdict(list)  # (length, setting): [(mine, dense)]
     for (task, length, setting), by_sample in sorted(cells.items()):
@@ -110,7 +132,8 @@ def summarize(records: list[dict[str, Any]]) -> list[SummaryRow]:
         )
         if dense:
             compare(rows[-1], [(by_sample, dense)])
-            differences[(length, setting)].append((by_sample, dense))
+            if (task, length, setting) not in unpooled:
+                differences[(length, setting)].append((by_sample, dense))
     groups: dict[tuple, list[SummaryRow]] = defaultdict(list)
     for row in rows:
         groups[(row.task, row.length)].append(row)
@@ -119,7 +142,8 @@ def summarize(records: list[dict[str, Any]]) -> list[SummaryRow]:
         for row in group:
             row.informative = dense_row is None or dense_row.score_mean >= 0.3
         pareto_flags(group)
-    rows += _aggregate_all(rows, differences)
+    pooled = [r for r in rows if (r.task, r.length, r.setting) not in unpooled]
+    rows += _aggregate_all(pooled, differences)
     return rows
 
 

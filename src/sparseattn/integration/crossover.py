@@ -1,9 +1,12 @@
 """Automatic ``min_length``: the key length from which a setting's sparse path beats dense.
 
 Measured once per (method and knobs, kernel, device, dtype, head layout, tile size, torch,
-CPU) and cached in the user cache directory (``crossover.json`` under
-``sparseattn.backends.cpp.cache_dir()``), so a process pays for it once per machine, setting
-and head layout, never inside the package. The measurement is a short timing, in the same run,
+CPU, thread count, sparseattn version and, for the C++ kernel, its build) and cached in the
+user cache directory (``crossover.json`` under ``sparseattn.backends.cpp.cache_dir()``), so a
+process pays for it once per machine, setting and head layout, never inside the package. The
+file is shared by every process of the user: an entry is merged into it under an exclusive
+lock (``crossover.json.lock``), the file read again inside the lock, so processes measuring at
+once all keep their entries. The measurement is a short timing, in the same run,
 of the model's dense path (SDPA, causal) and of the sparse path at each length of a ladder:
 the method's own estimation on random queries and keys (its cost hardly depends on the data),
 then ``TYPICAL_DENSITY`` of random tiles through the kernel (the density a method reaches on
@@ -19,6 +22,8 @@ inject the measurement (``measured_by``) so they never depend on timing.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import os
 import statistics
@@ -27,11 +32,17 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..backends import cpp
 from ..types import AttentionContext, Phase
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: entries are merged without a lock between processes
+    fcntl = None
 
 LADDER = (256, 512, 1024, 2048, 4096, 8192)
 NEVER = 2**31 - 1  # a crossover past every length measured: sparse never runs
@@ -56,12 +67,37 @@ class LayoutKey:
 
     @property
     def text(self) -> str:
+        """The layout, then what it was measured under now: torch, CPU, thread count,
+        sparseattn version and, for the C++ kernel, its build."""
         cpu = cpp.cpu_id()
+        build = f"|kernel {kernel_build()}" if self.kernel == "cpp" else ""
         return (
             f"{self.method}|{self.kernel}|{self.device}|{self.dtype}|{self.num_q_heads}x"
             f"{self.num_kv_heads}x{self.head_dim}|b{self.block_size}|torch {torch.__version__}"
-            f"|{cpu}"
+            f"|{cpu}|threads {torch.get_num_threads()}|sparseattn {package_version()}{build}"
         )
+
+
+@functools.cache
+def kernel_build() -> str:
+    """The build of the C++ kernel this process runs: the digest its library is named by
+    (sources, torch, compiler, flags, CPU; see ``cpp.library_path``)."""
+    cxx = cpp.compiler()
+    if cxx is None:
+        return "no-compiler"
+    try:
+        return cpp.library_path(cxx).stem.removeprefix("block_sparse_")
+    except OSError:  # a source file is missing: the kernel cannot be built at all
+        return "no-source"
+
+
+@functools.cache
+def package_version() -> str:
+    """The installed sparseattn version (its metadata; "unknown" when not installed)."""
+    try:
+        return importlib.metadata.version("sparseattn")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def method_label(method) -> str:
@@ -185,16 +221,32 @@ def crossover(key: LayoutKey, method=None) -> int:
         return length
 
 
-def _write(path, text: str, length: int) -> None:
-    """Merge one entry into the cache file (atomic replace); a read-only cache is skipped."""
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` + ".lock" (beside it) between processes."""
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def _write(path: Path, text: str, length: int) -> None:
+    """Merge one entry into the cache file: under the lock, read the file again (entries other
+    processes wrote since this one read it are kept), add the entry, replace the file
+    atomically. A read-only cache is skipped."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        entries = _read(path)
-        entries[text] = length
-        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(entries, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        with _locked(path):
+            entries = _read(path)
+            entries[text] = length
+            fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(entries, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
     except OSError:
         pass
 

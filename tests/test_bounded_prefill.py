@@ -211,3 +211,26 @@ def test_rerotated_sinks_rotate_once_after_a_call_following_decode_steps():
     torch.testing.assert_close(
         layer.keys[:, :, :sink], reference.layers[0].keys[:, :, :sink], atol=1e-5, rtol=1e-5
     )
+
+
+def test_prompt_memory_sweep_holds_the_budget_per_length():
+    """``bench memory --prompt-tokens A,B`` records per length: the cache a chunked SnapKV keeps
+    is the budget of the tokens seen (held bytes from the policy's arithmetic), dense's is the
+    whole prompt, and the peak is measured per run (resident high-water mark reset)."""
+    from sparseattn import load_model
+    from sparseattn.bench.memory import run_prompt_memory
+    from sparseattn.setting import Setting
+
+    model, tok = load_model("tiny-random-llama")
+    config = model.config
+    per_token = 2 * config.num_key_value_heads * config.head_dim * 4 * config.num_hidden_layers
+    snap = Setting.parse("evict=snapkv[compression=0.75,window=8];chunk=64")
+    assert Setting.parse(snap.label) == snap  # the label round-trips, chunk included
+    lengths = [256, 512]
+    for setting, kept in [(Setting(), lambda n: n + 3), (snap, lambda n: budget(n, 0.75) + 3)]:
+        records = list(run_prompt_memory(model, tok, setting, lengths, new_tokens=3))
+        assert [r["prompt_tokens"] for r in records] == lengths
+        for r in records:
+            assert r["kv_held_bytes"] == kept(r["prompt_tokens"]) * per_token
+            assert r["kv_bytes"] >= r["kv_held_bytes"]
+            assert r["peak_added_mb"] is not None and r["peak_memory_method"]

@@ -235,9 +235,12 @@ def cmd_bench(args) -> int:
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
     if args.plot:
-        from .bench.plots import memory_curves, recall_curves
+        from .bench.plots import memory_curves, prompt_memory_curves, recall_curves
 
-        (memory_curves if args.kind == "memory" else recall_curves)(records, args.plot)
+        if args.kind == "memory" and records and "prompt_tokens" in records[0]:
+            prompt_memory_curves(records, args.plot)
+        else:
+            (memory_curves if args.kind == "memory" else recall_curves)(records, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0
 
@@ -267,20 +270,32 @@ def _bench_runs(args, model, tok, setting, options, lengths: list[int]):
 
 
 def _memory_runs(args, model, tok, setting, options):
-    from .bench.memory import dense_window_nll, run_memory_bench
+    from .bench.memory import dense_window_nll, run_memory_bench, run_prompt_memory
 
-    tokens = parse_lengths(args.tokens)[0]
+    prompts = parse_lengths(args.prompt_tokens)
+    if len(prompts) > 1:  # the sweep: peak memory and KV bytes vs prompt length
+        yield from run_prompt_memory(
+            model,
+            tok,
+            setting,
+            prompts,
+            new_tokens=parse_lengths(args.tokens or "8")[0],
+            options=options,
+            progress=not args.json,
+        )
+        return
+    tokens = parse_lengths(args.tokens or "20k")[0]
     yield from run_memory_bench(
         model,
         tok,
         setting,
         tokens,
-        prompt=args.prompt_tokens,
+        prompt=prompts[0],
         every=args.every,
         options=options,
         progress=not args.json,
     )
-    context = min(args.prompt_tokens + tokens, getattr(model.config, "max_position_embeddings", 0))
+    context = min(prompts[0] + tokens, getattr(model.config, "max_position_embeddings", 0))
     if args.dense_reference and context > args.every:
         yield from dense_window_nll(model, tok, context, args.every)
 
@@ -717,8 +732,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch", type=int, nargs="*", help="decode: batch sizes, e.g. --batch 1 4 (default 1)"
     )
-    p.add_argument("--tokens", default="20k", help="memory: tokens streamed after the prompt")
-    p.add_argument("--prompt-tokens", type=int, default=1024, help="memory: prompt length")
+    p.add_argument(
+        "--tokens",
+        help="memory: tokens streamed after the prompt (default 20k), or generated after each "
+        "prompt of a --prompt-tokens sweep (default 8)",
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        default="1024",
+        help="memory: prompt length; a comma list (e.g. 8k,16k,32k) measures peak memory and KV "
+        "bytes vs prompt length instead of a stream (chunked with chunk=N in --setting)",
+    )
     p.add_argument("--every", type=int, default=512, help="memory: tokens per record")
     p.add_argument(
         "--dense-reference",

@@ -1,7 +1,7 @@
 """What a run is made of: named things with fixed knobs (methods, policies, tasks) and settings.
 
 A ``Setting`` is the triple the hook takes: a prefill method, a decode method and an eviction
-policy, each a ``Spec``. It is validated and built once (``Setting.parts``); benchmarks, the
+policy, each a ``Spec``, plus how the prompt is fed (whole, or in chunks of ``chunk`` tokens). It is validated and built once (``Setting.parts``); benchmarks, the
 frontier and reports all use the same objects and the same labels.
 """
 
@@ -69,6 +69,13 @@ class Setting:
     prefill: Spec = DENSE
     decode: Spec = DENSE
     evict: Spec | None = None
+    chunk: int | None = None  # prompt tokens per forward (chunked prefill); None: the whole prompt
+
+    def __post_init__(self) -> None:
+        if self.chunk is not None and (
+            isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1
+        ):
+            raise UsageError(f"chunk={self.chunk!r} must be an integer >= 1 (prompt tokens)")
 
     @classmethod
     def single(cls, method: str, knobs: dict[str, Any] | None = None) -> Setting:
@@ -78,16 +85,23 @@ class Setting:
     @classmethod
     def parse(cls, text: str) -> Setting:
         """'xattention[threshold=0.9]' (one method for every phase it supports) or roles joined
-        by ';': 'prefill=xattention;decode=quest[budget=512];evict=streaming'."""
+        by ';': 'prefill=xattention;decode=quest[budget=512];evict=streaming;chunk=2048'
+        (``chunk``: the prompt is fed in chunks of that many tokens)."""
         if "=" not in text.split("[", 1)[0]:
             spec = Spec.parse(text)
             return cls.single(spec.name, spec.knobs)
-        parts: dict[str, Spec] = {}
+        parts: dict[str, Any] = {}
         for item in filter(None, (p.strip() for p in text.split(";"))):
             role, _, spec = item.partition("=")
+            role = role.strip()
+            if role == "chunk":
+                value = parse_value(spec.strip())
+                parts["chunk"] = value
+                continue
             if role not in ("prefill", "decode", "evict"):
                 raise UsageError(
-                    f"bad setting {text!r}: roles are prefill=, decode=, evict= (got {role!r})"
+                    f"bad setting {text!r}: roles are prefill=, decode=, evict=, chunk= "
+                    f"(got {role!r})"
                 )
             parts[role] = Spec.parse(spec)
         return cls(**parts)
@@ -99,13 +113,15 @@ class Setting:
     @property
     def label(self) -> str:
         """How records and reports name the setting (one method keeps its own label)."""
-        if self.is_single and self.evict is None:
+        if self.is_single and self.evict is None and self.chunk is None:
             return self.prefill.label
         parts = [self.prefill.label] if self.is_single and self.prefill != DENSE else []
         if not self.is_single:
             parts += [f"prefill={self.prefill.label}", f"decode={self.decode.label}"]
         if self.evict is not None:
             parts.append(f"evict={self.evict.label}")
+        if self.chunk is not None:
+            parts.append(f"chunk={self.chunk}")
         return ";".join(parts)
 
     @property
@@ -117,6 +133,8 @@ class Setting:
             names = [self.prefill.name, self.decode.name]
         if self.evict is not None:
             names.append(f"evict:{self.evict.name}")
+        if self.chunk is not None:
+            names.append("chunked")
         return "+".join(names)
 
     def phase_policy(self) -> dict[str, str | None]:
@@ -153,6 +171,7 @@ class Setting:
             "evict": None
             if self.evict is None
             else {"name": self.evict.name, "knobs": self.evict.knobs},
+            "chunk": self.chunk,
         }
 
     @classmethod
@@ -162,4 +181,5 @@ class Setting:
             prefill=Spec(data["prefill"]["name"], data["prefill"]["knobs"]),
             decode=Spec(data["decode"]["name"], data["decode"]["knobs"]),
             evict=None if evict is None else Spec(evict["name"], evict["knobs"]),
+            chunk=data.get("chunk"),
         )

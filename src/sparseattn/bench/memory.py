@@ -1,4 +1,5 @@
-"""Memory benchmark: a long stream decoded token by token under a setting (StreamingLLM's test).
+"""Memory benchmark: a long stream decoded token by token under a setting (StreamingLLM's test),
+and the peak memory of a prompt of each length (``run_prompt_memory``).
 
 A long generated text is fed one token per step after a short prompt (teacher forcing, so the
 text is the same for every setting). Every ``every`` steps the record holds the cache bytes,
@@ -15,14 +16,15 @@ from typing import Any
 
 import torch
 
-from ..cache import cache_nbytes
+from ..cache import cache_nbytes, cache_held_bytes
 from ..integration.compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
 from ..integration.stats import timed
 from ..setting import Setting
-from .peak import rss_mb
+from .peak import PeakMemory, rss_mb
 from .prefill import benchmark_input
+from .runner import chunked_forward
 
 
 @torch.inference_mode()
@@ -53,7 +55,7 @@ def run_memory_bench(
     text = benchmark_input(tokenizer, prompt + tokens + 1, seed).to(device)
     with sparse_attention(model, **setting.hook_kwargs(), **options.kwargs()):
         start = timed(device)
-        out = model(input_ids=text[:, :prompt], use_cache=True, logits_to_keep=1)
+        out = chunked_forward(model, text[:, :prompt], setting.chunk)
         cache = output_cache(out)
         yield _record(setting, prompt, 0, cache, timed(device) - start, None, 0)
         nll, count, start = 0.0, 0, timed(device)
@@ -98,3 +100,69 @@ def dense_window_nll(model, tokenizer, length: int, every: int, seed: int = 0) -
         chunk = float(nll[end - every : end].mean())
         out.append({"setting": "dense", "seen_tokens": end, "nll": chunk, "ppl": math.exp(chunk)})
     return out
+
+
+@torch.inference_mode()
+def run_prompt_memory(
+    model,
+    tokenizer,
+    setting: Setting,
+    lengths: list[int],
+    *,
+    new_tokens: int = 8,
+    options: HookOptions | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Yield, per prompt length, the memory a setting adds to read the prompt and generate.
+
+    The prompt (fed in ``setting.chunk`` tokens per forward when set) and ``new_tokens`` greedy
+    steps run inside one peak-memory scope (``PeakMemory``: the resident high-water mark is
+    reset first, so the peak is this run's, not the process's since start). A short prompt
+    runs first, outside the scope, so no kernel build or first-call allocation is counted.
+
+    Record: ``peak_added_mb`` (peak during the run minus the resident size before it: the
+    cache, the activations of one forward, the method's state), ``kv_bytes`` (what the cache
+    allocates after the run, everything counted) and ``kv_held_bytes`` (the keys and values
+    of the tokens it holds).
+    """
+    from tqdm.auto import tqdm
+
+    options = options or HookOptions()
+    device = next(model.parameters()).device
+    with sparse_attention(model, **setting.hook_kwargs(), **options.kwargs()):
+        warm = benchmark_input(tokenizer, 256, seed).to(device)
+        _generate(model, warm, setting.chunk and min(setting.chunk, 128), 2)
+        for length in tqdm(lengths, disable=not progress, desc=setting.label, unit="prompt"):
+            ids = benchmark_input(tokenizer, length, seed).to(device)
+            with PeakMemory(device) as peak:
+                start = timed(device)
+                cache = _generate(model, ids, setting.chunk, new_tokens)
+                seconds = timed(device) - start
+                kv_bytes, held = cache_nbytes(cache), cache_held_bytes(cache)
+            del cache
+            yield {
+                "setting": setting.label,
+                "prompt_tokens": length,
+                "chunk": setting.chunk,
+                "new_tokens": new_tokens,
+                "peak_added_mb": None
+                if peak.peak_mb is None
+                else peak.peak_mb - (peak.start_mb or 0.0),
+                "peak_mb": peak.peak_mb,
+                "peak_memory_method": peak.method,
+                "kv_bytes": kv_bytes,
+                "kv_held_bytes": held,
+                "seconds": seconds,
+            }
+
+
+def _generate(model, ids: torch.Tensor, chunk: int | None, steps: int):
+    """Prefill ``ids`` (chunked) and take ``steps`` greedy steps; returns the cache."""
+    out = chunked_forward(model, ids, chunk)
+    cache = output_cache(out)
+    token = out.logits[:, -1:].argmax(-1)
+    for _ in range(steps):
+        out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    return cache

@@ -213,3 +213,31 @@ def memory_curves(records: list[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def prompt_memory_curves(records: list[dict], path: str | Path) -> None:
+    """``bench memory --prompt-tokens A,B,...`` records: peak memory added and KV bytes
+    (allocated) against the prompt length, one line per setting."""
+    panels = [
+        ("peak_added_mb", "peak memory added (MiB)", 1.0),
+        ("kv_bytes", "KV cache after the run (MiB)", 2**-20),
+    ]
+    by_setting: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_setting[r["setting"]].append(r)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, (field, label, scale) in zip(axes[0], panels):
+        for setting, group in sorted(by_setting.items()):
+            xy = sorted(
+                (r["prompt_tokens"], r[field] * scale) for r in group if r.get(field) is not None
+            )
+            if xy:
+                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=setting)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

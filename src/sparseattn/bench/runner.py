@@ -56,13 +56,31 @@ class Prefilled:
 
 
 @torch.inference_mode()
-def prefill(model, ids: torch.Tensor) -> Prefilled:
-    """Run the prompt ``ids`` (1, L) once, timed; the cache is what the forward supplies."""
+def prefill(model, ids: torch.Tensor, chunk: int | None = None) -> Prefilled:
+    """Run the prompt ``ids`` (1, L), timed; the cache is what the first forward supplies.
+
+    With ``chunk`` the prompt goes in forwards of ``chunk`` tokens over one cache (chunked
+    prefill: an eviction policy compresses after every chunk, so memory stays at its budget
+    plus one chunk), as ``generate(..., prefill_chunk_size=chunk)`` feeds it.
+    """
     start = timed(ids.device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    out = chunked_forward(model, ids, chunk)
     prefill_s = timed(ids.device) - start
     logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
     return Prefilled(output_cache(out), logprobs, prefill_s)
+
+
+def chunked_forward(model, ids: torch.Tensor, chunk: int | None = None, cache: Any = None):
+    """The model's output for the last token of ``ids`` (B, L), the prompt fed ``chunk`` tokens
+    per forward over one cache (the whole prompt at once when ``chunk`` is None)."""
+    step = ids.shape[1] if chunk is None else chunk
+    out = None
+    for start in range(0, ids.shape[1], step):
+        part = ids[:, start : start + step]
+        kwargs = {} if cache is None else cache_kwargs(model, cache)
+        out = model(input_ids=part, **kwargs, use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
+    return out
 
 
 @torch.inference_mode()
@@ -159,7 +177,7 @@ class SampleRunner:
         setting's cache takes that cache over and keeps what the policy keeps of it."""
         method, policy = setting.parts[0], setting.parts[2]
         keeps_prefill = policy is None or not (policy.needs_queries or policy.changes_prefill)
-        return keeps_prefill and (
+        return keeps_prefill and setting.chunk is None and (
             setting.prefill.name == "dense" or not (method.phases & {Phase.PREFILL})
         )
 
@@ -219,7 +237,7 @@ class SampleRunner:
             self.model, **setting.hook_kwargs(), **self.options.kwargs()
         ) as stats:
             with PeakMemory(self.device) as peak:
-                own = shared if shared is not None else prefill(self.model, self.ids)
+                own = shared if shared is not None else prefill(self.model, self.ids, setting.chunk)
                 cache = copy.deepcopy(own.cache) if shared is not None else own.cache
                 spare = copy.deepcopy(own.cache) if shared is None and answer_ids else None
                 result = generate_answer(

@@ -10,8 +10,10 @@ from .sparse_cache import (
     SparseCache,
     adopt,
     build_layers,
+    cache_held_bytes,
     cache_nbytes,
     is_empty,
+    shared_state,
 )
 
 __all__ = [
@@ -25,7 +27,9 @@ __all__ = [
     "SparseCache",
     "adopt",
     "build_layers",
+    "cache_held_bytes",
     "cache_nbytes",
     "is_empty",
+    "shared_state",
     "rope_rotation",
 ]

@@ -126,5 +126,8 @@ class CompensatedLayer(KVLayer):
         extra = [self.comp_k, self.comp_v, self.comp_count, self.comp_position, self.bias]
         return super().nbytes() + sum(t.numel() * t.element_size() for t in extra if t is not None)
 
+    def held_nbytes(self) -> int:
+        return super().held_nbytes()  # the compensation token is one held slot
+
     def __repr__(self) -> str:
         return f"CompensatedLayer(held={self.width + self.extra_held}, seen={self.seen})"

@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..integration import compat
-from .layers import KVLayer
+from .layers import KVLayer, state_nbytes
 
 
 @dataclass
@@ -192,10 +192,15 @@ class HeadGroupsLayer(CacheLayerMixin):
         self._call = None
 
     def nbytes(self) -> int:
-        return sum(g.layer.nbytes() for g in self.groups or [])
+        own = [t for t in (*self._index, *self._q_index)]
+        groups = sum(g.layer.nbytes() for g in self.groups or [])
+        return groups + sum(t.numel() * t.element_size() for t in own) + state_nbytes(self.state)
 
     def kv_nbytes(self) -> int:
         return sum(g.layer.kv_nbytes() for g in self.groups or [])
+
+    def held_nbytes(self) -> int:
+        return sum(g.layer.held_nbytes() for g in self.groups or [])
 
     def held_tokens(self) -> torch.Tensor | int:
         """(B, Hkv) tokens held per row and KV head (an int when every head holds the same)."""

@@ -385,10 +385,22 @@ class KVLayer(CacheLayerMixin):
 
     # -- bookkeeping -------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes this layer holds: KV storage, explicit positions, sink copies, method state."""
-        tensors = [self._buf_k, self._buf_v, self.positions, self.sink_keys]
-        tensors += [t for t in _state_tensors(self.state)]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        """Bytes this layer allocates: KV storage (held slots and headroom), explicit positions,
+        sink copies and every decode-method state it carries (page bounds, label caches, ANN
+        indexes)."""
+        tensors = [self._buf_k, self._buf_v, self.positions, self.sink_keys, self.padding_tokens]
+        own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return own + state_nbytes(self.state)
+
+    def held_nbytes(self) -> int:
+        """Bytes of the keys and values of the tokens held (no headroom, no empty slots)."""
+        if self._buf_k is None:
+            return 0
+        B, H, _, D = self._buf_k.shape
+        per_token = (D + self._buf_v.shape[-1]) * self._buf_k.element_size()
+        held = self.held_tokens()
+        tokens = B * H * held if isinstance(held, int) else int(held.sum()) * H // held.shape[1]
+        return tokens * per_token
 
     def kv_nbytes(self) -> int:
         """Bytes of the key/value storage alone."""
@@ -462,14 +474,37 @@ class KVLayer(CacheLayerMixin):
         return f"KVLayer({kind}, held={self.width}, seen={self.seen})"
 
 
-def _state_tensors(state: Any):
+def state_nbytes(state: Any, seen: set[int] | None = None) -> int:
+    """Bytes held by decode-method state: tensors, faiss indexes, and the containers and
+    objects holding them (each object counted once)."""
+    seen = set() if seen is None else seen
+    if id(state) in seen:
+        return 0
+    seen.add(id(state))
     if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for value in state.values():
-            yield from _state_tensors(value)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            yield from _state_tensors(value)
-    elif hasattr(state, "__dict__"):
-        yield from _state_tensors(vars(state))
+        return state.numel() * state.element_size()
+    if type(state).__module__.startswith("faiss"):
+        return faiss_nbytes(state)
+    if isinstance(state, dict):
+        return sum(state_nbytes(value, seen) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(value, seen) for value in state)
+    if hasattr(state, "__dict__"):
+        return state_nbytes(vars(state), seen)
+    return 0
+
+
+def faiss_nbytes(index: Any) -> int:
+    """Bytes of a faiss index without serialising it: stored vectors (fp32), an id map's ids,
+    an HNSW graph's neighbour lists, offsets and levels."""
+    import faiss
+
+    total = 0
+    if hasattr(index, "id_map"):  # IndexIDMap: int64 ids around an inner index
+        total += index.id_map.size() * 8
+        index = faiss.downcast_index(index.index)
+    total += index.ntotal * index.d * 4
+    graph = getattr(index, "hnsw", None)
+    if graph is not None:
+        total += graph.neighbors.size() * 4 + graph.offsets.size() * 8 + graph.levels.size() * 4
+    return total

@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 
 from ..errors import UsageError
 from .groups import HeadGroupsLayer
-from .layers import KVLayer
+from .layers import KVLayer, state_nbytes
 
 CacheLayer = KVLayer | HeadGroupsLayer
 OUR_LAYERS = (KVLayer, HeadGroupsLayer)
@@ -82,8 +82,13 @@ class SparseCache(Cache):
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
-        """Bytes held by every layer (KV storage, explicit positions, decode-method state)."""
+        """Bytes allocated by every layer (KV storage with its headroom, explicit positions,
+        decode-method state) and the state its layers share."""
         return cache_nbytes(self)
+
+    def held_nbytes(self) -> int:
+        """Bytes of the keys and values of the tokens held, nothing else."""
+        return cache_held_bytes(self)
 
     def kv_nbytes(self) -> int:
         """Bytes of key/value storage alone."""
@@ -105,11 +110,44 @@ def layer_nbytes(layer: Any, kv_only: bool = False) -> int:
     return total
 
 
+SHARED_STATE = "sparseattn_shared"  # attribute of a cache: decode state its layers share
+
+
+def shared_state(cache: Cache) -> dict:
+    """The decode state shared by the layers of ``cache`` (a selection one layer makes for the
+    others), kept on the cache so it lives and dies with it and counts in its bytes."""
+    shared = getattr(cache, SHARED_STATE, None)
+    if shared is None:
+        shared = {}
+        setattr(cache, SHARED_STATE, shared)
+    return shared
+
+
 def cache_nbytes(cache: Cache | None, kv_only: bool = False) -> int:
-    """Bytes held by every layer of ``cache`` (0 for None)."""
+    """Bytes allocated by every layer of ``cache`` and its shared state (0 for None).
+
+    With ``kv_only`` the key/value storage alone (allocated slots, headroom included).
+    """
     if cache is None:
         return 0
-    return sum(layer_nbytes(layer, kv_only) for layer in cache.layers)
+    total = sum(layer_nbytes(layer, kv_only) for layer in cache.layers)
+    if not kv_only:
+        total += state_nbytes(getattr(cache, SHARED_STATE, None) or {})
+    return total
+
+
+def cache_held_bytes(cache: Cache | None) -> int:
+    """Bytes of the keys and values of the tokens ``cache`` holds (0 for None): what a cache
+    sized exactly to its content would take."""
+    if cache is None:
+        return 0
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, OUR_LAYERS):
+            total += layer.held_nbytes()
+        else:
+            total += layer_nbytes(layer, kv_only=True)
+    return total
 
 
 def is_empty(cache: Cache) -> bool:

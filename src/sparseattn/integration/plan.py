@@ -31,6 +31,7 @@ from ..cache import (
     adopt,
     build_layers,
     is_empty,
+    shared_state,
 )
 from ..errors import UsageError
 from ..methods.base import Method
@@ -122,9 +123,6 @@ class SparsePlan:
     stats: RunStats
     cache: Cache | None = None  # the cache of the forward running now
     _prepared: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
-    _shared: weakref.WeakKeyDictionary = field(
-        default_factory=weakref.WeakKeyDictionary, repr=False
-    )  # per cache: decode state shared by its layers
     _layouts: dict = field(default_factory=dict, repr=False)
 
     # -- the cache -----------------------------------------------------------------------
@@ -567,7 +565,7 @@ def _decode_view(plan: SparsePlan, k: torch.Tensor, layer: KVLayer | None) -> De
     counters = plan.stats.counters
     if layer is None:  # a cache we only read: no state survives the step
         return DecodeView(k, counters=counters)
-    shared = plan._shared.setdefault(plan.cache, {}) if plan.cache is not None else {}
+    shared = shared_state(plan.cache) if plan.cache is not None else {}
     return DecodeView(
         k,
         layer.state,

@@ -150,11 +150,21 @@ class RunStats:
         self._cache = None if cache is None else weakref.ref(cache)
 
     def kv_bytes(self) -> int | None:
-        """Bytes the latest forward's cache holds now (KV storage, positions, method state)."""
+        """Bytes the latest forward's cache allocates now: KV storage with its headroom and
+        empty slots, explicit positions, and every decode-method state (page bounds, label
+        caches, ANN indexes, state shared across layers)."""
         from ..cache import cache_nbytes
 
         cache = self._cache() if self._cache is not None else None
         return None if cache is None else cache_nbytes(cache)
+
+    def kv_held_bytes(self) -> int | None:
+        """Bytes of the keys and values of the tokens the latest forward's cache holds (what
+        a cache sized exactly to its content would take)."""
+        from ..cache import cache_held_bytes
+
+        cache = self._cache() if self._cache is not None else None
+        return None if cache is None else cache_held_bytes(cache)
 
     def density(self, phase: str = "prefill") -> float | None:
         """Measured density of a phase ("prefill" or "decode") over all layers; None if unseen."""
@@ -189,8 +199,8 @@ class RunStats:
         return None if value is None else float(value)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready: density and timing per phase, density per layer, KV bytes held, the
-        methods' counters."""
+        """JSON-ready: density and timing per phase, density per layer, KV bytes allocated
+        (``kv_bytes``) and held (``kv_held_bytes``), the methods' counters."""
         out: dict[str, Any] = {}
         for phase in ("prefill", "decode"):
             if self._group(phase):
@@ -200,6 +210,7 @@ class RunStats:
                     "layer_density": self.layer_density(phase),
                 }
         out["kv_bytes"] = self.kv_bytes()
+        out["kv_held_bytes"] = self.kv_held_bytes()
         if self.counters:
             out["counters"] = {name: self.counter(name) for name in sorted(self.counters)}
         return out

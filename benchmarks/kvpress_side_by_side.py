@@ -101,7 +101,7 @@ from transformers.utils import logging as hf_logging
 import sparseattn
 from sparseattn.bench.runner import versions
 from sparseattn.bench.tasks import build_task
-from sparseattn.integration.compat import cache_kwargs, output_cache
+from sparseattn.compat import cache_kwargs, output_cache
 from sparseattn.integration.stats import timed
 from sparseattn.registry import build_policy
 from sparseattn.types import EMPTY_POSITION

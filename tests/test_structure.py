@@ -125,3 +125,46 @@ def test_no_import_cycles():
 def test_only_the_command_line_imports_the_command_line():
     importers = sorted(m for m, edges in import_graph().items() if "sparseattn.cli" in edges)
     assert importers == [], f"{importers} import sparseattn.cli"
+
+
+# Each package's rank: an import may only run to a package of a lower rank or its own (the
+# foundations at the bottom, the command line at the top). The root package is the public
+# facade: only the command line (and tests, scripts) may import it.
+RANKS = {
+    "errors": 0,
+    "types": 0,
+    "parsing": 0,
+    "compat": 0,
+    "version": 0,
+    "backends": 1,
+    "cache": 1,
+    "profiles": 2,
+    "models": 2,
+    "methods": 3,
+    "registry": 3,
+    "setting": 4,
+    "integration": 5,
+    "bench": 6,
+    "ROOT": 7,
+    "cli": 8,
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "ROOT"
+
+
+def test_imports_run_downward_only():
+    """Foundations never import what is built on them: the cache never imports the hook's
+    integration, the hook never imports the benchmarks, the benchmarks never import the
+    package root; every package is ranked (a new one must be placed)."""
+    upward = []
+    for module, edges in import_graph().items():
+        mine = _package(module)
+        assert mine in RANKS, f"package {mine!r} has no rank in RANKS"
+        for target in edges:
+            theirs = _package(target)
+            if RANKS[theirs] > RANKS[mine]:
+                upward.append(f"{module} -> {target}")
+    assert upward == [], "imports running upward: " + ", ".join(sorted(upward))

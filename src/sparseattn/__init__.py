@@ -20,7 +20,7 @@ from .registry import (
 )
 from .types import AttentionContext, BlockSelection, PageSelection, Phase, TokenSelection
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AttentionContext",

@@ -87,3 +87,18 @@ def density_once(
     if cached is None or cached[0] is not selection:
         cached = layout.shared[key] = (selection, layout.density(selection))
     return cached[1]
+
+
+def random_tiles(layout: BlockLayout, density: float, seed: int) -> torch.Tensor:
+    """(1, Hq, nQ, nK) bool: each visible off-diagonal tile kept with probability ~density.
+
+    The probability is corrected for the always-kept diagonal so the measured density lands
+    near the target.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = layout.n_q_blocks
+    causal_tiles = n * (n + 1) / 2
+    p = max(0.0, (density * causal_tiles - n) / max(causal_tiles - n, 1))
+    heads = layout.ctx.num_q_heads
+    raw = torch.rand(1, heads, n, layout.n_kv_blocks, generator=g) < p
+    return raw.to(layout.ctx.device)

@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import cache_nbytes
-from ..integration.compat import cache_kwargs
+from ..compat import cache_kwargs
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
 from ..integration.stats import DECODE_WARMUP, per_token_seconds, timed

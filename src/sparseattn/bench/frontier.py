@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
-from ..integration.compat import cache_kwargs, output_cache
+from ..compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
 from ..integration.stats import DECODE_WARMUP

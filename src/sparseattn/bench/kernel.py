@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import BlockLayout, flex_attend
-from ..backends.tiles import attend_tiles, tile_kernel
+from ..backends.tiles import attend_tiles, random_tiles, tile_kernel
 from ..integration.stats import timed
 from ..types import AttentionContext, Phase
 
@@ -57,21 +57,6 @@ def prefill_context(length: int, shape: KernelShape) -> AttentionContext:
         scaling=shape.head_dim**-0.5,
         device=torch.device(shape.device),
     )
-
-
-def random_tiles(layout: BlockLayout, density: float, seed: int) -> torch.Tensor:
-    """(1, Hq, nQ, nK) bool: each visible off-diagonal tile kept with probability ~density.
-
-    The probability is corrected for the always-kept diagonal so the measured density lands
-    near the target.
-    """
-    g = torch.Generator().manual_seed(seed)
-    n = layout.n_q_blocks
-    causal_tiles = n * (n + 1) / 2
-    p = max(0.0, (density * causal_tiles - n) / max(causal_tiles - n, 1))
-    heads = layout.ctx.num_q_heads
-    raw = torch.rand(1, heads, n, layout.n_kv_blocks, generator=g) < p
-    return raw.to(layout.ctx.device)
 
 
 def kernels_to_run(requested: list[str], shape: KernelShape) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..cache import cache_nbytes, cache_held_bytes
-from ..integration.compat import cache_kwargs, output_cache
+from ..compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
 from ..integration.stats import timed

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends.masks import BlockLayout
-from ..integration.compat import cache_kwargs, output_cache
+from ..compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..methods.base import Method
 from ..methods.oracle import true_tile_mass

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..cache import cache_nbytes
-from ..integration.compat import cache_kwargs, output_cache
+from ..compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
 from ..integration.plan import HookOptions
 from ..integration.stats import per_token_seconds, timed
@@ -24,7 +24,7 @@ FIDELITY_POSITIONS = 256  # next-token distributions compared over the last posi
 def versions() -> dict[str, str]:
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "sparseattn": __version__,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..integration import compat
+from .. import compat
 from .layers import KVLayer, state_nbytes
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..integration import compat
+from .. import compat
 from ..types import EMPTY_POSITION
 from .rope import RopeRotation
 

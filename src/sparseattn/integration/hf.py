@@ -23,7 +23,7 @@ from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..registry import build_method, build_policy
 from ..types import Phase
-from .compat import cache_argument
+from ..compat import cache_argument
 from .plan import CallInput, HookOptions, SparsePlan, run_layer
 from .stats import RunStats
 

@@ -46,7 +46,7 @@ from ..types import (
     Selection,
     TokenSelection,
 )
-from .compat import passed_cache
+from ..compat import passed_cache
 from .crossover import crossover, layout_key
 from .stats import RunStats, timed
 

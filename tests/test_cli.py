@@ -430,3 +430,20 @@ def test_profile_command_writes_a_retrieval_profile(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"copied needle tokens: {copied} in 2 prompts" in err
     assert "heads scoring >= 0.3: " in err
+
+
+def test_bench_memory_prompt_sweep_records_and_plot(capsys, tmp_path):
+    """A comma list of prompt lengths measures peak memory and KV bytes per length; a chunked
+    SnapKV setting keeps the budget of the tokens seen, whatever the prompt length."""
+    plot = tmp_path / "memory.png"
+    args = ["bench", "memory", "--json", "--model", "tiny-random-llama", "--tokens", "2"]
+    args += ["--prompt-tokens", "128,256", "--plot", str(plot)]
+    args += ["--setting", "evict=snapkv[compression=0.5,window=8];chunk=64"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt_tokens"] for r in records] == [128, 256]
+    assert {r["setting"] for r in records} == {"evict=snapkv[compression=0.5,window=8];chunk=64"}
+    held = [r["kv_held_bytes"] for r in records]
+    assert held[1] / held[0] == pytest.approx((128 + 2) / (64 + 2))  # half of each prompt kept
+    assert all(r["peak_added_mb"] is not None for r in records)
+    assert plot.exists()

@@ -1,6 +1,9 @@
 """Memory benchmark: a long stream decoded token by token under a setting (StreamingLLM's test),
 and the peak memory of a prompt of each length (``run_prompt_memory``).
 
+Every stream record also holds ``peak_added_mb``: the peak resident memory since the stream
+started (high-water mark reset at its start) minus the resident size before it.
+
 A long generated text is fed one token per step after a short prompt (teacher forcing, so the
 text is the same for every setting). Every ``every`` steps the record holds the cache bytes,
 the process's resident memory, the seconds per token of the last steps and the negative
@@ -53,11 +56,14 @@ def run_memory_bench(
     options = options or HookOptions(min_length=0)
     device = next(model.parameters()).device
     text = benchmark_input(tokenizer, prompt + tokens + 1, seed).to(device)
-    with sparse_attention(model, **setting.hook_kwargs(), **options.kwargs()):
+    with (
+        sparse_attention(model, **setting.hook_kwargs(), **options.kwargs()),
+        PeakMemory(device) as peak,
+    ):
         start = timed(device)
         out = chunked_forward(model, text[:, :prompt], setting.chunk)
         cache = output_cache(out)
-        yield _record(setting, prompt, 0, cache, timed(device) - start, None, 0)
+        yield _record(setting, prompt, 0, cache, timed(device) - start, None, 0, peak)
         nll, count, start = 0.0, 0, timed(device)
         bar = tqdm(total=tokens, disable=not progress, desc=setting.label, unit="tok")
         for step in range(tokens):
@@ -69,13 +75,15 @@ def run_memory_bench(
             bar.update(1)
             if (step + 1) % every == 0 or step + 1 == tokens:
                 elapsed = (timed(device) - start) / count
-                yield _record(setting, position + 1, step + 1, cache, elapsed, nll, count)
+                yield _record(setting, position + 1, step + 1, cache, elapsed, nll, count, peak)
                 nll, count, start = 0.0, 0, timed(device)
         bar.close()
 
 
-def _record(setting, seen, streamed, cache, seconds, nll, count) -> dict[str, Any]:
+def _record(setting, seen, streamed, cache, seconds, nll, count, peak) -> dict[str, Any]:
+    so_far = peak.so_far_mb()
     return {
+        "peak_added_mb": None if so_far is None else so_far - (peak.start_mb or 0.0),
         "setting": setting.label,
         "seen_tokens": seen,
         "streamed_tokens": streamed,

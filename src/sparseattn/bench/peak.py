@@ -94,6 +94,15 @@ class PeakMemory:
             self._thread.start()
         return self
 
+    def so_far_mb(self) -> float | None:
+        """The peak reached since the block started, read inside it (None where unknown)."""
+        if self.method == "cuda-allocator":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.method == "vmhwm-reset":
+            kb = _status_kb("VmHWM")
+            return None if kb is None else kb / 1024
+        return self.peak_mb
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
             now = rss_mb()

@@ -33,6 +33,7 @@ from ..types import AttentionContext, BlockSelection
 from .masks import BlockLayout
 
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("block_sparse.cpp", "page_decode.cpp")]
+HEADERS = [Path(__file__).with_name("csrc") / "softmax_exp.h"]  # included by both sources
 OPS = ("block_sparse_attention", "page_decode_attention")
 # -fopenmp: at::parallel_for is a header template whose OpenMP branch compiles only with it;
 # without it every kernel call ran on one thread whatever torch.get_num_threads() said
@@ -116,7 +117,8 @@ def _command(cxx: str, output: Path) -> list[str]:
 def library_path(cxx: str) -> Path:
     """Where the kernel built by ``cxx`` for this source, torch and CPU lives."""
     digest = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in SOURCES), torch.__version__.encode(), cxx.encode()):
+    texts = (s.read_bytes() for s in (*SOURCES, *HEADERS))
+    for part in (*texts, torch.__version__.encode(), cxx.encode()):
         digest.update(part)
     digest.update(" ".join(_FLAGS).encode())
     digest.update(_cpu_signature().encode())
@@ -144,7 +146,7 @@ def _load() -> None:
         raise RuntimeError("turned off by SPARSEATTN_CPP=0")
     if all(hasattr(torch.ops.sparseattn, op) for op in OPS):
         return  # already registered in this process
-    missing = [str(s) for s in SOURCES if not s.exists()]
+    missing = [str(s) for s in (*SOURCES, *HEADERS) if not s.exists()]
     if missing:
         raise RuntimeError(f"kernel source {missing[0]} is missing from the installation")
     cxx = compiler()

@@ -23,30 +23,14 @@
 #include <cstring>
 #include <vector>
 
+#include "softmax_exp.h"
+
 namespace {
 
 constexpr int kMaxRows = 16;  // query heads per KV head handled by one item
 constexpr float kNone = -1e30f;
 
-// exp for softmax arguments (<= 0 up to rounding): range reduction to [-ln2/2, ln2/2] and a
-// degree-6 polynomial, written so the compiler vectorises loops that call it.
-inline float fast_exp(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using sparseattn::exp_approx;
 
 struct Partial {
   float max[kMaxRows];
@@ -71,11 +55,11 @@ inline void fold(const float* q, int g, int D, int Dv, const float* k, int64_t k
     float* sc = scores + r * count;
     float top = part.max[r];
     for (int s = 0; s < count; ++s) top = std::max(top, sc[s]);
-    const float correction = fast_exp(part.max[r] - top);
+    const float correction = exp_approx(part.max[r] - top);
     float total = 0.0f;
 #pragma omp simd reduction(+ : total)
     for (int s = 0; s < count; ++s) {
-      sc[s] = fast_exp(sc[s] - top);
+      sc[s] = exp_approx(sc[s] - top);
       total += sc[s];
     }
     part.sum[r] = part.sum[r] * correction + total;
@@ -170,7 +154,7 @@ at::Tensor page_decode_attention(const at::Tensor& q, const at::Tensor& k, const
         for (int64_t s = 0; s < splits; ++s) {
           const Partial& part = parts[pair * splits + s];
           if (part.sum[r] == 0.0f) continue;
-          const float w = fast_exp(part.max[r] - top);
+          const float w = exp_approx(part.max[r] - top);
           total += part.sum[r] * w;
           const float* src = acc.data() + ((pair * splits + s) * g + r) * Dv;
           for (int d = 0; d < Dv; ++d) dst[d] += w * src[d];

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig
 
 import sparseattn
-from sparseattn.cache import KVLayer, SparseCache
+from sparseattn.cache import KVLayer, RingLayer, SparseCache
 from sparseattn.methods.eviction import EvictionPolicy
 from sparseattn.types import EMPTY_POSITION
 
@@ -339,9 +339,9 @@ def test_rerotate_places_kept_tokens_consecutively(prompt):
     assert not torch.allclose(original, expected, atol=1e-3)  # without it the offsets differ
 
 
-def test_kv_layer_rejects_bad_window():
+def test_ring_layer_rejects_bad_window():
     with pytest.raises(ValueError, match="window=0"):
-        KVLayer(window=0)
+        RingLayer(window=0)
 
 
 class KeepPerHead(EvictionPolicy):
@@ -422,7 +422,7 @@ def dynamic_layer_bytes(ids, model) -> int:
 def test_mask_sizes_take_the_query_length_or_the_cache_position_before_5_24(window):
     # transformers < 5.24 hand get_mask_sizes the call's cache_position (the query positions)
     # and name get_max_length get_max_cache_shape; both forms must give the same sizes.
-    layer = KVLayer(window=window, sink=2 if window else 0, page_size=4)
+    layer = RingLayer(window=window, sink=2, page_size=4) if window else KVLayer(page_size=4)
     for _ in range(10):
         layer.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
     positions = torch.arange(layer.seen, layer.seen + 3)

@@ -1,5 +1,6 @@
-"""PNG plots of the frontier: score vs prefill density, vs prefill speedup and vs decode speedup,
-and a setting x length heatmap."""
+"""PNG plots of the frontier: score vs each kind of setting's own density (prefill density,
+decode density, KV share), vs prefill speedup and vs decode speedup, and a setting x length
+heatmap."""
 
 from __future__ import annotations
 
@@ -32,60 +33,143 @@ def _style(index: int) -> dict:
     return {"color": plt.get_cmap("tab20")(index % 20), "marker": _MARKERS[index % len(_MARKERS)]}
 
 
-def score_vs(rows: list[SummaryRow], x_field: str, xlabel: str, path: Path) -> None:
-    """One subplot per length; one line per method through its settings; dense as a star; one
-    legend for the figure, beside the subplots."""
+KINDS = {  # kind of setting: (the SummaryRow field on the x axis, its label)
+    "prefill": ("prefill_density_mean", "measured prefill density"),
+    "decode": ("decode_density_mean", "decode density (share of cached tokens read)"),
+    "evict": ("kv_share", "KV share (KV bytes / dense's)"),
+}
+PLOTS_LEGEND = (
+    "`score_vs_density.png`: one column per kind of setting, one row per length: prefill "
+    "methods against measured prefill density, decode methods against decode density (the "
+    "share of cached tokens a step reads), eviction policies against KV share; a setting "
+    "that is several kinds (a method that runs both phases, or one combined with eviction) "
+    "appears in each of its panels; dense is the star. Error bars: the interval of the table "
+    "cells. The speedup plots put every setting against its speedup."
+)
+
+
+def kinds_of(phase_policy: dict | None, method: str = "") -> tuple[str, ...]:
+    """The kinds of a setting from its record's ``phase_policy``: "prefill" / "decode" when
+    that phase runs a method other than dense, "evict" when a policy evicts; () for dense.
+    Records without a phase policy count as prefill methods (unless dense)."""
+    if not phase_policy:
+        return () if method == "dense" else ("prefill",)
+    kinds = [k for k in ("prefill", "decode") if phase_policy.get(k) not in (None, "dense")]
+    return (*kinds, "evict") if phase_policy.get("evict") is not None else tuple(kinds)
+
+
+def setting_kinds(records: list[dict]) -> dict[str, tuple[str, ...]]:
+    """{setting: its kinds} from the records' ``phase_policy``."""
+    return {r["setting"]: kinds_of(r.get("phase_policy"), r["method"]) for r in records}
+
+
+def kind_panels(
+    rows: list[SummaryRow], kinds: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, list[SummaryRow]]:
+    """{kind: the pooled rows drawn in its panel}, in ``KINDS`` order, only kinds some setting
+    has; dense joins every panel as the reference. A setting missing from ``kinds`` counts as
+    a prefill method (``kinds_of`` without a phase policy)."""
+    kinds = kinds or {}
     overall = _overall(rows)
-    lengths = sorted({r.length for r in overall})
-    methods = sorted({r.method for r in overall if r.method != "dense"})
-    columns = max(len(lengths), 1)
+    panels: dict[str, list[SummaryRow]] = {}
+    for kind in KINDS:
+        members = [r for r in overall if kind in kinds.get(r.setting, kinds_of(None, r.method))]
+        if members:
+            panels[kind] = [r for r in overall if r.setting == "dense"] + members
+    return panels
+
+
+def _x(row: SummaryRow, x_field: str) -> float:
+    """``row``'s value on the x axis; 1 where dense lacks one (dense against itself)."""
+    value = getattr(row, x_field)
+    return 1.0 if value is None else value
+
+
+def _draw(ax, rows: list[SummaryRow], x_field: str, methods: list[str], handles: dict) -> None:
+    """One line per method through its settings with the interval as error bars; dense as a
+    star."""
+    by_method: dict[str, list[SummaryRow]] = defaultdict(list)
+    for r in rows:
+        if getattr(r, x_field) is not None or r.setting == "dense":
+            by_method[r.method].append(r)
+    for method, group in sorted(by_method.items()):
+        group.sort(key=lambda r: _x(r, x_field))
+        xs, ys = [_x(r, x_field) for r in group], [r.score_mean for r in group]
+        if method == "dense":
+            handles["dense"] = ax.scatter(
+                xs, ys, marker="*", s=180, color="black", label="dense", zorder=3
+            )
+            continue
+        style = _style(methods.index(method))
+        handles.setdefault(method, ax.plot(xs, ys, label=method, **style)[0])
+        bars = [(x, y, r.score_interval) for x, y, r in zip(xs, ys, group) if r.score_interval]
+        if bars:
+            ax.errorbar(
+                [x for x, _, _ in bars],
+                [y for _, y, _ in bars],
+                yerr=[[y - low for _, y, (low, _) in bars], [high - y for _, y, (_, high) in bars]],
+                fmt="none",
+                ecolor=style["color"],
+                capsize=3,
+                alpha=0.7,
+            )
+    ax.set_ylabel("mean score over tasks")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+
+
+def _figure(rows: list[SummaryRow], panels: list[list[tuple]], path: Path) -> None:
+    """Draw a grid of panels, each [(title, xlabel, x_field, rows)], with one legend beside."""
+    methods = sorted({r.method for r in rows if r.method != "dense"})
+    n_rows, n_columns = len(panels), max((len(p) for p in panels), default=1)
     legend_width = 0.5 + _label_inches(methods)
-    width = 5 * columns + legend_width
-    height = max(4.0, 0.5 + 0.22 * (len(methods) + 1))
-    fig, axes = plt.subplots(1, columns, figsize=(width, height), squeeze=False)
+    width = 5 * max(n_columns, 1) + legend_width
+    height = max(4.0 * max(n_rows, 1), 0.5 + 0.22 * (len(methods) + 1))
+    fig, axes = plt.subplots(
+        max(n_rows, 1), max(n_columns, 1), figsize=(width, height), squeeze=False
+    )
     handles: dict[str, object] = {}
-    for ax, length in zip(axes[0], lengths):
-        by_method: dict[str, list[SummaryRow]] = defaultdict(list)
-        for r in overall:
-            if r.length == length and getattr(r, x_field) is not None:
-                by_method[r.method].append(r)
-        for method, group in sorted(by_method.items()):
-            group.sort(key=lambda r: getattr(r, x_field))
-            xs, ys = [getattr(r, x_field) for r in group], [r.score_mean for r in group]
-            if method == "dense":
-                handles["dense"] = ax.scatter(
-                    xs, ys, marker="*", s=180, color="black", label="dense", zorder=3
-                )
-                continue
-            style = _style(methods.index(method))
-            line = ax.plot(xs, ys, label=method, **style)[0]
-            handles.setdefault(method, line)
-            # the paired 95% interval of (setting - dense), drawn around the setting's mean
-            bars = [
-                (x, y, r.score_delta - r.score_delta_low, r.score_delta_high - r.score_delta)
-                for x, y, r in zip(xs, ys, group)
-                if r.score_delta is not None
-            ]
-            if bars:
-                ax.errorbar(
-                    [b[0] for b in bars],
-                    [b[1] for b in bars],
-                    yerr=[[b[2] for b in bars], [b[3] for b in bars]],
-                    fmt="none",
-                    ecolor=style["color"],
-                    capsize=3,
-                    alpha=0.7,
-                )
-        ax.set_title(f"{length} tokens")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("mean score over tasks")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
+    for ax_row, panel_row in zip(axes, panels):
+        for ax, (title, xlabel, x_field, drawn) in zip(ax_row, panel_row):
+            _draw(ax, drawn, x_field, methods, handles)
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
     order = [m for m in ["dense", *methods] if m in handles]
     fig.tight_layout(rect=(0, 0, 1 - legend_width / width, 1))
     fig.legend([handles[m] for m in order], order, loc="center right", fontsize=8, frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def score_vs(rows: list[SummaryRow], x_field: str, xlabel: str, path: Path) -> None:
+    """One subplot per length; one line per method through its settings; dense as a star; one
+    legend for the figure, beside the subplots."""
+    overall = _overall(rows)
+    lengths = sorted({r.length for r in overall})
+    row = [(f"{n} tokens", xlabel, x_field, [r for r in overall if r.length == n]) for n in lengths]
+    _figure(overall, [row], path)
+
+
+def score_vs_kind(
+    rows: list[SummaryRow], kinds: dict[str, tuple[str, ...]] | None, path: Path
+) -> None:
+    """Score against each kind's own x axis (``KINDS``): one column per kind present, one
+    row per length."""
+    panels = kind_panels(rows, kinds) or {"prefill": _overall(rows)}  # dense alone
+    lengths = sorted({r.length for r in _overall(rows)})
+    grid = [
+        [
+            (
+                f"{kind} · {n} tokens",
+                KINDS[kind][1],
+                KINDS[kind][0],
+                [r for r in at if r.length == n],
+            )
+            for kind, at in panels.items()
+        ]
+        for n in lengths
+    ]
+    _figure(_overall(rows), grid, path)
 
 
 def heatmap(rows: list[SummaryRow], path: Path) -> None:
@@ -120,14 +204,18 @@ def heatmap(rows: list[SummaryRow], path: Path) -> None:
     plt.close(fig)
 
 
-def write_plots(rows: list[SummaryRow], out_dir: Path) -> list[Path]:
+def write_plots(
+    rows: list[SummaryRow], out_dir: Path, kinds: dict[str, tuple[str, ...]] | None = None
+) -> list[Path]:
+    """The PNGs of the report; ``kinds`` ({setting: kinds}, ``setting_kinds``) picks the
+    panels of score_vs_density.png."""
     paths = [
         out_dir / "score_vs_density.png",
         out_dir / "score_vs_speedup.png",
         out_dir / "score_vs_decode_speedup.png",
         out_dir / "heatmap.png",
     ]
-    score_vs(rows, "prefill_density_mean", "measured prefill density", paths[0])
+    score_vs_kind(rows, kinds, paths[0])
     score_vs(rows, "prefill_speedup", "prefill speedup vs dense (same run)", paths[1])
     score_vs(rows, "decode_speedup", "decode speedup per token vs dense (same run)", paths[2])
     heatmap(rows, paths[3])

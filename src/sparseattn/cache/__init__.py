@@ -3,6 +3,7 @@
 from .compensated import CompensatedLayer
 from .groups import HeadGroup, HeadGroupsLayer
 from .layers import KVLayer
+from .ring import RingLayer
 from .rope import RopeRotation, rope_rotation
 from .sparse_cache import (
     OUR_LAYERS,
@@ -23,6 +24,7 @@ __all__ = [
     "HeadGroup",
     "HeadGroupsLayer",
     "KVLayer",
+    "RingLayer",
     "RopeRotation",
     "SparseCache",
     "adopt",

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..types import EMPTY_POSITION
-from .layers import KVLayer
+from .ring import RingLayer
 
 
-class CompensatedLayer(KVLayer):
+class CompensatedLayer(RingLayer):
     """Sink + ring window + one compensation slot holding the mean of every dropped token.
 
     Choices: the mean is over the keys as cached (RoPE applied at their own positions) and the

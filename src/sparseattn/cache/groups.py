@@ -19,7 +19,8 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .. import compat
-from .layers import KVLayer, state_nbytes
+from .layers import KVLayer
+from .storage import state_nbytes
 
 
 @dataclass

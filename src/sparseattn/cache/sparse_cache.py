@@ -10,7 +10,9 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 
 from ..errors import UsageError
 from .groups import HeadGroupsLayer
-from .layers import KVLayer, state_nbytes
+from .layers import KVLayer
+from .ring import RingLayer
+from .storage import state_nbytes
 
 CacheLayer = KVLayer | HeadGroupsLayer
 OUR_LAYERS = (KVLayer, HeadGroupsLayer)
@@ -41,7 +43,7 @@ def build_layers(
     for i, template in enumerate(DynamicCache(config=config).layers):
         if isinstance(template, DynamicSlidingWindowLayer):
             layers.append(
-                KVLayer(window=template.sliding_window, sliding=True, page_size=page_size)
+                RingLayer(window=template.sliding_window, sliding=True, page_size=page_size)
             )
         elif type(template) is DynamicLayer:
             if policy is None:

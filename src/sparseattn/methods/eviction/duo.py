@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ...cache.groups import HeadGroup
-from ...cache.layers import KVLayer
+from ...cache.ring import RingLayer
 from ...profiles.profile import Profile
 from ...registry import register_policy
 from ..base import knob
@@ -128,7 +128,7 @@ class DuoAttention(HeadSplitPolicy):
         sink, window = self.sizes(profile)
         bounded = HeadGroup(
             (),
-            KVLayer(window=window, sink=sink, page_size=page_size),
+            RingLayer(window=window, sink=sink, page_size=page_size),
             prefill=Streaming(sink=sink, window=window) if self.prefill_streaming else None,
             kind="streaming",
         )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ...cache.groups import HeadGroup
-from ...cache.layers import KVLayer
+from ...cache.ring import RingLayer
 from ...profiles.profile import Profile, span_at
 from ...registry import register_policy
 from ..base import knob
@@ -75,7 +75,7 @@ class MoA(HeadSplitPolicy):
             groups.append(
                 HeadGroup(
                     tuple(heads),
-                    KVLayer(window=window, sink=sink, page_size=page_size),
+                    RingLayer(window=window, sink=sink, page_size=page_size),
                     prefill=Streaming(sink=sink, window=window) if self.prefill_spans else None,
                     kind=f"span {window}",
                 )

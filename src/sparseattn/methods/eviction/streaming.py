@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from ...cache.layers import KVLayer
+from ...cache.ring import RingLayer
 from ...cache.rope import rope_rotation
 from ...registry import register_policy
 from ..base import knob
@@ -43,9 +43,9 @@ class StreamingEviction(EvictionPolicy):
         False, choices=(False, True), help="re-apply RoPE so kept tokens sit inside the cache"
     )
 
-    def make_layer(self, model: nn.Module, layer_idx: int, page_size: int) -> KVLayer:
+    def make_layer(self, model: nn.Module, layer_idx: int, page_size: int) -> RingLayer:
         rotation = None
         if self.rerotate:
             types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
             rotation = rope_rotation(model, types[layer_idx] if types else None)
-        return KVLayer(window=self.window, sink=self.sink, page_size=page_size, rotation=rotation)
+        return RingLayer(window=self.window, sink=self.sink, page_size=page_size, rotation=rotation)

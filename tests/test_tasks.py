@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import pytest
 from transformers import AutoTokenizer
 
 from sparseattn.bench.tasks import build_task, list_tasks
+from sparseattn.bench.tasks.base import Prompt, prompt_tokens
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +96,79 @@ def test_text_file_for_fidelity(tok, tmp_path):
 def test_bad_task_input(name, knobs, pattern):
     with pytest.raises(ValueError, match=pattern):
         build_task(name, **knobs)
+
+
+NIAH = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"]
+RULER_NEEDLE = r"One of the special magic numbers for [a-z]+-[a-z]+ is: (\d{7})\."
+
+
+@pytest.mark.parametrize("length", [512, 1000])
+@pytest.mark.parametrize("name", NIAH)
+def test_ruler_format_prompt(tok, name, length):
+    task = build_task(name, format="ruler")
+    sample = task.generate(tok, length, seed=1, sample=2)
+    assert len(sample.input_ids) == length
+    text = tok.decode(sample.input_ids)
+    values = re.findall(RULER_NEEDLE, text)
+    assert set(sample.references) <= set(values)
+    assert all(len(v) == 7 for v in sample.references)
+    # the question follows the whole haystack; the answer prefix ends the prompt
+    question = text.rindex("What ")
+    assert text.rindex("The grass is green.") < question
+    assert all(text.index(f"is: {v}.") < question for v in sample.references)
+    prefix = re.search(
+        r"The special magic numbers? for .+ mentioned in the provided text (is|are)$", text
+    )
+    assert prefix is not None and prefix.start() > question
+    assert text.endswith("<|im_start|>assistant\n" + prefix.group(0))
+    assert "The river runs slowly" not in text  # RULER's noise, not the suite's
+    assert task.generate(tok, length, seed=1, sample=2) == sample
+    assert task.generate(tok, length, seed=2, sample=2).input_ids != sample.input_ids
+    minimum = task.min_length(tok)
+    assert len(task.generate(tok, minimum, seed=0, sample=5).input_ids) == minimum
+
+
+@pytest.mark.parametrize("name", NIAH)
+def test_formats_share_the_drawn_sample(tok, name):
+    """The format is presentation only: same keys, values (and depths) for a (seed, sample)."""
+    suite = build_task(name).generate(tok, 800, seed=3, sample=1)
+    ruler = build_task(name, format="ruler").generate(tok, 800, seed=3, sample=1)
+    assert suite.references == ruler.references and suite.meta == ruler.meta
+    assert suite.input_ids != ruler.input_ids
+    assert build_task(name, format="suite").generate(tok, 800, seed=3, sample=1) == suite
+
+
+def test_default_format_is_unchanged(tok):
+    """Sample 0 of seed 0 is the one recorded in docs/results (silver-compass, 6487066)."""
+    sample = build_task("niah_single").generate(tok, 600, seed=0, sample=0)
+    text = tok.decode(sample.input_ids)
+    assert sample.references == ["6487066"] and sample.meta["key"] == "silver-compass"
+    assert "The special magic number for silver-compass is 6487066." in text
+    assert text.endswith("Answer with the number only.<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("name", NIAH)
+def test_ruler_scoring_is_strict(tok, name):
+    task = build_task(name, format="ruler")
+    refs = task.generate(tok, 600, seed=0, sample=0).references
+    value = refs[0]
+    full = " " + ", ".join(refs) + "."
+    assert task.score(full, refs) == 1.0
+    assert task.score(f" {value[:3]}.", [value]) == 0.0  # the first digits only
+    assert task.score(f" {value[:-1]}", [value]) == 0.0
+    assert task.score(f" {value}1.", [value]) == 0.0  # run into more digits
+    assert task.score(f" {value}.", [value]) == 1.0
+    assert build_task(name).score(f" {value}1.", [value]) == 1.0  # the suite's substring rule
+
+
+def test_answer_prefix_without_chat_template(tok):
+    prompt = Prompt(lambda i: "Filler.", [(0.5, "Needle.")], "Question?", answer_prefix="It is")
+    text = tok.decode(prompt_tokens(tok, prompt, 3, chat=False))
+    assert text.endswith("Filler.\n\nQuestion? It is")
+
+
+def test_bad_format():
+    with pytest.raises(
+        ValueError, match=r"format='kvpress' is not allowed; choose one of \['suite', 'ruler'\]"
+    ):
+        build_task("niah_multikey", format="kvpress")

@@ -53,15 +53,18 @@ def parse_task_list(text: str) -> list[TaskSpec]:
 
 
 def default_task_specs() -> list[TaskSpec]:
-    """Every registered task with default knobs; niah_single once per haystack."""
-    from .tasks import list_tasks
+    """Every registered task; the needle tasks in RULER's format (the harder one for eviction,
+    see docs/tasks.md), niah_single once per haystack."""
+    from .tasks import TASKS, list_tasks
+    from .tasks.niah import NeedleTask
 
     specs = []
     for name in list_tasks():
+        knobs = {"format": "ruler"} if issubclass(TASKS[name], NeedleTask) else {}
         if name == "niah_single":
-            specs += [TaskSpec(name, {"haystack": h}) for h in ("noise", "kv", "prose")]
+            specs += [TaskSpec(name, {**knobs, "haystack": h}) for h in ("noise", "kv", "prose")]
         else:
-            specs.append(TaskSpec(name))
+            specs.append(TaskSpec(name, knobs))
     return specs
 
 

@@ -57,7 +57,9 @@ class Prompt:
     """What a task generates before fitting: units of context (needles among filler), a question.
 
     ``filler(i)`` returns the i-th filler unit; ``needles`` maps a fraction of the context
-    (0 = start, 1 = end) to the unit placed there.
+    (0 = start, 1 = end) to the unit placed there. ``answer_prefix``, when set, ends the
+    prompt: it opens the assistant's turn (after the chat template's opening of that turn) and
+    the model continues it, so the prompt's last tokens are the start of the answer.
     """
 
     filler: Callable[[int], str]
@@ -65,6 +67,7 @@ class Prompt:
     question: str
     header: str = ""
     separator: str = " "
+    answer_prefix: str = ""
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -92,12 +95,21 @@ def assemble(prompt: Prompt, n_filler: int) -> tuple[str, str]:
     return prompt.header + prompt.separator.join(units), prompt.question
 
 
+def frame(tokenizer, prompt: Prompt, chat: bool) -> tuple[list[int], list[int]]:
+    """Token ids around the context: (chat opening; question, turn change and answer prefix)."""
+    before, after = wrap(tokenizer, "", chat)
+    tail = encode(tokenizer, "\n\n" + prompt.question) if prompt.question else []
+    tail += encode(tokenizer, after)
+    if prompt.answer_prefix:  # without a chat turn to open, a space follows the question
+        tail += encode(tokenizer, prompt.answer_prefix if after else " " + prompt.answer_prefix)
+    return encode(tokenizer, before), tail
+
+
 def prompt_tokens(tokenizer, prompt: Prompt, n_filler: int, chat: bool) -> list[int]:
     """Token ids of the prompt with ``n_filler`` filler units, wrapped in the chat template."""
-    before, after = wrap(tokenizer, "", chat)
-    context, question = assemble(prompt, n_filler)
-    tail = encode(tokenizer, "\n\n" + question) if question else []
-    return encode(tokenizer, before) + encode(tokenizer, context) + tail + encode(tokenizer, after)
+    head, tail = frame(tokenizer, prompt, chat)
+    context, _ = assemble(prompt, n_filler)
+    return head + encode(tokenizer, context) + tail
 
 
 def fit(tokenizer, prompt: Prompt, length: int, chat: bool = True) -> list[int]:
@@ -120,14 +132,13 @@ def fit(tokenizer, prompt: Prompt, length: int, chat: bool = True) -> list[int]:
     while high - low > 1:  # largest n whose prompt fits
         mid = (low + high) // 2
         low, high = (mid, high) if len(build(mid)) <= length else (low, mid)
-    context, question = assemble(prompt, low)
+    context, _ = assemble(prompt, low)
     body = encode(tokenizer, context)
     pad = encode(tokenizer, " " + prompt.filler(low))
     deficit = length - len(build(low))
     body += (pad * (deficit // max(len(pad), 1) + 1))[:deficit]
-    before, after = wrap(tokenizer, "", chat)
-    tail = encode(tokenizer, "\n\n" + question) if question else []
-    ids = encode(tokenizer, before) + body + tail + encode(tokenizer, after)
+    head, tail = frame(tokenizer, prompt, chat)
+    ids = head + body + tail
     assert len(ids) == length
     return ids
 
@@ -139,6 +150,9 @@ class Task:
     name: ClassVar[str] = ""
     max_new_tokens: ClassVar[int] = 24
     chat: ClassVar[bool] = True
+    # knobs that change how a sample is written, not what is drawn: left out of the sample's
+    # seed, so the variants of a (seed, sample) share their keys, values and depths
+    unseeded: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         validate_knobs(self)
@@ -153,7 +167,7 @@ class Task:
             raise UsageError(
                 f"task {self.name}: length {length} is too short; it needs at least {minimum} tokens"
             )
-        knobs = dataclasses.asdict(self)
+        knobs = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.unseeded}
         rng = seeded_rng(self.name, sorted(knobs.items()), seed, sample)
         prompt, references, meta = self.make_prompt(rng, sample)
         try:

@@ -39,6 +39,22 @@ def fixed_crossover():
         yield
 
 
+@pytest.fixture
+def selection_over_every_key(monkeypatch):
+    """Decode methods whose budget covers the cache select every key instead of returning None
+    (dense): their selection and gather path runs, and a test can check it equals dense."""
+    from sparseattn.methods.base import Method
+
+    monkeypatch.setattr(Method, "dense_when_covered", False)
+
+
+def covering_budget(ids: torch.Tensor, steps: int, page: int = 1) -> int:
+    """The smallest budget (in whole pages of ``page`` tokens) that covers the cache at every
+    decode step of ``generate(..., max_new_tokens=steps)``: the key length of its last step."""
+    last = ids.shape[1] + steps - 1
+    return -(-last // page) * page
+
+
 def tiny_config(family: str):
     if family == "llama":
         return LlamaConfig(**COMMON)

@@ -7,13 +7,13 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import left_padded_batch, make_model, tiny_config
-from test_cache import CountScalarReads, KeepPerHead, generate
+from conftest import covering_budget, left_padded_batch, make_model, tiny_config
+from syncs import decode_steps
+from test_cache import KeepPerHead, generate
 from test_decode_methods import decode_call
 from transformers import AutoModelForCausalLM
 
 import sparseattn
-from sparseattn.cache import SparseCache
 from sparseattn.errors import UsageError
 from sparseattn.methods.decode.crosslayer import Chosen, choose_positions
 from sparseattn.methods.decode.delta import Delta
@@ -72,7 +72,8 @@ def capture(method) -> list[Call]:
 def expected_positions(q, keys, valid, scaling, budget, sink, window) -> list[set[int]]:
     """Per row, the chosen positions computed by hand from a contiguous layer's q and keys:
     every query head's softmax over the visible keys, summed over all heads; the forced tokens
-    (sink, last ``window`` positions, the current one) first, then the largest mass."""
+    (the row's first ``sink`` valid positions, the last ``window`` positions, the current one)
+    first, then the largest mass."""
     B, Hq, _, D = q.shape
     keys = keys.repeat_interleave(Hq // keys.shape[1], dim=1).float()
     logits = torch.einsum("bhd,bhld->bhl", q[:, :, 0].float(), keys) * scaling
@@ -82,7 +83,8 @@ def expected_positions(q, keys, valid, scaling, budget, sink, window) -> list[se
     rows = []
     for b in range(B):
         visible = [p for p in range(L) if valid[b, p]]
-        forced = {p for p in visible if p < sink or p > L - 1 - window}
+        start = visible[0]  # the row's sink is its first valid positions, after its padding
+        forced = {p for p in visible if p < start + sink or p > L - 1 - window}
         rest = [p for p in mass[b].argsort(descending=True).tolist() if p in visible]
         rest = [p for p in rest if p not in forced]
         rows.append(forced | set(rest[: budget - len(forced)]))
@@ -272,16 +274,38 @@ def test_heads_holding_different_positions_choose_and_read_by_position():
     assert min(counts) < 12 and max(counts) == 12  # a head reads only the positions it holds
 
 
+# layer 0 selects (attends densely); the layers after it read a choice of every key: llama's
+# layer 1 reads layer 0's; gemma3's sliding layer 0 sees a window only and publishes nothing,
+# so its sliding layer 1 chooses over its ring and its full layer 2 chooses and reads
+COVERING_ROLES = {
+    "llama": {0: "dense", 1: "{name}"},
+    "gemma3": {0: "dense", 1: "{name}", 2: "{name}"},
+}
+
+
+@pytest.mark.parametrize("lengths", [[70, 51], [70, 70]], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("name", ["tidaldecode", "delta"])
-def test_budget_covering_the_cache_equals_dense_generate(family, name):
+def test_budget_covering_the_cache_equals_dense_generate(
+    family, name, lengths, selection_over_every_key
+):
+    """Reusing layers that read a choice of every key decode exactly as dense."""
     model = make_model(family)
-    ids, mask = left_padded_batch([70, 51], seed=4)
+    ids, mask = left_padded_batch(lengths, seed=4)
     expected = generate(model, ids, mask)
-    knobs = {"budget": 10**6, "full_layers": 0}
+    knobs = {"budget": covering_budget(ids, steps=8), "sink": 2, "window": 4, "full_layers": 0}
+    if name == "tidaldecode":
+        knobs["reselect_layer"] = -1  # the middle layer would select (and attend densely) too
     with sparseattn.sparse_attention(model, decode=name, decode_knobs=knobs, min_length=0):
         got = generate(model, ids, mask)
+    stats = sparseattn.last_stats(model)
+    roles = {layer: role.format(name=name) for layer, role in COVERING_ROLES[family].items()}
+    assert stats.layer_methods("decode") == roles
+    assert stats.density("decode") == 1.0  # every visible key read
     assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(
+        torch.stack(got.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("name", ["tidaldecode", "delta"])
@@ -320,16 +344,8 @@ def test_decode_has_no_host_sync(model_name, name):
     ids, mask = left_padded_batch([120, 97], seed=6)
     knobs = {"budget": 20, "window": 4, "full_layers": 0}
     with sparseattn.sparse_attention(model, decode=name, decode_knobs=knobs, min_length=0):
-        cache = SparseCache(model)
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        token, running = out.logits[:, -1:].argmax(-1), mask
-        counter = CountScalarReads()
-        with counter:
-            for _ in range(4):
-                running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
-                out = model(input_ids=token, attention_mask=running, past_key_values=cache)
-                token = out.logits[:, -1:].argmax(-1)
-    assert counter.count == 0
+        run = decode_steps(model, ids, mask)
+    assert run.syncs == [[]] * 4
     stats = sparseattn.last_stats(model)
     assert 0 < stats.density("decode") < 0.8
     assert stats.counter(f"{name}_selections") > 0

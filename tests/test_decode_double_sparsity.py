@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import left_padded_batch, make_model, tiny_config
-from test_cache import CountScalarReads, generate
+from conftest import covering_budget, left_padded_batch, make_model, tiny_config
+from syncs import decode_steps
+from test_cache import generate
 from test_decode_methods import CHANNELS, decode_call
 
 import sparseattn
 from sparseattn.bench.channels import channel_importance, channel_profile, mean_importance
-from sparseattn.cache import SparseCache
 from sparseattn.methods.decode.double_sparsity import DoubleSparsity, labels_of
 from sparseattn.methods.decode.tokenselect import TokenSelect
 from sparseattn.profiles import load_profile, save_profile
@@ -184,14 +184,25 @@ def test_label_cache_grows_past_its_buffer_by_updates_only():
     assert counters["double_sparsity_label_rebuilds"] == 1
 
 
-def test_full_budget_equals_dense_generate(llama_profile):
+@pytest.mark.parametrize("lengths", [[70, 51], [70, 70]], ids=["padded", "unpadded"])
+def test_full_budget_equals_dense_generate(lengths, llama_profile, selection_over_every_key):
+    """A selection of every key (gathered with a mask over padded keys, in place unpadded)
+    decodes exactly as dense."""
     model = make_model("llama")
-    ids, mask = left_padded_batch([70, 51], seed=4)
+    ids, mask = left_padded_batch(lengths, seed=4)
     expected = generate(model, ids, mask)
-    knobs = {"budget": 10**6, "profile": llama_profile}
-    with sparseattn.sparse_attention(model, decode="double_sparsity", decode_knobs=knobs):
+    knobs = {"budget": covering_budget(ids, steps=8), "channels": 4, "profile": llama_profile}
+    with sparseattn.sparse_attention(
+        model, decode="double_sparsity", decode_knobs=knobs, min_length=0
+    ):
         got = generate(model, ids, mask)
+    stats = sparseattn.last_stats(model)
+    assert stats.layer_methods("decode") == {0: "double_sparsity", 1: "double_sparsity"}
+    assert stats.density("decode") == 1.0  # every visible key read
     assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(
+        torch.stack(got.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_state_never_crosses_batch_rows_or_calls(llama_profile):
@@ -226,16 +237,8 @@ def test_decode_has_no_host_sync(llama_profile):
     with sparseattn.sparse_attention(
         model, decode="double_sparsity", decode_knobs=knobs, min_length=0
     ):
-        cache = SparseCache(model)
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        token, running = out.logits[:, -1:].argmax(-1), mask
-        counter = CountScalarReads()
-        with counter:
-            for _ in range(4):
-                running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
-                out = model(input_ids=token, attention_mask=running, past_key_values=cache)
-                token = out.logits[:, -1:].argmax(-1)
-    assert counter.count == 0
+        run = decode_steps(model, ids, mask)
+    assert run.syncs == [[]] * 4
     assert 0 < sparseattn.last_stats(model).density("decode") < 0.6
 
 

@@ -8,12 +8,12 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import left_padded_batch, make_model
-from test_cache import CountScalarReads, generate
+from conftest import covering_budget, left_padded_batch, make_model
+from syncs import decode_steps
+from test_cache import generate
 from test_decode_methods import decode_call
 
 import sparseattn
-from sparseattn.cache import SparseCache
 from sparseattn.methods.decode.retrieval import RetrievalAttention
 from sparseattn.types import EMPTY_POSITION, DecodeView
 
@@ -72,7 +72,8 @@ def index_contents(index):
 
 class CheckedRetrieval(RetrievalAttention):
     """Checks after every decode step that each index holds exactly the held, unpadded keys of
-    its (row, KV head) under their slot ids; a flat index also answers as a rebuilt one."""
+    its (row, KV head) under their slot ids (a graph index's latest vector per id, besides at
+    most ``state.stale`` superseded ones); a flat index also answers as a rebuilt one."""
 
     pad = (0, 0)  # left padding of each batch row
     steps = 0
@@ -91,8 +92,11 @@ class CheckedRetrieval(RetrievalAttention):
             for h in range(H):
                 index = state.indexes[b * H + h]
                 ids, vectors = index_contents(index)
-                assert sorted(ids.tolist()) == held.tolist()
-                np.testing.assert_array_equal(vectors, view.keys[b, h, ids].numpy())
+                latest = {slot: row for row, slot in enumerate(ids.tolist())}  # last one wins
+                assert sorted(latest) == held.tolist()
+                assert len(ids) - len(latest) <= state.stale <= L
+                rows = [latest[slot] for slot in held.tolist()]
+                np.testing.assert_array_equal(vectors[rows], view.keys[b, h, held].numpy())
                 if self.index == "flat":
                     rebuilt = faiss.IndexIDMap(faiss.IndexFlatIP(D))
                     rebuilt.add_with_ids(view.keys[b, h, held].numpy(), held)
@@ -107,8 +111,8 @@ class CheckedRetrieval(RetrievalAttention):
 @pytest.mark.parametrize("evict", [None, {"sink": 8, "window": 16}], ids=["full", "ring"])
 def test_incremental_index_equals_a_rebuild_at_every_step(index, evict):
     """A full cache appends one slot per step (the index is extended); a ring cache overwrites
-    slots, wraps around and re-rotates its sinks (the index is rebuilt): after every step of
-    every layer the kept index equals one built from the cache's keys."""
+    slots, wraps around and re-rotates its sinks (the index replaces those slots' vectors):
+    after every step of every layer the kept index equals one built from the cache's keys."""
     model = make_model("llama")
     ids, mask = left_padded_batch([90, 70], seed=2)
     method = CheckedRetrieval(budget=16, sink=2, window=4, index=index)
@@ -119,14 +123,25 @@ def test_incremental_index_equals_a_rebuild_at_every_step(index, evict):
     assert method.steps == 22 * model.config.num_hidden_layers
 
 
-def test_full_budget_equals_dense_generate():
-    model = make_model("qwen2")
-    ids, mask = left_padded_batch([70, 51], seed=4)
+@pytest.mark.parametrize("lengths", [[70, 51], [70, 70]], ids=["padded", "unpadded"])
+def test_full_budget_equals_dense_generate(lengths, selection_over_every_key):
+    """Exact (flat) search for every key: a selection of every key decodes exactly as dense."""
+    model = make_model("qwen2")  # layer 1 is a sliding ring of 24 slots
+    ids, mask = left_padded_batch(lengths, seed=4)
     expected = generate(model, ids, mask)
-    knobs = {"budget": 10**6}
-    with sparseattn.sparse_attention(model, decode="retrieval_attention", decode_knobs=knobs):
+    knobs = {"budget": covering_budget(ids, steps=8), "index": "flat"}
+    with sparseattn.sparse_attention(
+        model, decode="retrieval_attention", decode_knobs=knobs, min_length=0
+    ):
         got = generate(model, ids, mask)
+    stats = sparseattn.last_stats(model)
+    layers = {0: "retrieval_attention", 1: "retrieval_attention"}
+    assert stats.layer_methods("decode") == layers
+    assert stats.density("decode") == 1.0  # every visible key read
     assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(
+        torch.stack(got.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_rows_are_independent_and_calls_start_clean():
@@ -185,22 +200,18 @@ def test_decode_on_cpu_reads_no_tensor_value_and_extends_one_index():
     model = make_model("llama")
     ids, mask = left_padded_batch([120, 97], seed=6)
     knobs = {"budget": 48, "sink": 4, "window": 8, "index": "flat", "report_recall": True}
+    key, built = RetrievalAttention(**knobs).state_key, []
+
+    def same_index(cache):
+        built.append(cache.layers[0].state[key].indexes[0])
+        assert built[-1] is built[0]
+
     with sparseattn.sparse_attention(
         model, decode="retrieval_attention", decode_knobs=knobs, min_length=0
     ):
-        cache = SparseCache(model)
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        token, running = out.logits[:, -1:].argmax(-1), mask
-        counter, built = CountScalarReads(), None
-        with counter:
-            for _ in range(4):
-                running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
-                out = model(input_ids=token, attention_mask=running, past_key_values=cache)
-                token = out.logits[:, -1:].argmax(-1)
-                state = cache.layers[0].state[RetrievalAttention(**knobs).state_key]
-                built = state.indexes[0] if built is None else built
-                assert state.indexes[0] is built
-    assert counter.count == 0
+        run = decode_steps(model, ids, mask, each_step=same_index)
+    assert run.syncs == [[]] * 4
+    built = built[0]
     assert built.ntotal == 120 + 4  # the prompt and the four decoded tokens
     stats = sparseattn.last_stats(model)
     assert 0 < stats.density("decode") < 0.6

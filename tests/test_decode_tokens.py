@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import left_padded_batch, make_model
-from test_cache import CountScalarReads, generate
+from conftest import covering_budget, left_padded_batch, make_model
+from syncs import decode_steps
+from test_cache import generate
 from test_decode_methods import decode_call
 
 import sparseattn
-from sparseattn.cache import SparseCache
 from sparseattn.methods.decode.oracle import DecodeOracle
 from sparseattn.methods.decode.tokenselect import TokenSelect
 from sparseattn.types import DecodeView
@@ -66,7 +66,7 @@ def test_tokenselect_selection_cache_reuses_per_row():
     """A row whose query stays close reuses its selection plus the appended token; a row whose
     query turned away chooses afresh, exactly as a cold selection would."""
     q, k, _, ctx = decode_call(kv_len=301, seed=4)
-    method = TokenSelect(budget=32, reuse_threshold=0.9)
+    method = TokenSelect(budget=32, reuse_threshold=0.9, max_reuse=8)
     state: dict = {}
     short = DecodeView(k[:, :, :300], state, writes=1, last_write=(0, 300))
     first = method.select_decode(q, short, dataclasses.replace(ctx, kv_len=300, q_offset=299))
@@ -83,17 +83,31 @@ def test_tokenselect_selection_cache_reuses_per_row():
     assert float(counters["tokenselect_hits"]) == 1 and counters["tokenselect_lookups"] == 2
 
 
-@pytest.mark.parametrize("name", ["tokenselect", "decode_oracle"])
-def test_full_budget_equals_dense_generate(name):
-    model = make_model("qwen2")
-    ids, mask = left_padded_batch([70, 51], seed=4)
+@pytest.mark.parametrize(
+    "name", ["tokenselect", "decode_oracle"]
+)
+@pytest.mark.parametrize("lengths", [[70, 51], [70, 70]], ids=["padded", "unpadded"])
+def test_full_budget_equals_dense_generate(name, lengths, selection_over_every_key):
+    """A selection of every key (gathered with a mask over padded keys, in place unpadded)
+    decodes exactly as dense."""
+    model = make_model("qwen2")  # layer 1 is a sliding ring of 24 slots
+    ids, mask = left_padded_batch(lengths, seed=4)
     expected = generate(model, ids, mask)
-    with sparseattn.sparse_attention(model, decode=name, decode_knobs={"budget": 10**6}):
+    knobs = {"budget": covering_budget(ids, steps=8)}
+    with sparseattn.sparse_attention(model, decode=name, decode_knobs=knobs, min_length=0):
         got = generate(model, ids, mask)
+    stats = sparseattn.last_stats(model)
+    assert stats.layer_methods("decode") == {0: name, 1: name}
+    assert stats.density("decode") == 1.0  # every visible key read
     assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(
+        torch.stack(got.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4
+    )
 
 
-@pytest.mark.parametrize("knobs", [OFF, {"reuse_threshold": 0.0}], ids=["fresh", "cached"])
+@pytest.mark.parametrize(
+    "knobs", [OFF, {"reuse_threshold": 0.0, "max_reuse": 8}], ids=["fresh", "cached"]
+)
 def test_tokenselect_rows_are_independent_and_calls_start_clean(knobs):
     model = make_model("llama")
     ids, mask = left_padded_batch([80, 80], seed=5)
@@ -107,19 +121,11 @@ def test_tokenselect_rows_are_independent_and_calls_start_clean(knobs):
     assert torch.equal(both.sequences, again.sequences)
 
 
-def decode_steps(model, knobs, steps=4):
+def tokenselect_host_reads(model, knobs, steps=4):
     ids, mask = left_padded_batch([120, 97], seed=6)
     with sparseattn.sparse_attention(model, decode="tokenselect", decode_knobs=knobs, min_length=0):
-        cache = SparseCache(model)
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        token, running = out.logits[:, -1:].argmax(-1), mask
-        counter = CountScalarReads()
-        with counter:
-            for _ in range(steps):
-                running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
-                out = model(input_ids=token, attention_mask=running, past_key_values=cache)
-                token = out.logits[:, -1:].argmax(-1)
-    return counter.count, sparseattn.last_stats(model)
+        run = decode_steps(model, ids, mask, steps)
+    return run.count, sparseattn.last_stats(model)
 
 
 def test_tokenselect_host_reads():
@@ -127,10 +133,12 @@ def test_tokenselect_host_reads():
     the first selection, and the hit counters add up."""
     model = make_model("llama")
     layers = model.config.num_hidden_layers
-    reads, stats = decode_steps(model, {"budget": 48, **OFF})
+    reads, stats = tokenselect_host_reads(model, {"budget": 48, **OFF})
     assert reads == 0
     assert 0 < stats.density("decode") < 0.6
-    reads, stats = decode_steps(model, {"budget": 48, "reuse_threshold": -1.0, "max_reuse": 2})
+    reads, stats = tokenselect_host_reads(
+        model, {"budget": 48, "reuse_threshold": -1.0, "max_reuse": 2}
+    )
     assert reads == layers * 3  # step 1 selects; steps 2-4 look up
     assert stats.counter("tokenselect_lookups") == 2 * layers * 3
     assert stats.counter("tokenselect_hits") == 2 * layers * 2  # the third lookup hits max_reuse

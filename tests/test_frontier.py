@@ -12,7 +12,7 @@ from sparseattn.bench.frontier import FrontierConfig, read_records, run_frontier
 from sparseattn.bench.report import write_report
 from sparseattn.bench.sweep import TaskSpec, expand_settings, parse_grid_args, parse_task_list
 from sparseattn.cli import main
-from sparseattn.integration.plan import HookOptions
+from sparseattn.integration.options import HookOptions
 from sparseattn.models import load_model
 from sparseattn.setting import Setting, Spec
 

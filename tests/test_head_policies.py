@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 from conftest import left_padded_batch, make_model
-from test_cache import CountScalarReads, generate
+from syncs import decode_steps
+from test_cache import generate
 from test_eviction_policies import full_layers, model_for
 from transformers import DynamicCache
 
@@ -449,16 +450,8 @@ def test_no_host_sync_per_decode_step(policy, tmp_path):
     ids, mask = left_padded_batch([60, 41], seed=6)
     knobs = {**KNOBS[policy], "profile": files[kind]}
     with sparseattn.sparse_attention(model, evict=policy, evict_knobs=knobs, min_length=0):
-        cache = SparseCache(model)
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        token, running = out.logits[:, -1:].argmax(-1), mask
-        counter = CountScalarReads()
-        with counter:
-            for _ in range(4):
-                running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
-                out = model(input_ids=token, attention_mask=running, past_key_values=cache)
-                token = out.logits[:, -1:].argmax(-1)
-    assert counter.count == 0
+        run = decode_steps(model, ids, mask)
+    assert run.syncs == [[]] * 4
 
 
 def test_a_profile_of_another_model_is_refused_naming_both(tmp_path):

@@ -219,7 +219,8 @@ def test_sliding_window_mask_function_is_accepted():
 
 
 def test_layouts_are_not_shared_across_devices():
-    from sparseattn.integration.plan import HookOptions, SparsePlan
+    from sparseattn.integration.options import HookOptions
+    from sparseattn.integration.plan import SparsePlan
     from sparseattn.integration.stats import RunStats
     from sparseattn.methods.static import Dense
     from sparseattn.types import AttentionContext, Phase

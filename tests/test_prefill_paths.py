@@ -15,7 +15,8 @@ import sparseattn
 from sparseattn.backends import flex
 from sparseattn.errors import UsageError
 from sparseattn.integration import crossover
-from sparseattn.integration.plan import DECODE_MIN_LENGTH, HookOptions, SparsePlan
+from sparseattn.integration.options import DECODE_MIN_LENGTH, HookOptions
+from sparseattn.integration.plan import SparsePlan
 from sparseattn.integration.stats import RunStats
 from sparseattn.methods.static import Dense, Streaming
 from sparseattn.methods.xattention import XAttention

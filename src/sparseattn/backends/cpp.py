@@ -251,6 +251,9 @@ def cpp_attend(
     )
 
 
+PAGE_DECODE_ROWS = 16  # query rows one page_decode_attention call takes (kMaxRows in its source)
+
+
 def page_decode(
     rows: torch.Tensor,
     k: torch.Tensor,
@@ -263,7 +266,10 @@ def page_decode(
     """Decode attention over chosen cache pages read in place (call ``available()`` first).
 
     Each (batch row, KV head) runs an online softmax over its pages, then the tail slots, with
-    the group's query heads as rows: no gather, no mask, no copy of K or V.
+    the group's query heads as rows: no gather, no mask, no copy of K or V. The kernel takes at
+    most ``PAGE_DECODE_ROWS`` rows per KV head; a wider GQA group (e.g. 32 query heads on one
+    KV head) runs as consecutive chunks of that many rows over the same pages (rows are
+    independent queries, so the chunks' outputs are the group's).
 
     Args:
         rows: (B, Hkv, g, D) float32 queries, the g query heads of each KV head.
@@ -278,6 +284,18 @@ def page_decode(
         (B, Hkv, g, Dv).
     """
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-    return torch.ops.sparseattn.page_decode_attention(
-        rows.contiguous(), k, v, pages.contiguous(), page_size, tail[0], tail[1], scale
-    )
+    pages, g = pages.contiguous(), rows.shape[2]
+    chunks = [
+        torch.ops.sparseattn.page_decode_attention(
+            rows[:, :, first : first + PAGE_DECODE_ROWS].contiguous(),  # (B, Hkv, <= 16, D)
+            k,
+            v,
+            pages,
+            page_size,
+            tail[0],
+            tail[1],
+            scale,
+        )
+        for first in range(0, g, PAGE_DECODE_ROWS)
+    ]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)  # (B, Hkv, g, Dv)

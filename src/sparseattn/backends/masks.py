@@ -31,6 +31,36 @@ def key_positions(ctx: AttentionContext) -> torch.Tensor:
     return (torch.arange(ctx.kv_len, device=ctx.device) + ctx.kv_offset)[None, None]
 
 
+def row_starts(ctx: AttentionContext) -> torch.Tensor | None:
+    """(B,) long absolute position of each row's first valid (non-padding) token, or None when
+    no row is known to be padded (every row starts at position 0).
+
+    ``ctx.row_start`` when the call carries it (read from the whole padding mask, so it holds
+    over evicted layers too); else, over contiguous keys, the first key ``key_valid`` marks
+    valid (``kv_offset`` for a row with none). Computed on the device: no host read.
+    """
+    if ctx.row_start is not None:
+        return ctx.row_start
+    if ctx.key_valid is None or not ctx.contiguous:
+        return None
+    return ctx.kv_offset + ctx.key_valid.to(torch.uint8).argmax(-1)  # first True per row
+
+
+def sink_positions(positions: torch.Tensor, ctx: AttentionContext, sink: int) -> torch.Tensor:
+    """bool, ``positions`` broadcast over the batch: which positions are among the first ``sink``
+    valid positions of their row (its attention sink, after any left padding).
+
+    Args:
+        positions: (B or 1, ...) long absolute positions (empty slots hold ``EMPTY_POSITION``,
+            never a sink).
+    """
+    start = row_starts(ctx)
+    if start is None:
+        return positions < sink
+    start = start.view(-1, *(1,) * (positions.dim() - 1))  # (B, 1, ...)
+    return (positions >= start) & (positions < start + sink)
+
+
 def heads_to_query_heads(mask: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """(B, Hkv, ...) -> (B, Hq, ...) by repeating each KV head for its query heads; 1 stays 1."""
     if mask.shape[1] == 1 or ctx.groups == 1:

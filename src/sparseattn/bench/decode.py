@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from ..cache import cache_nbytes
 from ..compat import cache_kwargs
 from ..integration.hf import sparse_attention
-from ..integration.plan import HookOptions
+from ..integration.options import HookOptions
 from ..integration.stats import DECODE_WARMUP, per_token_seconds, timed
 from ..setting import Setting
 from .peak import PeakMemory

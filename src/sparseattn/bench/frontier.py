@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import UsageError
 from ..compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
-from ..integration.plan import HookOptions
+from ..integration.options import HookOptions
 from ..integration.stats import DECODE_WARMUP
 from ..setting import Setting
 from .prefill import benchmark_input

@@ -22,7 +22,7 @@ import torch
 from ..cache import cache_nbytes, cache_held_bytes
 from ..compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
-from ..integration.plan import HookOptions
+from ..integration.options import HookOptions
 from ..integration.stats import timed
 from ..setting import Setting
 from .peak import PeakMemory, rss_mb

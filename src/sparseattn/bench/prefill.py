@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from ..integration.hf import sparse_attention
-from ..integration.plan import HookOptions
+from ..integration.options import HookOptions
 from ..integration.stats import timed
 from ..setting import Setting
 

@@ -12,7 +12,7 @@ import torch
 from ..cache import cache_nbytes
 from ..compat import cache_kwargs, output_cache
 from ..integration.hf import sparse_attention
-from ..integration.plan import HookOptions
+from ..integration.options import HookOptions
 from ..integration.stats import per_token_seconds, timed
 from ..setting import Setting
 from ..types import Phase

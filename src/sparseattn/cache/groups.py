@@ -6,7 +6,7 @@ freed in a layer with a single whole head; here each group of heads has its own 
 (a full layer, a sink + window ring, a ring with a compensation token ...), so a bounded group
 really holds only its window. Attention runs per group on its own keys (decode, later prompt
 chunks); the first prompt chunk, whose keys are all new, runs once over every head with each
-group's own prefill pattern (see ``integration/plan.py``).
+group's own prefill pattern (see ``integration/prefill.py``).
 """
 
 from __future__ import annotations

@@ -129,8 +129,7 @@ def measure(key: LayoutKey, method=None, lengths: tuple[int, ...] = LADDER) -> i
     """
     from ..backends import BlockLayout
     from ..backends.sdpa import dense_prefill
-    from ..backends.tiles import attend_tiles
-    from ..backends.tiles import random_tiles
+    from ..backends.tiles import attend_tiles, random_tiles
 
     g = torch.Generator().manual_seed(0)
     dtype = getattr(torch, key.dtype)

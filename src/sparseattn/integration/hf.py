@@ -18,13 +18,15 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..compat import cache_argument
 from ..errors import UsageError
 from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..registry import build_method, build_policy
 from ..types import Phase
-from ..compat import cache_argument
-from .plan import CallInput, HookOptions, SparsePlan, run_layer
+from .execute import CallInput, run_layer
+from .options import HookOptions
+from .plan import SparsePlan
 from .stats import RunStats
 
 IMPLEMENTATION = "sparseattn"
@@ -43,7 +45,7 @@ class VisibilityInfo:
         local_size: The sliding window transformers built this mask for, if any.
     """
 
-    __slots__ = ("q_offset", "kv_offset", "padding", "local_size", "_padding_absent")
+    __slots__ = ("_padding_absent", "_starts", "kv_offset", "local_size", "padding", "q_offset")
 
     def __init__(
         self,
@@ -55,6 +57,16 @@ class VisibilityInfo:
         self.q_offset, self.kv_offset = q_offset, kv_offset
         self.padding, self.local_size = padding, local_size
         self._padding_absent: bool | None = None
+        self._starts: torch.Tensor | None = None
+
+    def row_start(self) -> torch.Tensor | None:
+        """(B,) long absolute position of each row's first valid token (where its sink is),
+        computed on the device once per mask (per forward), or None without a mask."""
+        if self.padding is None:
+            return None
+        if self._starts is None:
+            self._starts = self.padding.to(torch.uint8).argmax(-1)  # first True per row
+        return self._starts
 
     def padding_absent(self, allow_sync: bool) -> bool:
         """True when the mask is known to pad nothing; checked once, and only where a host
@@ -184,6 +196,7 @@ def sparse_attention_forward(
         kv_offset=attention_mask.kv_offset,
         padding=attention_mask.padding,
         padding_known_absent=attention_mask.padding_absent(allow_sync=prefill),
+        row_start=attention_mask.row_start(),
         scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
         sliding_window=sliding_window or attention_mask.local_size,
         softcap=softcap,

@@ -98,6 +98,9 @@ class Method(ABC):
     # the prefill tiles depend on the call's shape only (never on q or k): the layers of one
     # forward share one selection and whatever a backend derives from it
     static_pattern: ClassVar[bool] = False
+    # decode: a budget covering every held key returns None (dense SDPA, the same output for
+    # less work); False runs the selection over every key (tests check that it equals dense)
+    dense_when_covered: ClassVar[bool] = True
 
     block_size: int = knob(128, choices=(16, 32, 64, 128, 256), help="tile size b in tokens")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.masks import BlockLayout
+from ..backends.masks import BlockLayout, row_starts
 
 
 def tile_ranges(
@@ -35,6 +35,19 @@ def sink_tiles(layout: BlockLayout, sink: int) -> torch.Tensor:
     return (k_first < sink)[None, :].expand(layout.n_q_blocks, -1)
 
 
+def row_sink_tiles(layout: BlockLayout, sink: int) -> torch.Tensor:
+    """(B or 1, nQ, nK) bool: key tiles holding any of each row's first ``sink`` valid
+    positions, so a left-padded row keeps its own first tokens, not the padding before them
+    (one row, as ``sink_tiles``, when no row is padded)."""
+    start = row_starts(layout.ctx)
+    if start is None:
+        return sink_tiles(layout, sink)[None]
+    _, _, k_first, k_last = tile_ranges(layout)
+    start = start[:, None]  # (B, 1)
+    hit = (k_first[None] < start + sink) & (k_last[None] >= start)  # (B, nK)
+    return hit[:, None, :].expand(-1, layout.n_q_blocks, -1)
+
+
 def window_tiles(layout: BlockLayout, window: int) -> torch.Tensor:
     """(nQ, nK) bool: key tiles overlapping the last ``window`` positions before some query."""
     q_first, q_last, k_first, k_last = tile_ranges(layout)
@@ -43,5 +56,7 @@ def window_tiles(layout: BlockLayout, window: int) -> torch.Tensor:
 
 
 def per_head(tiles: torch.Tensor, layout: BlockLayout, num_heads: int) -> torch.Tensor:
-    """(nQ, nK) -> (B, H, nQ, nK) view shared by every batch row and head."""
-    return tiles[None, None].expand(layout.ctx.batch, num_heads, -1, -1)
+    """(nQ, nK) or (B or 1, nQ, nK) -> (B, H, nQ, nK) view shared by every head (and by every
+    batch row when the pattern has no row axis)."""
+    tiles = tiles if tiles.dim() == 3 else tiles[None]  # (B or 1, nQ, nK)
+    return tiles[:, None].expand(layout.ctx.batch, num_heads, -1, -1)

@@ -7,12 +7,12 @@ from typing import ClassVar
 
 import torch
 
-from ..backends.masks import BlockLayout, num_blocks
+from ..backends.masks import BlockLayout, num_blocks, row_starts, sink_positions
 from ..registry import register_method
 from ..types import AttentionContext, BlockSelection, DecodeView, PageSelection, TokenSelection
 from .base import PREFILL_PHASES, Method, knob
-from .common import per_head, sink_tiles, tile_ranges, window_tiles
-from .decode.pages import all_pages, page_selection, sink_window_pages
+from .common import per_head, row_sink_tiles, tile_ranges, window_tiles
+from .decode.pages import all_pages, page_selection, sink_window_pages, with_row_sinks
 
 _BIG = 2**31 - 1
 
@@ -39,8 +39,10 @@ class Streaming(Method):
     """A-shape: attention sink plus a local window (StreamingLLM, Xiao et al., ICLR 2024).
 
     Choices: sink and window are counted in tokens and rounded out to whole tiles, so a query
-    may see up to one extra tile on each edge; the layer's causal mask stays exact. Applied to
-    both phases without evicting the cache (eviction lives in the cache, not here).
+    may see up to one extra tile on each edge; the layer's causal mask stays exact. The sink is
+    each row's first ``sink`` valid positions, so under left padding it follows the row's
+    first token (its tiles and pages then differ per batch row). Applied to both phases
+    without evicting the cache (eviction lives in the cache, not here).
     """
 
     name: ClassVar[str] = "streaming"
@@ -55,15 +57,15 @@ class Streaming(Method):
     window: int = knob(1024, low=1, high=_BIG, help="most recent tokens every query keeps")
 
     def tiles(self, layout: BlockLayout) -> torch.Tensor:
-        """(nQ, nK) bool pattern shared by all heads."""
-        return sink_tiles(layout, self.sink) | window_tiles(layout, self.window)
+        """(B or 1, nQ, nK) bool pattern shared by all heads (per row when rows are padded)."""
+        return row_sink_tiles(layout, self.sink) | window_tiles(layout, self.window)
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
         return layout.finalize(per_head(self.tiles(layout), layout, ctx.num_q_heads))
 
     def max_tiles_per_row(self, layout: BlockLayout) -> int:
         b = layout.block_size
-        return num_blocks(self.sink, b) + num_blocks(self.window + b - 1, b) + 1
+        return sink_tile_bound(self.sink, b) + num_blocks(self.window + b - 1, b) + 1
 
     def select_decode(
         self, q, view: DecodeView, ctx: AttentionContext
@@ -71,16 +73,29 @@ class Streaming(Method):
         """Decode: the pages (of ``block_size`` tokens) holding the sink and the last window."""
         if not ctx.contiguous:
             return sink_window_tokens(ctx, self.sink, self.window)
-        pages = sink_window_pages(ctx, self.block_size, self.sink, self.window)
-        if len(pages) == all_pages(ctx, self.block_size):
+        P = self.block_size
+        if row_starts(ctx) is not None:  # padded rows: each row's sink pages on the device
+            window = sink_window_pages(ctx, P, 0, self.window)
+            if len(window) == all_pages(ctx, P) and self.dense_when_covered:
+                return None
+            return with_row_sinks([window] * ctx.num_kv_heads, ctx, P, self.sink)
+        pages = sink_window_pages(ctx, P, self.sink, self.window)
+        if len(pages) == all_pages(ctx, P) and self.dense_when_covered:
             return None
-        return page_selection([pages] * ctx.num_kv_heads, ctx.batch, self.block_size, ctx.device)
+        return page_selection([pages] * ctx.num_kv_heads, ctx.batch, P, ctx.device)
+
+
+def sink_tile_bound(sink: int, block_size: int) -> int:
+    """Tiles a sink of ``sink`` tokens may span: one more than its length in tiles when left
+    padding starts it inside a tile."""
+    return num_blocks(sink + block_size - 1, block_size) if sink > 0 else 0
 
 
 def sink_window_tokens(ctx: AttentionContext, sink: int, window: int) -> TokenSelection:
-    """Token-level sink + window over explicit key positions (a cache that already evicted)."""
+    """Token-level sink + window over explicit key positions (a cache that already evicted);
+    the sink is each row's first ``sink`` valid positions."""
     positions = ctx.key_positions  # (B, Hp, Lk)
-    keep = (positions < sink) | (positions > ctx.q_offset - window)
+    keep = sink_positions(positions, ctx, sink) | (positions > ctx.q_offset - window)
     keep = keep.expand(ctx.batch, ctx.num_kv_heads, -1)
     indices = torch.arange(ctx.kv_len, device=ctx.device).expand_as(keep)
     return TokenSelection(indices=indices, valid=keep)
@@ -122,7 +137,9 @@ class Strided(Method):
     Head h keeps the key tiles j with j % stride == h % stride, so the heads of a stride group
     together cover the whole context, plus the sink and a local window. Choices: the shards are
     tiles (not single tokens) so the kernel stays block-sparse; with GQA the shard follows the
-    query head.
+    query head; the sink is each row's first ``sink`` valid positions (after its left padding),
+    while shards stay on absolute tiles (a row padded by a multiple of ``stride`` tiles reads
+    the shards it reads alone).
     """
 
     name: ClassVar[str] = "strided"
@@ -138,17 +155,17 @@ class Strided(Method):
     window: int = knob(512, low=1, high=_BIG, help="most recent tokens every head keeps")
 
     def select(self, q, k, ctx: AttentionContext, layout: BlockLayout) -> BlockSelection:
-        shared = sink_tiles(layout, self.sink) | window_tiles(layout, self.window)  # (nQ, nK)
+        shared = row_sink_tiles(layout, self.sink) | window_tiles(layout, self.window)
         key_tile = torch.arange(layout.n_kv_blocks, device=ctx.device)
         head = torch.arange(ctx.num_q_heads, device=ctx.device)
         shard = (key_tile[None, :] % self.stride) == (head[:, None] % self.stride)  # (Hq, nK)
-        mask = shared[None] | shard[:, None, :]  # (Hq, nQ, nK)
-        return layout.finalize(mask[None].expand(ctx.batch, -1, -1, -1))
+        mask = shared[:, None] | shard[None, :, None, :]  # (B or 1, Hq, nQ, nK)
+        return layout.finalize(mask.expand(ctx.batch, -1, -1, -1))
 
     def max_tiles_per_row(self, layout: BlockLayout) -> int:
         b = layout.block_size
         shard = num_blocks(layout.n_kv_blocks, self.stride)
-        return num_blocks(self.sink, b) + num_blocks(self.window + b - 1, b) + 1 + shard
+        return sink_tile_bound(self.sink, b) + num_blocks(self.window + b - 1, b) + 1 + shard
 
     def select_decode(
         self, q, view: DecodeView, ctx: AttentionContext
@@ -166,10 +183,14 @@ class Strided(Method):
             )
             indices = torch.arange(ctx.kv_len, device=ctx.device).expand_as(keep)
             return TokenSelection(indices=indices, valid=keep)
-        shared = set(sink_window_pages(ctx, self.block_size, self.sink, self.window))
+        padded = row_starts(ctx) is not None  # then each row's sink pages come on the device
+        sink = 0 if padded else self.sink
+        shared = set(sink_window_pages(ctx, self.block_size, sink, self.window))
         n_pages = all_pages(ctx, self.block_size)
         rows = [
             sorted(shared.union(range(h % self.stride, n_pages, self.stride)))
             for h in range(ctx.num_q_heads)
         ]
+        if padded:
+            return with_row_sinks(rows, ctx, self.block_size, self.sink)
         return page_selection(rows, ctx.batch, self.block_size, ctx.device)

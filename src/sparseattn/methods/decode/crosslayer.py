@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...backends.masks import key_positions
+from ...backends.masks import key_positions, sink_positions
 from ...backends.sdpa import decode_key_mask
 from ...errors import UsageError
-from ...types import AttentionContext, DecodeView, Phase, TokenSelection
+from ...types import EMPTY_POSITION, AttentionContext, DecodeView, Phase, TokenSelection
 from ..base import Method, knob
 from .tokens import check_budget, forced_tokens, kv_head_scores, top_tokens
 
@@ -58,7 +58,8 @@ def choose_positions(
     """The ``budget`` positions with the most attention mass over every query head, per row.
 
     Each query head's exact softmax over its visible keys (softcap applied) is summed over all
-    heads; the sink, the last ``window`` positions and the current token come first.
+    heads; the sink (each row's first ``sink`` valid positions), the last ``window`` positions
+    and the current token come first.
 
     Args:
         q: (B, Hq, 1, D) the decode queries.
@@ -81,17 +82,22 @@ def choose_positions(
         chosen = top_tokens(mass.sum(1, keepdim=True), forced, budget, ctx).indices  # (B, 1, K)
         seen = visible[:, :, 0].any(1, keepdim=True).expand(B, 1, Lk)
         return positions.expand(B, 1, Lk).gather(-1, chosen)[:, 0], seen.gather(-1, chosen)[:, 0]
-    # heads hold different positions (per-head eviction): add the mass up by position
-    N = ctx.q_offset + 1  # positions 0..q_offset; the spare column N takes empty slots
-    index = positions.expand(B, Hkv, Lk).clamp(max=N).flatten(1)  # (B, Hkv * Lk)
-    by_position = mass.new_zeros(B, N + 1).scatter_add_(1, index, mass.flatten(1))[:, :N]
-    held = visible[:, :, 0].expand(B, Hkv, Lk).flatten(1).float()
-    held = mass.new_zeros(B, N + 1).scatter_add_(1, index, held)[:, :N] > 0  # (B, N)
-    every = torch.arange(N, device=q.device)
-    forced = (every < sink) | (every > ctx.q_offset - max(window, 1))
-    score = by_position.masked_fill(~held, float("-inf")).masked_fill(forced & held, float("inf"))
-    chosen = score.topk(min(budget, N), dim=-1).indices  # (B, K) positions
-    return chosen, held.gather(-1, chosen)
+    # heads hold different positions (per-head eviction): add the mass up by position, over
+    # runs of equal positions among the M = Hkv * Lk held entries (never over every position
+    # seen, so the step's tensors follow what the layer holds)
+    ordered, order = positions.expand(B, Hkv, Lk).flatten(1).sort(-1)  # (B, M)
+    M = ordered.shape[1]
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    run = starts.long().cumsum(-1) - 1  # (B, M) run of each entry, runs ascending by position
+    by_run = mass.new_zeros(B, M).scatter_add_(1, run, mass.flatten(1).gather(1, order))
+    seen = visible[:, :, 0].expand(B, Hkv, Lk).flatten(1).gather(1, order).float()
+    held = mass.new_zeros(B, M).scatter_add_(1, run, seen) > 0  # (B, M) a visible position
+    at = torch.full_like(ordered, EMPTY_POSITION).scatter_(1, run, ordered)  # (B, M) positions
+    forced = sink_positions(at, ctx, sink) | (at > ctx.q_offset - max(window, 1))
+    score = by_run.masked_fill(~held, float("-inf")).masked_fill(forced & held, float("inf"))
+    chosen = score.topk(min(budget, M), dim=-1).indices  # (B, K) runs
+    return at.gather(-1, chosen), held.gather(-1, chosen)
 
 
 def positions_to_slots(
@@ -99,9 +105,11 @@ def positions_to_slots(
 ) -> TokenSelection:
     """(B, K) positions -> this layer's slots, one row per KV head (the choice is per batch row).
 
-    Contiguous keys: slot = position - kv_offset. Explicit positions: an inverse table over the
-    positions the query may see (the last ``sliding_window`` ones on a sliding layer) gives the
-    slot holding each position; a position the layer does not hold is marked invalid.
+    Contiguous keys: slot = position - kv_offset. Explicit positions: each (row, head)'s held
+    positions the query may see (the last ``sliding_window`` ones on a sliding layer) are
+    sorted and each wanted position is found by binary search, so the step's tensors follow
+    the Lk slots the layer holds, not the positions it has seen; a position the layer does not
+    hold (or the query cannot see) is marked invalid.
     """
     B, K = positions.shape
     Hkv = ctx.num_kv_heads
@@ -110,21 +118,17 @@ def positions_to_slots(
         valid = valid & (slots >= 0) & (slots < ctx.kv_len)
         slots = slots.clamp(0, ctx.kv_len - 1)[:, None].expand(B, Hkv, K)
         return TokenSelection(indices=slots, valid=valid[:, None].expand(B, Hkv, K))
-    held = ctx.key_positions  # (B, Hp, Lk)
+    held = ctx.key_positions.expand(B, -1, -1)  # (B, Hp, Lk)
     Hp, Lk = held.shape[1], held.shape[2]
     window = ctx.sliding_window
     first = max(ctx.q_offset + 1 - window, 0) if window is not None else 0  # first visible
-    width = ctx.q_offset + 1 - first  # table columns; column `width` is the spare
     inside = (held >= first) & (held <= ctx.q_offset)
-    index = torch.where(inside, held - first, width)  # (B, Hp, Lk)
-    slot_of = torch.arange(Lk, dtype=torch.int32, device=held.device).expand(B, Hp, Lk)
-    table = torch.full((B, Hp, width + 1), -1, dtype=torch.int32, device=held.device)
-    table = table.scatter_(2, index, slot_of)
-    table[..., width] = -1  # the spare column holds whatever landed there: never a slot
-    wanted = torch.where(positions >= first, positions - first, width).clamp(max=width)
-    slots = table.gather(2, wanted[:, None].expand(B, Hp, K)).long()  # (B, Hp, K)
-    valid = valid[:, None] & (slots >= 0)
-    slots = slots.clamp_min(0)
+    ordered, order = torch.where(inside, held, EMPTY_POSITION).sort(-1)  # (B, Hp, Lk)
+    wanted = positions[:, None].expand(B, Hp, K).contiguous()  # (B, Hp, K)
+    at = torch.searchsorted(ordered, wanted).clamp_(max=Lk - 1)  # (B, Hp, K)
+    found = (ordered.gather(2, at) == wanted) & (wanted < EMPTY_POSITION)
+    slots = order.gather(2, at)  # (B, Hp, K)
+    valid = valid[:, None] & found
     return TokenSelection(indices=slots.expand(B, Hkv, K), valid=valid.expand(B, Hkv, K))
 
 
@@ -187,8 +191,10 @@ class CrossLayer(Method):
     def select_decode(
         self, q: torch.Tensor, view: DecodeView, ctx: AttentionContext
     ) -> TokenSelection | None:
-        if ctx.layer_idx < self.full_layers or self.budget >= ctx.kv_len:
+        if ctx.layer_idx < self.full_layers:
             return None
+        if self.budget >= ctx.kv_len and self.dense_when_covered:
+            return None  # the budget covers the cache: dense
         selection_layer = self.selects(ctx.layer_idx)
         if selection_layer and not sees_history(ctx):
             return None  # dense over its window; a layer that sees every token chooses

@@ -180,7 +180,7 @@ class DoubleSparsity(Method):
     def select_decode(
         self, q: torch.Tensor, view: DecodeView, ctx: AttentionContext
     ) -> TokenSelection | None:
-        if self.budget >= ctx.kv_len:
+        if self.budget >= ctx.kv_len and self.dense_when_covered:
             return None  # the budget covers the cache: dense
         B, Hq, _, D = q.shape
         channels = self.layer_channels(ctx, D)  # (Hkv, r)

@@ -35,6 +35,8 @@ class DecodeOracle(Method):
     def select_decode(
         self, q: torch.Tensor, view: DecodeView, ctx: AttentionContext
     ) -> TokenSelection | None:
+        if self.budget >= ctx.kv_len and self.dense_when_covered:
+            return None  # the budget covers the cache: dense
         scores = kv_head_scores(q, view.keys, ctx) * ctx.scaling  # (B, Hkv, g, Lk)
         if ctx.softcap is not None:
             scores = torch.tanh(scores / ctx.softcap) * ctx.softcap

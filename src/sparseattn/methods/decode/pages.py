@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 
+from ...backends.masks import num_blocks, row_starts
 from ...types import AttentionContext, PageSelection
 
 
@@ -50,6 +51,44 @@ def page_selection(
         pages=pages[None].expand(batch, n_rows, width),
         valid=valid[None].expand(batch, n_rows, width),
         page_size=page_size,
+    )
+
+
+def with_row_sinks(
+    rows: list[list[int]], ctx: AttentionContext, page_size: int, sink: int
+) -> PageSelection:
+    """The pages of ``rows`` (one list per head row, shared by batch rows, no sink pages) plus
+    each batch row's sink pages: those holding its first ``sink`` valid positions, which left
+    padding moves. Computed on the device from ``row_starts(ctx)``: no host read.
+
+    A row's sink spans at most ceil((sink + P - 1) / P) pages (``sink`` slots starting
+    anywhere in a page); a sink page a head row already reads, or one past the row's sink, is
+    marked invalid so no slot is read twice.
+
+    Returns:
+        PageSelection with pages and valid of (B, H, n + sink pages), H = len(rows).
+    """
+    P, B, n_pages = page_size, ctx.batch, all_pages(ctx, page_size)
+    width = num_blocks(sink + P - 1, P) if sink > 0 else 0
+    if width == 0:
+        return page_selection(rows, B, P, ctx.device)
+    start = row_starts(ctx)
+    if start is None:  # no row is padded: every row starts at 0 (static sink pages are cheaper)
+        start = torch.zeros(B, dtype=torch.long, device=ctx.device)
+    pages, valid = _page_rows(tuple(tuple(r) for r in rows), str(ctx.device))  # (H, w)
+    H = pages.shape[0]
+    held = torch.zeros(H, n_pages + 1, dtype=torch.bool, device=ctx.device)
+    held.scatter_(1, pages.masked_fill(~valid, n_pages), True)  # (H, nP + 1): read already
+    slot = start - ctx.kv_offset  # (B,) the row's first valid slot (< 0: dropped by a window)
+    sink_pages = slot.clamp(min=0)[:, None] // P + torch.arange(width, device=ctx.device)
+    inside = (sink_pages * P < (slot + sink)[:, None]) & (sink_pages < n_pages)  # (B, width)
+    sink_pages = sink_pages.clamp(max=n_pages)  # (B, width); n_pages: the spare column
+    fresh = inside[:, None] & ~held[:, sink_pages].transpose(0, 1)  # (B, H, width)
+    sink_pages = sink_pages.clamp(max=n_pages - 1)[:, None].expand(B, H, width)
+    return PageSelection(
+        pages=torch.cat([pages[None].expand(B, H, -1), sink_pages], -1),
+        valid=torch.cat([valid[None].expand(B, H, -1), fresh], -1),
+        page_size=P,
     )
 
 

@@ -7,6 +7,8 @@ from typing import ClassVar
 
 import torch
 
+from ...backends.masks import row_starts, sink_positions
+from ...backends.sdpa import decode_key_mask
 from ...errors import UsageError
 from ...registry import register_method
 from ...types import EMPTY_POSITION, AttentionContext, DecodeView, PageSelection, Phase
@@ -103,7 +105,10 @@ class Quest(Method):
     a page is chosen per KV head (one gather per KV head) by summing its query heads' softmax
     over their page bounds, so a head with larger logits does not drown the others; or per
     query head as in the paper with ``per_query_head=True``; the budget counts
-    the forced pages (page-aligned sink and window edges may add up to two pages); the first
+    the forced pages (page-aligned sink and window edges may add up to two pages); the sink is
+    each row's first ``sink`` valid positions (after its left padding); pages the query cannot
+    see (padding, empty slots, outside the layer's window) take no share of the vote and are
+    never forced, so a padded row chooses as it would alone; the first
     ``full_layers`` layers decode densely (two, as in the paper); on contiguous unpadded keys
     the page being written is read as a slice after the chosen pages, so no mask is built.
     """
@@ -174,9 +179,10 @@ class Quest(Method):
             return None  # the paper keeps its first two layers dense
         forced_at_most = -(-self.sink // P) + -(-self.window // P) + 2  # page-aligned edges
         keep = min(max(self.budget // P, forced_at_most), n_pages)
-        if keep >= n_pages:
+        if keep >= n_pages and self.dense_when_covered:
             return None  # the budget covers the cache: dense
-        plain = ctx.contiguous and ctx.key_valid is None and not self.per_query_head
+        plain = ctx.contiguous and ctx.key_valid is None and ctx.row_start is None
+        plain = plain and not self.per_query_head
         plain = plain and (ctx.sliding_window is None or ctx.q_offset < ctx.sliding_window)
         bounds = self.bounds(view, appended=plain and ctx.kv_offset == 0)
         B, Hq, _, D = q.shape
@@ -186,12 +192,14 @@ class Quest(Method):
         # sum_d max(q_d min_d, q_d max_d) = q+ . max + q- . min: two matmuls, no (nP, D) product
         high = torch.matmul(rows.clamp(min=0), bounds.high.transpose(-1, -2))
         scores = torch.matmul(rows.clamp(max=0), bounds.low.transpose(-1, -2)).add_(high)
-        forced = self.forced_pages(ctx, n_pages)  # (B or 1, 1 or Hkv, nP)
+        visible = self.visible_pages(ctx, n_pages, P)  # (B, 1 or Hkv, nP)
+        scores = scores.masked_fill(~visible[:, :, None], float("-inf"))  # (B, Hkv, g, nP)
+        forced = self.forced_pages(ctx, n_pages) & visible  # (B, 1 or Hkv, nP)
         if self.per_query_head:
             scores = scores.view(B, Hq, n_pages)  # (B, Hq, nP)
             forced = forced.repeat_interleave(ctx.groups, 1) if forced.shape[1] > 1 else forced
         else:  # each query head votes with its softmax share, so no head drowns the others
-            scores = torch.softmax(scores, dim=-1).sum(2)  # (B, Hkv, nP)
+            scores = torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(2)  # (B, Hkv, nP)
         scores = scores.masked_fill(forced, float("inf"))
         pages = scores.topk(keep, dim=-1).indices
         return PageSelection(
@@ -229,20 +237,34 @@ class Quest(Method):
             self._bias = cached = (key, bias)
         return cached[1]
 
+    @staticmethod
+    def visible_pages(ctx: AttentionContext, n_pages: int, page_size: int) -> torch.Tensor:
+        """(B, 1 or Hkv, nP) bool: pages holding a key the query sees (a page of padding, of
+        empty slots or outside the layer's window is never chosen over a visible one)."""
+        visible = decode_key_mask(ctx)[:, :, 0]  # (B, 1 or Hkv, Lk)
+        visible = torch.nn.functional.pad(visible, (0, n_pages * page_size - ctx.kv_len))
+        return visible.view(*visible.shape[:2], n_pages, page_size).any(-1)
+
     def forced_pages(self, ctx: AttentionContext, n_pages: int) -> torch.Tensor:
-        """(B or 1, 1 or Hkv, nP) bool: pages always read (sink, window, the current page)."""
+        """(B or 1, 1 or Hkv, nP) bool: pages always read (sink, window, the current page).
+
+        The sink is each row's first ``sink`` valid positions, after its left padding."""
         P = self.block_size
         if ctx.contiguous:
             first = ctx.kv_offset + torch.arange(n_pages, device=ctx.device) * P  # (nP,)
             last = (first + P - 1).clamp(max=ctx.kv_offset + ctx.kv_len - 1)
-            query = ctx.q_offset
-            forced = (first < self.sink) | (last > query - max(self.window, 1))
-            return forced[None, None]
+            recent = last > ctx.q_offset - max(self.window, 1)
+            start = row_starts(ctx)
+            if start is None:
+                return ((first < self.sink) | recent)[None, None]
+            start = start[:, None]  # (B, 1)
+            sink = (first[None] < start + self.sink) & (last[None] >= start)  # (B, nP)
+            return (sink | recent)[:, None]
         positions = ctx.key_positions  # (B, Hp, Lk)
         pad = n_pages * P - ctx.kv_len
         positions = torch.nn.functional.pad(positions, (0, pad), value=EMPTY_POSITION)
         positions = positions.view(*positions.shape[:2], n_pages, P)
         held = positions != EMPTY_POSITION
-        sink = (positions < self.sink) & held
+        sink = sink_positions(positions, ctx, self.sink) & held
         recent = (positions > ctx.q_offset - max(self.window, 1)) & held
         return (sink | recent).any(-1)

@@ -44,11 +44,14 @@ class KeyIndexes:
         indexes: B * Hkv faiss indexes, row-major over (b, h); their ids are cache slots.
         size: Slots the indexes cover (the layer's held length when last updated).
         writes: The layer's update count the indexes include.
+        stale: Entries per index superseded by a later vector under the same slot id (a graph
+            index cannot remove a slot a ring overwrote); 0 for flat indexes.
     """
 
     indexes: list
     size: int
     writes: int
+    stale: int = 0
 
 
 @register_method
@@ -66,9 +69,14 @@ class RetrievalAttention(Method):
 
     Choices the paper left open: the index is built on the first decode step after the
     prefill from the cache's keys (padding and empty slots left out) and kept as the layer's
-    state; each later step only adds the slots the step wrote (``view.last_write``); it is
-    rebuilt when an update was missed or slots were overwritten or moved (a ring or evicting
-    cache), since graph indexes cannot remove entries. The paper builds its graph from
+    state; each later step only adds the slots the step wrote (``view.last_write``). A ring
+    (a bounded cache) overwrites held slots in place (and a re-rotating one its sinks,
+    ``view.rewritten``): a flat index removes those slots' vectors and adds the new ones under
+    the same ids; a graph index cannot remove entries, so the new vectors are added beside
+    the superseded ones (a search may return a superseded entry, whose slot is then read with
+    its current key) and the index is rebuilt only once superseded entries outnumber the held
+    slots, so a ring costs an amortised constant, not a rebuild per step. It is rebuilt when
+    an update was missed or slots moved (a compaction). The paper builds its graph from
     prefill queries to bridge the query/key distribution gap; here the graph is built over the
     keys alone with the inner-product metric. With GQA, by default the group's mean query
     searches its KV head's index (mean q.k ranks keys by the group's mean logit): one search
@@ -114,7 +122,7 @@ class RetrievalAttention(Method):
     def select_decode(
         self, q: torch.Tensor, view: DecodeView, ctx: AttentionContext
     ) -> TokenSelection | None:
-        if self.budget >= ctx.kv_len:
+        if self.budget >= ctx.kv_len and self.dense_when_covered:
             return None  # the budget covers the cache: dense
         queries = self.search_queries(q, ctx)  # (B, Hs, D)
         found = self.search(queries, view, ctx)  # (B, Hs, budget)
@@ -151,15 +159,40 @@ class RetrievalAttention(Method):
         current = state is not None and len(state.indexes) == count
         if current and state.writes == view.writes and state.size == held:
             return state  # already includes this step
-        appended = current and state.writes == view.writes - 1 and start == state.size < stop
-        if appended and stop == held:
-            self.add(state.indexes, view.keys, self.indexed(ctx), start, stop)
+        next_update = current and state.writes == view.writes - 1
+        appended = next_update and start == state.size < stop == held
+        in_place = next_update and start < stop <= state.size == held  # a ring overwrote slots
+        rewritten = [view.rewritten] if view.rewritten[1] > view.rewritten[0] else []
+        if appended or in_place:
+            replaced = [(start, stop)] if in_place else []
+            self.replace(state, view.keys, self.indexed(ctx), replaced + rewritten)
+            if appended:
+                self.add(state.indexes, view.keys, self.indexed(ctx), start, stop)
             state.size, state.writes = held, view.writes
-        else:
+        if not (appended or in_place) or state.stale > held:
             state = KeyIndexes(self.new_indexes(count, view.keys.shape[3]), held, view.writes)
             self.add(state.indexes, view.keys, self.indexed(ctx), 0, held)
         view.state[self.state_key] = state
         return state
+
+    def replace(
+        self,
+        state: KeyIndexes,
+        keys: torch.Tensor,
+        indexed: torch.Tensor,
+        ranges: list[tuple[int, int]],
+    ) -> None:
+        """Give the slots of ``ranges`` (each [start, stop) of held slots whose keys changed in
+        place) their current vectors: a flat index drops the old ones first; a graph index
+        keeps them, counted in ``state.stale``."""
+        faiss = import_faiss()
+        for start, stop in ranges:
+            if self.index == "flat":
+                for index in state.indexes:
+                    index.remove_ids(faiss.IDSelectorRange(start, stop))
+            else:
+                state.stale += stop - start
+            self.add(state.indexes, keys, indexed, start, stop)
 
     def new_indexes(self, count: int, dim: int) -> list:
         faiss = import_faiss()
@@ -211,7 +244,7 @@ class RetrievalAttention(Method):
         forced = per_row(forced_tokens(ctx, self.sink, self.window), Hs, ctx)
         scores = scores.masked_fill(~visible, float("-inf"))
         scores = scores.masked_fill(forced & visible, float("inf"))
-        top = scores.topk(self.budget, dim=-1)
+        top = scores.topk(min(self.budget, L), dim=-1)
         return TokenSelection(indices=top.indices, valid=top.values > float("-inf"))
 
     def count_recall(

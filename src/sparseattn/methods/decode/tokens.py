@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ...backends.masks import key_positions
-from ...backends.sdpa import decode_key_mask
+from ...backends.masks import key_positions, sink_positions
+from ...backends.sdpa import decode_key_mask, window_matters
 from ...errors import UsageError
 from ...types import EMPTY_POSITION, AttentionContext, TokenSelection
 from ..estimators import grouped_scores
@@ -26,18 +26,28 @@ def check_budget(name: str, budget: int, sink: int, window: int) -> None:
 
 
 def forced_tokens(ctx: AttentionContext, sink: int, window: int) -> torch.Tensor:
-    """(B or 1, 1 or Hkv, Lk) bool: held slots always read (the first ``sink`` positions, the
-    last ``window`` positions before the query, and the current token)."""
+    """(B or 1, 1 or Hkv, Lk) bool: held slots always read (each row's first ``sink`` valid
+    positions, after its left padding; the last ``window`` positions before the query; and the
+    current token)."""
     positions = key_positions(ctx)  # (B or 1, 1 or Hkv, Lk)
     held = positions != EMPTY_POSITION
     recent = positions > ctx.q_offset - max(window, 1)
-    return ((positions < sink) | recent) & held
+    return (sink_positions(positions, ctx, sink) | recent) & held
 
 
 def group_vote(scores: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
     """(B, Hkv, g, Lk) logits -> (B, Hkv, Lk): each query head's softmax, summed over its GQA
-    group, so a head with larger logits does not drown the others."""
-    return torch.softmax(scores * ctx.scaling, dim=-1).sum(2)
+    group, so a head with larger logits does not drown the others.
+
+    The softmax runs over the keys the query sees: padding, empty slots and keys outside the
+    layer's window take no share, so a padded row votes as it would alone.
+    """
+    logits = scores * ctx.scaling
+    if ctx.key_valid is None and ctx.contiguous and not window_matters(ctx):
+        return torch.softmax(logits, dim=-1).sum(2)  # every held key is visible
+    visible = decode_key_mask(ctx)  # (B, 1 or Hkv, 1, Lk)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(2)  # a row seeing nothing: 0
 
 
 def kv_head_scores(q: torch.Tensor, keys: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -49,21 +59,20 @@ def kv_head_scores(q: torch.Tensor, keys: torch.Tensor, ctx: AttentionContext) -
 
 def top_tokens(
     scores: torch.Tensor, forced: torch.Tensor, budget: int, ctx: AttentionContext
-) -> TokenSelection | None:
+) -> TokenSelection:
     """The ``budget`` slots with the highest score per row, forced slots first.
 
     Args:
         scores: (B, Hs, Lk) float, Hs = Hkv (one choice per GQA group) or Hq.
         forced: bool broadcastable to ``scores``.
-        budget: Tokens per row; None is returned (dense) when it covers the cache.
+        budget: Tokens per row; every slot when it covers the cache (a method returns None,
+            dense, before that unless ``dense_when_covered`` is off).
     """
-    if budget >= ctx.kv_len:
-        return None
     visible = _visible(ctx, scores.shape[1])
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(forced & visible, float("inf"))
-    indices = scores.topk(budget, dim=-1).indices
+    indices = scores.topk(min(budget, ctx.kv_len), dim=-1).indices
     every = not (bool(ctx.key_valid is not None) or not ctx.contiguous or ctx.sliding_window)
-    return TokenSelection(  # on an all-visible cache, budget < held keys: all picks visible
+    return TokenSelection(  # on an all-visible cache every pick is a held slot: all visible
         indices=indices, valid=torch.ones_like(indices, dtype=torch.bool), all_valid=every
     )
 

@@ -21,8 +21,9 @@ class _Reuse:
 
     Attributes:
         query: (B, Hq, D) the query that made each row's selection.
-        indices: (B, Hkv, K) slots chosen then, plus the tokens appended since.
-        valid: (B, Hkv, K) False for padding (a row that chose afresh holds fewer entries).
+        indices: (B, Hkv, K) slots chosen then, plus the tokens appended since; K = budget +
+            max_reuse, fixed: reuse r of a row writes its current token into column budget + r.
+        valid: (B, Hkv, K) False for the columns no token has filled yet.
         reused: (B,) consecutive steps each row's selection has been reused.
         kv_len: Held keys the slots refer to.
         writes: The layer's update count the state includes.
@@ -49,11 +50,15 @@ class TokenSelect(Method):
     row's query is close to the query that made the layer's last selection (mean cosine over
     query heads >= ``reuse_threshold``), the step reuses that selection plus the tokens appended
     since, without scoring, for at most ``max_reuse`` steps (compared with the query that
-    made the selection rather than the previous one, so drift cannot accumulate). Deciding to
-    reuse reads one value on the host per layer and step (a device sync on GPU);
-    ``reuse_threshold`` above 1 (or ``max_reuse=0``) turns the cache off and then no host read
-    happens. Hits and lookups are the counters ``tokenselect_hits`` / ``tokenselect_lookups``
-    of ``last_stats`` (batch rows counted).
+    made the selection rather than the previous one, so drift cannot accumulate). With the
+    cache on, every selection has the static width ``budget + max_reuse`` (a fresh choice
+    leaves the last ``max_reuse`` columns empty; each reuse fills the next one with the token
+    it appends), whatever the batch rows' reuse phases. Deciding to reuse reads one value on
+    the host per layer and step (a device sync on GPU: skipping the scoring is what the cache
+    saves, and only the host can skip it), so the cache is off by default (``max_reuse=0``)
+    and the default decode step reads nothing on the host; ``max_reuse=8`` turns it on (a
+    ``reuse_threshold`` above 1 turns it off as well). Hits and lookups are the counters
+    ``tokenselect_hits`` / ``tokenselect_lookups`` of ``last_stats`` (batch rows counted).
     """
 
     name: ClassVar[str] = "tokenselect"
@@ -71,7 +76,9 @@ class TokenSelect(Method):
     reuse_threshold: float = knob(
         0.9, low=-1.0, high=2.0, help="cosine to the last selecting query to reuse (> 1: off)"
     )
-    max_reuse: int = knob(8, low=0, high=_BIG, help="consecutive steps a selection is reused")
+    max_reuse: int = knob(
+        0, low=0, high=_BIG, help="consecutive steps a selection is reused (0: no cache)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,10 +88,16 @@ class TokenSelect(Method):
     def caches_selection(self) -> bool:
         return self.reuse_threshold <= 1.0 and self.max_reuse > 0
 
+    @property
+    def width(self) -> int:
+        """Columns of every selection: the budget, plus ``max_reuse`` for the tokens a reused
+        selection appends when the cache is on."""
+        return self.budget + (self.max_reuse if self.caches_selection else 0)
+
     def select_decode(
         self, q: torch.Tensor, view: DecodeView, ctx: AttentionContext
     ) -> TokenSelection | None:
-        if self.budget >= ctx.kv_len:
+        if self.budget >= ctx.kv_len and self.dense_when_covered:
             return None
         query = q[:, :, 0].float()  # (B, Hq, D)
         cached = self._cached(query, view, ctx)
@@ -102,20 +115,19 @@ class TokenSelect(Method):
         hits = int(hit.sum())  # the one host read: is any scoring needed, is anything reused
         view.count("tokenselect_lookups", float(ctx.batch))
         view.count("tokenselect_hits", float(hits))
-        current = torch.full_like(cached.indices[..., :1], ctx.kv_len - 1)
-        indices = torch.cat([cached.indices, current], -1)
-        valid = torch.cat([cached.valid, torch.ones_like(current, dtype=torch.bool)], -1)
+        # a hitting row appends the current token in column budget + reused (< width)
+        column = (self.budget + cached.reused).clamp(max=self.width - 1)  # (B,)
+        column = column[:, None, None].expand(*cached.indices.shape[:2], 1)  # (B, Hkv, 1)
+        indices = cached.indices.scatter(-1, column, ctx.kv_len - 1)  # (B, Hkv, width)
+        valid = cached.valid.scatter(-1, column, True)
         if hits < ctx.batch:  # some rows choose afresh
             fresh = self._fresh(q, view, ctx)
             if hits == 0:
                 indices, valid = fresh.indices, fresh.valid
             else:
-                pad = indices.shape[-1] - fresh.indices.shape[-1]
-                fresh_indices = torch.nn.functional.pad(fresh.indices, (0, pad))
-                fresh_valid = torch.nn.functional.pad(fresh.valid, (0, pad), value=False)
                 row = hit[:, None, None]
-                indices = torch.where(row, indices, fresh_indices)
-                valid = torch.where(row, valid, fresh_valid)
+                indices = torch.where(row, indices, fresh.indices)
+                valid = torch.where(row, valid, fresh.valid)
             query = torch.where(hit[:, None, None], cached.query, query)
         else:
             query = cached.query
@@ -124,8 +136,17 @@ class TokenSelect(Method):
         return TokenSelection(indices=indices, valid=valid)
 
     def _fresh(self, q: torch.Tensor, view: DecodeView, ctx: AttentionContext) -> TokenSelection:
+        """A new choice, (B, Hkv, width): the budget's tokens, then ``max_reuse`` empty columns
+        when the cache is on (filled by later reuses)."""
         scores = group_vote(kv_head_scores(q, view.keys, ctx), ctx)  # (B, Hkv, Lk)
-        return top_tokens(scores, forced_tokens(ctx, self.sink, self.window), self.budget, ctx)
+        chosen = top_tokens(scores, forced_tokens(ctx, self.sink, self.window), self.budget, ctx)
+        if not self.caches_selection:
+            return chosen
+        pad = self.width - chosen.indices.shape[-1]
+        return TokenSelection(
+            indices=torch.nn.functional.pad(chosen.indices, (0, pad)),
+            valid=torch.nn.functional.pad(chosen.valid, (0, pad), value=False),
+        )
 
     def _cached(self, query: torch.Tensor, view: DecodeView, ctx: AttentionContext):
         """The layer's selection state if it may be reused at this step, else None.

@@ -234,3 +234,50 @@ def test_prompt_memory_sweep_holds_the_budget_per_length():
             assert r["kv_held_bytes"] == kept(r["prompt_tokens"]) * per_token
             assert r["kv_bytes"] >= r["kv_held_bytes"]
             assert r["peak_added_mb"] is not None and r["peak_memory_method"]
+
+
+@pytest.mark.parametrize(
+    "family, setting",
+    [
+        ("llama", {"evict": "snapkv", "evict_knobs": {"compression": 0.75, "window": 4}}),
+        ("llama", {"evict": "streaming", "evict_knobs": {"sink": 4, "window": 24}}),
+        ("qwen2", {"evict": "pyramidkv", "evict_knobs": {"compression": 0.5, "window": 4}}),
+    ],
+    ids=["snapkv", "streaming", "pyramidkv-qwen2-sliding"],
+)
+def test_chunks_over_kept_keys_run_as_contiguous_calls_with_the_masked_result(
+    family, setting, monkeypatch
+):
+    """A chunk over a layer that evicted, with every held key older than the chunk, runs as a
+    contiguous call (tiles or causal SDPA, no heads x chunk x held score matrix); its logits
+    equal the masked product over the kept positions (the relabelling turned off)."""
+    from sparseattn.integration import prefill
+
+    model = make_model(family)
+    ids = torch.randint(1, 128, (1, 130), generator=torch.Generator().manual_seed(5))
+    relabelled = []
+    original = prefill.as_contiguous_chunk
+
+    def counting(ctx, layer):
+        out = original(ctx, layer)
+        relabelled.append(out is not ctx)
+        return out
+
+    monkeypatch.setattr(prefill, "as_contiguous_chunk", counting)
+    logits = _chunk_logits(model, ids, setting)
+    assert any(relabelled)  # the path under test ran
+    if family == "qwen2":  # the model's sliding layer keeps its window by position: never
+        assert not all(relabelled)
+    monkeypatch.setattr(prefill, "as_contiguous_chunk", lambda ctx, layer: ctx)
+    torch.testing.assert_close(logits, _chunk_logits(model, ids, setting), atol=1e-4, rtol=1e-4)
+
+
+def _chunk_logits(model, ids, setting) -> torch.Tensor:
+    """Every position's logits of a chunked prefill under ``setting``."""
+    cache, outs = None, []
+    with sparseattn.sparse_attention(model, min_length=0, **setting):
+        for start in range(0, ids.shape[1], CHUNK):
+            out = model(input_ids=ids[:, start : start + CHUNK], past_key_values=cache)
+            cache = out.past_key_values
+            outs.append(out.logits)
+    return torch.cat(outs, 1)

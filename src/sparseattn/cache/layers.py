@@ -177,6 +177,16 @@ class KVLayer(CacheLayerMixin):
         """True when a decode query sees every held slot (no padding, no holes, window kept)."""
         return not (self.padded or self.holes or self._pending or self._marked)
 
+    def prefix_precedes_call(self) -> bool:
+        """True when a prompt chunk may run over this layer as if its keys were contiguous:
+        every slot before the chunk's own keys holds a key (no holes, no padding), all of them
+        earlier than the chunk, and the chunk's keys follow in order. Attention then only needs
+        "the held prefix is visible to every query, the chunk is causal", which is the mask of
+        a contiguous chunk whose keys start ``held`` positions before it. (The model's sliding
+        window and a compensation token's bias depend on more than order: the caller checks
+        those on the call.)"""
+        return not (self.holes or self._marked or self.padded)
+
     def mark_padding(self, key_valid: torch.Tensor) -> None:
         """Before attention on a prefill call: keys where ``key_valid`` is False are padding.
 

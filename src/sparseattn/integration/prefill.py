@@ -10,11 +10,11 @@ import torch
 
 from ..backends import BlockLayout, dense_prefill, reference_attend
 from ..backends.sdpa import visible_keys, window_matters
-from ..backends.tiles import attend_tiles, density_once, select_once
-from ..cache import CacheLayer, HeadGroupsLayer
+from ..backends.tiles import attend_tiles, density_once, select_once, tile_kernel
+from ..cache import CacheLayer, HeadGroupsLayer, KVLayer
 from ..methods.base import Method
 from ..methods.static import Dense
-from ..types import AttentionContext, BlockSelection
+from ..types import AttentionContext, BlockSelection, Phase
 from .plan import SparsePlan
 from .stats import timed
 
@@ -37,9 +37,11 @@ def run_prefill(
 
     Dense calls whose window hides keys (or with a softcap) on contiguous keys run as every
     visible tile through the tile kernel (``prefill_backend``), never as a dense masked L x L
-    product; over explicit positions (a layer that evicted) they run as masked SDPA over what
-    the layer kept. The first prompt of a layer split into head groups runs as one selection
-    in which each group with a prefill method of its own has that method's tiles.
+    product, and so do chunks after a prefix where the C++ kernel runs them (``tiles_pay``);
+    over explicit positions (a layer that evicted) they run as a contiguous chunk where every
+    held key precedes it (``as_contiguous_chunk``), else as masked SDPA over what it kept.
+    The first prompt of a layer split into head groups runs as one selection in which each
+    group with a prefill method of its own has that method's tiles.
     """
     method = plan.method_for(ctx, q, None if part is None else part.group)
     patterns = _group_patterns(plan, ctx, q, layer)
@@ -48,12 +50,14 @@ def run_prefill(
     start = timed(ctx.device) if profile else 0.0
     dense = isinstance(method, Dense) and not patterns
     if dense and not ctx.contiguous:
+        ctx = as_contiguous_chunk(ctx, layer)
+    if dense and not ctx.contiguous:
         out = (
             dense_prefill(q, k, v, ctx)
             if ctx.softcap is None
             else reference_attend(q, k, v, None, ctx)
         )
-    elif dense and ctx.softcap is None and not window_matters(ctx):
+    elif dense and ctx.softcap is None and not window_matters(ctx) and not tiles_pay(plan, q, ctx):
         out = dense_prefill(q, k, v, ctx)
     else:
         layout = plan.layout_for(ctx, method.block_size)
@@ -84,6 +88,40 @@ def run_prefill(
     attend_s = timed(ctx.device) - start if profile else 0.0
     plan.stats.record(ctx.layer_idx, ctx.phase, method.name, visible, visible, 0.0, attend_s, heads)
     return out
+
+
+def as_contiguous_chunk(ctx: AttentionContext, layer: CacheLayer | None) -> AttentionContext:
+    """A dense prompt chunk over a layer that evicted, as a contiguous call where that is exact.
+
+    When the layer holds no hole and no padding (``prefix_precedes_call``), every held key is
+    older than the chunk and visible to all its queries, and the chunk's own keys are causal:
+    the mask of a contiguous chunk whose keys start ``kv_len - q_len`` positions before it. Run
+    that way, the chunk goes through the tile kernel (or causal SDPA) instead of a masked
+    product whose scores (heads x chunk x held) would be materialised. Left as it is under a
+    sliding window, a softcap or a key bias, which depend on more than the order of keys.
+    """
+    if (
+        not isinstance(layer, KVLayer)
+        or ctx.phase is not Phase.CHUNKED_PREFILL
+        or ctx.sliding_window is not None
+        or ctx.softcap is not None
+        or ctx.key_bias is not None
+        or ctx.key_valid is not None
+        or not layer.prefix_precedes_call()
+    ):
+        return ctx
+    start = ctx.q_offset + ctx.q_len - ctx.kv_len
+    return dataclasses.replace(ctx, key_positions=None, kv_offset=start, row_start=None)
+
+
+def tiles_pay(plan: SparsePlan, q: torch.Tensor, ctx: AttentionContext) -> bool:
+    """Whether a dense contiguous call runs faster as every visible tile through the C++ kernel
+    than through SDPA: a chunk after a prefix or padded rows (SDPA needs a token mask there; the
+    kernel skips the masked tiles) on a call the kernel supports."""
+    plain = ctx.q_len == ctx.kv_len and ctx.key_valid is None
+    if plain or ctx.key_bias is not None or plan.options.prefill_backend not in ("auto", "cpp"):
+        return False
+    return tile_kernel("auto", q, ctx) == "cpp"
 
 
 def _group_patterns(

@@ -12,7 +12,7 @@ from ..backends import BlockLayout, dense_prefill, reference_attend
 from ..backends.sdpa import visible_keys, window_matters
 from ..backends.tiles import attend_tiles, density_once, select_once, tile_kernel
 from ..cache import CacheLayer, HeadGroupsLayer, KVLayer
-from ..methods.base import Method
+from ..methods.base import Method, PrefillCall
 from ..methods.static import Dense
 from ..types import AttentionContext, BlockSelection, Phase
 from .plan import SparsePlan
@@ -61,13 +61,20 @@ def run_prefill(
         out = dense_prefill(q, k, v, ctx)
     else:
         layout = plan.layout_for(ctx, method.block_size)
-        selection = select_once(method, q, k, ctx, layout)
-        if patterns:
-            selection = _merge_patterns(selection, patterns, q, k, ctx, layout)
+        run = None if patterns else method.rearrange(q, k, v, ctx, layout)
+        if run is None:  # the call as it is, with the method's tiles
+            selection = select_once(method, q, k, ctx, layout)
+            if patterns:
+                selection = _merge_patterns(selection, patterns, q, k, ctx, layout)
+            run = PrefillCall(k, v, ctx, layout, selection)
         selected = timed(ctx.device) if profile else 0.0
-        out = attend_tiles(plan.options.prefill_backend, q, k, v, selection, ctx, layout)
+        out = attend_tiles(
+            plan.options.prefill_backend, q, run.k, run.v, run.selection, run.ctx, run.layout
+        )
         done = timed(ctx.device) if profile else 0.0
-        computed, visible = density_once(layout, selection)
+        computed, visible = density_once(run.layout, run.selection)
+        if run.layout is not layout:  # rearranged keys: the visible pairs are the call's own
+            visible = layout.counts.sum((-1, -2), dtype=torch.float64)[:, None].expand_as(computed)
         name = (
             method.name
             if not patterns

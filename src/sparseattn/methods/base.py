@@ -81,6 +81,29 @@ def build_checked(cls: type, kind: str, name: str, knobs: dict[str, Any]) -> Any
     return cls(**knobs)
 
 
+@dataclass(frozen=True)
+class PrefillCall:
+    """What a prefill kernel runs: keys, values, context and tiles (``Method.rearrange``).
+
+    The queries stay as they are, so the kernel's output rows need no reordering. Every
+    (query, key) pair of the original call that the tiles compute appears exactly once, so
+    ``layout.density(selection)`` counts the pairs computed.
+
+    Attributes:
+        k: (B, Hkv, Lk', D) keys the kernel reads.
+        v: (B, Hkv, Lk', Dv) their values.
+        ctx: The call the kernel runs (contiguous key positions).
+        layout: BlockLayout of ``ctx`` at the method's block size.
+        selection: Finalized tiles over ``layout``.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    ctx: AttentionContext
+    layout: BlockLayout
+    selection: BlockSelection
+
+
 @dataclass
 class Method(ABC):
     """A sparse attention method: chooses which tiles (or tokens) each query attends to.
@@ -134,6 +157,29 @@ class Method(ABC):
             A finalized BlockSelection (``layout.finalize``): diagonal kept, invisible tiles dropped.
         """
         raise TypeError(f"method {self.name!r} declares prefill support but has no select")
+
+    def rearrange(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: AttentionContext,
+        layout: BlockLayout,
+    ) -> PrefillCall | None:
+        """Optional: run this prefill call on rearranged keys instead of ``select``'s tiles.
+
+        A method that reorders keys (PBS-Attn permutes them inside segments so important keys
+        share tiles) returns the call the kernel runs; None (the default) runs ``select``'s
+        tiles on the call as it is.
+
+        Args:
+            q: (B, Hq, Lq, D) queries.
+            k: (B, Hkv, Lk, D) keys.
+            v: (B, Hkv, Lk, Dv) values.
+            ctx: The call's context.
+            layout: Block view of the base mask at ``self.block_size``.
+        """
+        return None
 
     def select_decode(
         self, q: torch.Tensor, view: DecodeView, ctx: AttentionContext

@@ -15,6 +15,8 @@ from transformers import (
 )
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (pytest -n): one thread each
+    torch.set_num_threads(1)
 
 VOCAB = 128
 COMMON = dict(

@@ -307,3 +307,73 @@ def test_every_registered_name_is_documented(path: Path):
     text = path.read_text(encoding="utf-8")
     missing = sorted(name for name in {*METHODS, *POLICIES} if f"`{name}`" not in text)
     assert not missing, f"{rel(path)} does not list {missing}: add one line for each"
+
+
+# --help blocks: a ```text block whose first line is "usage: sparseattn CMD ..." is that
+# command's help at HELP_COLUMNS columns; `python tests/test_docs.py --write` rewrites them all
+HELP_COLUMNS = "100"
+USAGE = re.compile(r"^usage: sparseattn((?: [a-z][a-z_-]*)*)")
+
+
+def help_blocks(path: Path) -> list[tuple[Block, tuple[str, ...]]]:
+    """(block, command words) of every help block in ``path``."""
+    found = []
+    for block in split_markdown(path)[0]:
+        match = USAGE.match(block.lines[0]) if block.lang == "text" and block.lines else None
+        if match:
+            found.append((block, tuple(match.group(1).split())))
+    return found
+
+
+def help_text(words: tuple[str, ...]) -> str:
+    """`sparseattn WORDS --help` as the parser prints it at HELP_COLUMNS columns."""
+    import os
+
+    parser, before = cli_parser(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = HELP_COLUMNS
+    try:
+        for word in words:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = sub.choices[word]
+        return parser.format_help().rstrip("\n")
+    finally:
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
+
+
+HELP_BLOCKS = [(path, block, words) for path in DOCS for block, words in help_blocks(path)]
+
+
+def test_docs_show_the_help_of_every_command():
+    shown = {words for _, _, words in HELP_BLOCKS}
+    parser = cli_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set((name,) for name in sub.choices) <= shown, shown
+
+
+@pytest.mark.parametrize(
+    "path, block, words", HELP_BLOCKS, ids=[f"{rel(p)}:{b.line}" for p, b, _ in HELP_BLOCKS]
+)
+def test_help_blocks_match_the_parser(path, block, words):
+    assert "\n".join(block.lines) == help_text(words), (
+        f"{rel(path)}:{block.line}: `sparseattn {' '.join(words)} --help` changed; "
+        "run `python tests/test_docs.py --write`"
+    )
+
+
+def write_help_blocks() -> None:
+    for path in DOCS:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for block, words in reversed(help_blocks(path)):
+            first = block.line - 1  # 0-based index of the block's first line
+            lines[first : first + len(block.lines)] = help_text(words).splitlines()
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        write_help_blocks()

@@ -1,7 +1,8 @@
 """What a run is made of: named things with fixed knobs (methods, policies, tasks) and settings.
 
-A ``Setting`` is the triple the hook takes: a prefill method, a decode method and an eviction
-policy, each a ``Spec``, plus how the prompt is fed (whole, or in chunks of ``chunk`` tokens). It is validated and built once (``Setting.parts``); benchmarks, the
+A ``Setting`` is what the hook takes: a prefill method, a decode method, an eviction policy and
+an activation sparsity method (decode-time weights), each a ``Spec``, plus how the prompt is fed
+(whole, or in chunks of ``chunk`` tokens). It is validated and built once (``Setting.parts``); benchmarks, the
 frontier and reports all use the same objects and the same labels.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from .activation import ActivationMethod, build_activation, get_activation_class
 from .errors import UsageError
 from .methods.base import Method
 from .methods.eviction import EvictionPolicy
@@ -70,6 +72,7 @@ class Setting:
     decode: Spec = DENSE
     evict: Spec | None = None
     chunk: int | None = None  # prompt tokens per forward (chunked prefill); None: the whole prompt
+    activation: Spec | None = None  # activation sparsity at decode (cats, teal, rsparse)
 
     def __post_init__(self) -> None:
         if self.chunk is not None and (
@@ -86,9 +89,13 @@ class Setting:
     def parse(cls, text: str) -> Setting:
         """'xattention[threshold=0.9]' (one method for every phase it supports) or roles joined
         by ';': 'prefill=xattention;decode=quest[budget=512];evict=streaming;chunk=2048'
-        (``chunk``: the prompt is fed in chunks of that many tokens)."""
+        (``chunk``: the prompt is fed in chunks of that many tokens;
+        ``activation=cats[sparsity=0.4]``: an activation sparsity method at decode). An
+        activation method alone ('cats[sparsity=0.4]') keeps attention dense."""
         if "=" not in text.split("[", 1)[0]:
             spec = Spec.parse(text)
+            if _is_activation(spec.name):
+                return cls(activation=spec)
             return cls.single(spec.name, spec.knobs)
         parts: dict[str, Any] = {}
         for item in filter(None, (p.strip() for p in text.split(";"))):
@@ -98,10 +105,10 @@ class Setting:
                 value = parse_value(spec.strip())
                 parts["chunk"] = value
                 continue
-            if role not in ("prefill", "decode", "evict"):
+            if role not in ("prefill", "decode", "evict", "activation"):
                 raise UsageError(
-                    f"bad setting {text!r}: roles are prefill=, decode=, evict=, chunk= "
-                    f"(got {role!r})"
+                    f"bad setting {text!r}: roles are prefill=, decode=, evict=, activation=, "
+                    f"chunk= (got {role!r})"
                 )
             parts[role] = Spec.parse(spec)
         return cls(**parts)
@@ -113,7 +120,7 @@ class Setting:
     @property
     def label(self) -> str:
         """How records and reports name the setting (one method keeps its own label)."""
-        if self.is_single and self.evict is None and self.chunk is None:
+        if self.is_single and self.evict is None and self.chunk is None and not self.activation:
             return self.prefill.label
         parts = [self.prefill.label] if self.is_single and self.prefill != DENSE else []
         if not self.is_single:
@@ -122,6 +129,8 @@ class Setting:
             parts.append(f"evict={self.evict.label}")
         if self.chunk is not None:
             parts.append(f"chunk={self.chunk}")
+        if self.activation is not None:
+            parts.append(f"activation={self.activation.label}")
         return ";".join(parts)
 
     @property
@@ -135,6 +144,8 @@ class Setting:
             names.append(f"evict:{self.evict.name}")
         if self.chunk is not None:
             names.append("chunked")
+        if self.activation is not None:
+            names.append(f"act:{self.activation.name}")
         return "+".join(names)
 
     def phase_policy(self) -> dict[str, str | None]:
@@ -157,15 +168,24 @@ class Setting:
         policy = build_policy(self.evict.name, **self.evict.knobs) if self.evict else None
         return prefill, decode, policy
 
+    @cached_property
+    def activation_part(self) -> ActivationMethod | None:
+        """The built activation method (validated once), or None."""
+        if self.activation is None:
+            return None
+        return build_activation(self.activation.name, **self.activation.knobs)
+
     def hook_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``sparse_attention`` for this setting (built objects)."""
         prefill, decode, policy = self.parts
+        extra = {} if self.activation is None else {"activation": self.activation_part}
         if self.is_single:
-            return {"method": prefill, "evict": policy}
-        return {"prefill": prefill, "decode": decode, "evict": policy}
+            return {"method": prefill, "evict": policy, **extra}
+        return {"prefill": prefill, "decode": decode, "evict": policy, **extra}
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """JSON-ready; ``activation`` only when set (records of earlier runs stay equal)."""
+        out = {
             "prefill": {"name": self.prefill.name, "knobs": self.prefill.knobs},
             "decode": {"name": self.decode.name, "knobs": self.decode.knobs},
             "evict": None
@@ -173,3 +193,14 @@ class Setting:
             else {"name": self.evict.name, "knobs": self.evict.knobs},
             "chunk": self.chunk,
         }
+        if self.activation is not None:
+            out["activation"] = {"name": self.activation.name, "knobs": self.activation.knobs}
+        return out
+
+
+def _is_activation(name: str) -> bool:
+    try:
+        get_activation_class(name)
+    except UsageError:
+        return False
+    return True

@@ -32,9 +32,17 @@ import torch
 from ..types import AttentionContext, BlockSelection
 from .masks import BlockLayout
 
-SOURCES = [Path(__file__).with_name("csrc") / f for f in ("block_sparse.cpp", "page_decode.cpp")]
+SOURCES = [
+    Path(__file__).with_name("csrc") / f
+    for f in ("block_sparse.cpp", "page_decode.cpp", "sparse_linear.cpp")
+]
 HEADERS = [Path(__file__).with_name("csrc") / "softmax_exp.h"]  # included by both sources
-OPS = ("block_sparse_attention", "page_decode_attention")
+OPS = (
+    "block_sparse_attention",
+    "page_decode_attention",
+    "sparse_input_linear",  # activation sparsity (sparse_linear.py)
+    "sparse_output_linear",
+)
 # -fopenmp: at::parallel_for is a header template whose OpenMP branch compiles only with it;
 # without it every kernel call ran on one thread whatever torch.get_num_threads() said
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno"]

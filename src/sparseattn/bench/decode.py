@@ -73,6 +73,7 @@ def run_setting(
         "density": stats.density("decode"),
         "select_share": decode["select_s"] / max(decode["select_s"] + decode["attend_s"], 1e-12),
         "counters": {name: stats.counter(name) for name in sorted(stats.counters)},
+        "activation": None if stats.activation is None else stats.activation.summary(),
         "peak_mb": peak.peak_mb,
         "peak_added_mb": None if peak.peak_mb is None else peak.peak_mb - (peak.start_mb or 0.0),
     }
@@ -141,6 +142,7 @@ def _record(
         "decode_density": round(sparse["density"] or 1.0, 4),
         "select_share": round(sparse["select_share"], 4),
         "counters": sparse["counters"],  # the method's own (cache hits, recall ...)
+        **_activation_fields(sparse["activation"]),
         "kv_bytes_dense": dense["kv_bytes"],
         "kv_bytes": sparse["kv_bytes"],
         "kv_ratio": round(sparse["kv_bytes"] / max(dense["kv_bytes"], 1), 4),
@@ -163,6 +165,20 @@ def _record(
             ceiling_vs_sdpa=round(own_s / top["s_per_token"], 3),
         )
     return record
+
+
+def _activation_fields(summary: dict[str, Any] | None) -> dict[str, Any]:
+    """An activation method's measured sparsity and weight bytes read per step (none without)."""
+    if summary is None:
+        return {}
+    return {
+        "activation_sparsity": summary["sparsity"],  # channels skipped, union over the batch
+        "activation_row_sparsity": summary["row_sparsity"],
+        "activation_by_projection": summary["by_projection"],
+        "weight_bytes_per_step": summary["weight_bytes_per_step"],
+        "weight_bytes_dense": summary["weight_bytes_dense"],
+        "weight_read_ratio": summary["weight_read_ratio"],
+    }
 
 
 def mean_held(layer) -> int:

@@ -95,7 +95,7 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
     if args.setting:
         settings = [Setting.parse(text) for text in args.setting]
         for setting in settings:
-            _ = setting.parts  # builds every method and policy: bad names and knobs fail here
+            _ = setting.parts, setting.activation_part  # bad names and knobs fail here
         return settings
     return [setting_from_args(args)]
 

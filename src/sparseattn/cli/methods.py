@@ -1,4 +1,5 @@
-"""``sparseattn methods``: every registered method and eviction policy, with its knobs."""
+"""``sparseattn methods``: every registered method, eviction policy and activation sparsity
+method, with its knobs."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..activation import activation_info, list_activations
     from ..registry import list_methods, list_policies, method_info, policy_info
 
     infos = [method_info(name) for name in list_methods()]
     infos += [policy_info(name) for name in list_policies()]
+    infos += [activation_info(name) for name in list_activations()]
     if args.json:
         print(json.dumps(infos, indent=2, default=str))
         return 0
@@ -24,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
         if info.get("kind") == "eviction":
             queries = "  (scores the prompt's queries)" if info["needs_queries"] else ""
             print(f"{info['name']:<16} eviction policy (--evict){queries}")
+        elif info.get("kind") == "activation":
+            print(f"{info['name']:<16} activation sparsity, decode (--setting 'activation=...')")
         else:
             flag = "" if info["speedup"] else "  [analysis only, not a speedup]"
             print(f"{info['name']:<16} phases: {', '.join(info['phases'])}{flag}")
@@ -36,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
                 allowed = [knob.get("min"), knob.get("max")]
             else:
                 allowed = "text"
-            flag = "--evict-knob" if info["kind"] == "eviction" else "--knob"
+            flag = {"eviction": "--evict-knob", "activation": "activation knob"}.get(
+                info["kind"], "--knob"
+            )
             default = f"{knob['name']}={knob['default']}"
             print(f"    {flag} {default}  allowed {allowed}  {knob.get('help', '')}")
     return 0

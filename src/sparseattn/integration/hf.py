@@ -18,6 +18,8 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..activation import ActivationMethod, build_activation
+from ..activation import install as install_activation
 from ..compat import cache_argument
 from ..errors import UsageError
 from ..methods.base import Method
@@ -285,6 +287,22 @@ def _as_policy(evict: str | EvictionPolicy | None, knobs: dict[str, Any]) -> Evi
     return build_policy(evict, **knobs)
 
 
+def _as_activation(
+    activation: str | ActivationMethod | None, knobs: dict[str, Any]
+) -> ActivationMethod | None:
+    if activation is None:
+        if knobs:
+            raise UsageError(f"activation_knobs {sorted(knobs)} given without activation=")
+        return None
+    if isinstance(activation, ActivationMethod):
+        if knobs:
+            raise UsageError(
+                f"activation_knobs {sorted(knobs)} given with a method instance; set them on it"
+            )
+        return activation
+    return build_activation(activation, **knobs)
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The module whose forward takes the KV cache and builds the mask (the base model)."""
     get = getattr(model, "get_decoder", None)
@@ -303,6 +321,8 @@ def sparse_attention(
     prefill_knobs: dict[str, Any] | None = None,
     decode_knobs: dict[str, Any] | None = None,
     evict_knobs: dict[str, Any] | None = None,
+    activation: str | ActivationMethod | None = None,
+    activation_knobs: dict[str, Any] | None = None,
     dense_layers: Sequence[int] = (),
     min_length: int | str = "auto",
     prefill_backend: str = "auto",
@@ -331,6 +351,10 @@ def sparse_attention(
         prefill_knobs: Knobs of the prefill method.
         decode_knobs: Knobs of the decode method.
         evict_knobs: Knobs of the eviction policy.
+        activation: Activation sparsity method name (or instance): at decode steps the
+            model's linear layers (or gated MLPs) read only the weights of the channels whose
+            inputs pass calibrated thresholds; prefill stays dense (``sparseattn.activation``).
+        activation_knobs: Knobs of the activation method (``sparsity``, ``profile``).
         dense_layers: Layer indices that always attend densely (e.g. (0, 1)).
         min_length: Calls whose key length is below this stay dense (sparse would be slower);
             "auto" (default): prompt chunks use the crossover measured once per machine for
@@ -358,6 +382,7 @@ def sparse_attention(
         prefill_method = _as_method(prefill or "dense", prefill_knobs or {})
         decode_method = _as_method(decode or "dense", decode_knobs or {})
     policy = _as_policy(evict, evict_knobs or {})
+    sparse_act = _as_activation(activation, activation_knobs or {})
     options = HookOptions(
         dense_layers=frozenset(dense_layers),
         min_length=min_length,
@@ -378,6 +403,8 @@ def sparse_attention(
 
     for bound in {id(m): m for m in (prefill_method, decode_method)}.values():
         bound.bind(model.config)  # profile-driven methods load / check their profile here
+    if sparse_act is not None:
+        sparse_act.bind(model)  # its thresholds: the shipped profile, or the given one checked
 
     stats = RunStats()
     plan = SparsePlan(
@@ -402,11 +429,17 @@ def sparse_attention(
         _ACTIVE[layer] = plan
     _LAST_STATS[model] = stats
     handle = decoder.register_forward_pre_hook(bind_cache, with_kwargs=True)
+    installed = None
     try:
+        if sparse_act is not None:  # its decode switch runs after bind_cache has the cache
+            installed = install_activation(model, decoder, sparse_act)
+            stats.activation = installed.stats
         for config in configs:
             config._attn_implementation = IMPLEMENTATION
         yield stats
     finally:
+        if installed is not None:
+            installed.remove()
         handle.remove()
         plan.cache = None
         for config, name in zip(configs, previous):

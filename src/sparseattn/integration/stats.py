@@ -122,6 +122,8 @@ class RunStats:
     prefill: dict[int, LayerStats] = field(default_factory=dict)
     decode: dict[int, LayerStats] = field(default_factory=dict)
     counters: dict[str, Any] = field(default_factory=dict)  # methods' own, summed on device
+    # activation sparsity's counters (an ``activation.ActivationStats``) when one is installed
+    activation: Any = None
     _cache: Any = field(default=None, repr=False)
 
     def record(
@@ -140,6 +142,8 @@ class RunStats:
             self.prefill.clear()
             self.decode.clear()
             self.counters.clear()
+            if self.activation is not None:
+                self.activation.reset()
         group = self.prefill if phase.is_prefill else self.decode
         if layer_idx not in group:
             group[layer_idx] = LayerStats(layer_idx)
@@ -200,7 +204,8 @@ class RunStats:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: density and timing per phase, density per layer, KV bytes allocated
-        (``kv_bytes``) and held (``kv_held_bytes``), the methods' counters."""
+        (``kv_bytes``) and held (``kv_held_bytes``), activation sparsity and weight bytes per
+        decode step (``activation``, when a method is installed), the methods' counters."""
         out: dict[str, Any] = {}
         for phase in ("prefill", "decode"):
             if self._group(phase):
@@ -211,6 +216,8 @@ class RunStats:
                 }
         out["kv_bytes"] = self.kv_bytes()
         out["kv_held_bytes"] = self.kv_held_bytes()
+        if self.activation is not None:
+            out["activation"] = self.activation.summary()
         if self.counters:
             out["counters"] = {name: self.counter(name) for name in sorted(self.counters)}
         return out

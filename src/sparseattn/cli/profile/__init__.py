@@ -1,7 +1,8 @@
 """``sparseattn profile``: make a per-head profile for a model (``--kind K --out F``), or print
 one (``--show F``).
 
-The calibrated kinds run in ``calibrate.py``, DuoAttention's gate optimisation in ``duo.py``.
+The calibrated kinds run in ``calibrate.py``, DuoAttention's gate optimisation in ``duo.py``,
+activation thresholds in ``activations.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "profile",
         help="per-head profiles: calibrate patterns (minference), thresholds (xattention), "
         "channel rankings (channels), retrieval scores (retrieval), DuoAttention gates (duo) or "
-        "span rules (moa) for a model, or --show one",
+        "span rules (moa) for a model, activation thresholds (activations), or --show one",
     )
     add_model_arg(p)
     p.add_argument(
@@ -30,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per head per target recall; channels: each KV head's channels ranked by mean |q_d k_d|; "
         "retrieval: each head's retrieval score on needle copying; moa: a span rule per KV head "
         "per KV budget; duo: a DuoAttention gate per KV head, optimised on generated passkey "
-        "retrieval",
+        "retrieval; activations: per-layer |x| thresholds of every linear input and the MLP "
+        "activation (cats, teal, rsparse) and rsparse's budget split",
     )
     p.add_argument("--out", help="the profile to write, FILE.json")
     p.add_argument(
@@ -117,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
         from .duo import run_duo
 
         return run_duo(args)
+    if args.kind == "activations":
+        from .activations import run_activations
+
+        return run_activations(args)
     from .calibrate import run_calibration
 
     return run_calibration(args)

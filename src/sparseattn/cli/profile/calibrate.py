@@ -16,6 +16,7 @@ PROFILE_DEFAULTS = {  # kind: (--lengths, --samples) when not given
     "retrieval": ("2k,4k", 6),
     "moa": ("2k,4k", 1),
     "duo": ("2k", 1),  # its own --length and --steps
+    "activations": ("2k", 1),  # cli/profile/activations.py
 }
 
 

@@ -337,3 +337,35 @@ def test_rsparse_low_rank_part_and_its_budget_search():
     rows = torch.randn(256, 48, generator=g)
     shares = choose_shares(rows, linear.weight, quantile_rows(rows, LEVELS), LEVELS)
     assert len(shares) == len(RSPARSE_LEVELS) and max(shares) < 1.0
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_shipped_profiles_are_monotone(name):
+    """Every site's thresholds grow with the sparsity from 0; R-Sparse's shares are searched
+    values; the profile covers every layer of the model it names."""
+    from sparseattn.activation.rsparse import SHARES
+
+    profile = load_activation_profile(f"{name}-activations")
+    assert profile.model["id"] == name
+    table = torch.tensor([profile.thresholds[level] for level in profile.levels])  # (lv, L, S)
+    assert table.shape[1:] == (profile.model["num_hidden_layers"], len(profile.sites))
+    assert bool((table[0] == 0).all()) and bool((table.diff(dim=0) >= 0).all())
+    shares = {v for level in profile.rsparse.values() for row in level for v in row}
+    assert shares <= set(SHARES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_shipped_profiles_match_the_real_models(name):
+    """The built-in model's own config (read from its GGUF file) finds its shipped activations
+    profile by architecture."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from sparseattn import models
+    from sparseattn.activation.profile import shipped_activation_profile_for
+
+    path = models._smollm2_path() if name == "smollm2-135m" else models._gemma3_path()
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    assert shipped_activation_profile_for(SimpleNamespace(config=config)).model["id"] == name

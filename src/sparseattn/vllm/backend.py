@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
 import weakref
 from typing import Any
@@ -35,7 +36,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from ..errors import UsageError
-from .config import PluginConfig, check_block_size, plugin_config
+from .config import OPTIONS_ENV, SETTING_ENV, PluginConfig, check_block_size, plugin_config
 from .layout import BatchLayout, cache_views
 from .paged import CallPlan, LayerRunner, LayerShape
 
@@ -73,7 +74,9 @@ def layout_confirmed(isa: str, block_size: int, head_size: int, dtype: torch.dty
 
 
 @functools.lru_cache(maxsize=8)
-def _config_for(additional: str) -> PluginConfig:
+def _config_for(additional: str, environment: tuple[str, str]) -> PluginConfig:
+    """``plugin_config`` of a JSON additional config (``environment``: the variables it may
+    read, so a changed one is read again)."""
     config = plugin_config(json.loads(additional))
     logger.info("%s", config.describe())
     return config
@@ -89,7 +92,8 @@ def current_config(vllm_config: Any = None) -> PluginConfig:
     """
     vllm_config = vllm_config or get_current_vllm_config()
     additional = getattr(vllm_config, "additional_config", None) or {}
-    return _config_for(json.dumps(additional, sort_keys=True, default=str))
+    environment = (os.environ.get(SETTING_ENV, ""), os.environ.get(OPTIONS_ENV, ""))
+    return _config_for(json.dumps(additional, sort_keys=True, default=str), environment)
 
 
 def layer_index(layer_name: str) -> int:

@@ -263,44 +263,35 @@ def model_configs(model: nn.Module) -> list[PretrainedConfig]:
     return list(seen.values())
 
 
-def _as_method(method: str | Method, knobs: dict[str, Any]) -> Method:
-    if isinstance(method, Method):
+def _built(value: Any, knobs: dict[str, Any], kind: type, build, what: str) -> Any:
+    """``value`` as an instance of ``kind``: built by ``build(name, **knobs)`` from a name, or
+    the instance as given (knobs then refused: they belong on the instance); None stays None
+    (knobs then refused: nothing to apply them to)."""
+    if value is None:
+        if knobs:
+            raise UsageError(f"{what}_knobs {sorted(knobs)} given without {what}=")
+        return None
+    if isinstance(value, kind):
         if knobs:
             raise UsageError(
-                f"knobs {sorted(knobs)} given with a method instance; set them on the instance"
+                f"{what}_knobs {sorted(knobs)} given with a {kind.__name__} instance; set them on it"
             )
-        return method
-    return build_method(method, **knobs)
+        return value
+    return build(value, **knobs)
+
+
+def _as_method(method: str | Method, knobs: dict[str, Any], what: str = "method") -> Method:
+    return _built(method, knobs, Method, build_method, what)
 
 
 def _as_policy(evict: str | EvictionPolicy | None, knobs: dict[str, Any]) -> EvictionPolicy | None:
-    if evict is None:
-        if knobs:
-            raise UsageError(f"evict_knobs {sorted(knobs)} given without evict=")
-        return None
-    if isinstance(evict, EvictionPolicy):
-        if knobs:
-            raise UsageError(
-                f"evict_knobs {sorted(knobs)} given with a policy instance; set them on it"
-            )
-        return evict
-    return build_policy(evict, **knobs)
+    return _built(evict, knobs, EvictionPolicy, build_policy, "evict")
 
 
 def _as_activation(
     activation: str | ActivationMethod | None, knobs: dict[str, Any]
 ) -> ActivationMethod | None:
-    if activation is None:
-        if knobs:
-            raise UsageError(f"activation_knobs {sorted(knobs)} given without activation=")
-        return None
-    if isinstance(activation, ActivationMethod):
-        if knobs:
-            raise UsageError(
-                f"activation_knobs {sorted(knobs)} given with a method instance; set them on it"
-            )
-        return activation
-    return build_activation(activation, **knobs)
+    return _built(activation, knobs, ActivationMethod, build_activation, "activation")
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -379,8 +370,8 @@ def sparse_attention(
     if method is not None:
         prefill_method = decode_method = _as_method(method, knobs)
     else:
-        prefill_method = _as_method(prefill or "dense", prefill_knobs or {})
-        decode_method = _as_method(decode or "dense", decode_knobs or {})
+        prefill_method = _as_method(prefill or "dense", prefill_knobs or {}, "prefill")
+        decode_method = _as_method(decode or "dense", decode_knobs or {}, "decode")
     policy = _as_policy(evict, evict_knobs or {})
     sparse_act = _as_activation(activation, activation_knobs or {})
     options = HookOptions(

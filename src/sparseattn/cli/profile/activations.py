@@ -7,9 +7,7 @@ import argparse
 import sys
 import time
 
-from ...errors import UsageError
-from ..args import json_out_path, parse_lengths
-from .calibrate import PROFILE_DEFAULTS
+from .calibrate import calibration_args
 
 
 def run_activations(args: argparse.Namespace) -> int:
@@ -18,14 +16,7 @@ def run_activations(args: argparse.Namespace) -> int:
     from ...bench.activations import activation_profile
     from ...bench.calibrate import CALIBRATION_TASKS, calibration_inputs
 
-    default_lengths, default_samples = PROFILE_DEFAULTS["activations"]
-    lengths = parse_lengths(args.lengths or default_lengths)
-    samples = args.samples if args.samples is not None else default_samples
-    if not lengths or min(lengths) < 256:
-        raise UsageError(f"--lengths {args.lengths!r}: give lengths of at least 256 tokens")
-    if samples < 1:
-        raise UsageError(f"--samples {samples} must be >= 1")
-    out = json_out_path(args.out)
+    lengths, samples, out = calibration_args(args)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     model.eval()
     start = time.perf_counter()

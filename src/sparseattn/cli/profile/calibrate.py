@@ -20,11 +20,9 @@ PROFILE_DEFAULTS = {  # kind: (--lengths, --samples) when not given
 }
 
 
-def run_calibration(args: argparse.Namespace) -> int:
-    import time
-
-    from ... import load_model
-
+def calibration_args(args: argparse.Namespace) -> tuple[list[int], int, object]:
+    """(lengths, samples, out path) of a profile run: the kind's defaults where a flag is not
+    given, checked before any model loads."""
     default_lengths, default_samples = PROFILE_DEFAULTS[args.kind]
     lengths = parse_lengths(args.lengths or default_lengths)
     samples = args.samples if args.samples is not None else default_samples
@@ -32,7 +30,15 @@ def run_calibration(args: argparse.Namespace) -> int:
         raise UsageError(f"--lengths {args.lengths!r}: give lengths of at least 256 tokens")
     if samples < 1:
         raise UsageError(f"--samples {samples} must be >= 1")
-    out = json_out_path(args.out)
+    return lengths, samples, json_out_path(args.out)
+
+
+def run_calibration(args: argparse.Namespace) -> int:
+    import time
+
+    from ... import load_model
+
+    lengths, samples, out = calibration_args(args)
     if args.kind == "moa" and len(set(lengths)) < 2:
         raise UsageError(f"--lengths {args.lengths!r}: a moa profile needs at least two lengths")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..activation import ActivationMethod, build_activation
 from ..activation import install as install_activation
+from ..activation.sites import decoder_layers
 from ..compat import cache_argument
 from ..errors import UsageError
 from ..methods.base import Method
@@ -30,6 +31,7 @@ from .execute import CallInput, run_layer
 from .options import HookOptions
 from .plan import SparsePlan
 from .stats import RunStats
+from .step import install_lean
 
 IMPLEMENTATION = "sparseattn"
 
@@ -294,6 +296,14 @@ def _as_activation(
     return _built(activation, knobs, ActivationMethod, build_activation, "activation")
 
 
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers the lean decode step may take (none where the model lists none)."""
+    try:
+        return decoder_layers(model)
+    except UsageError:
+        return []
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The module whose forward takes the KV cache and builds the mask (the base model)."""
     get = getattr(model, "get_decoder", None)
@@ -320,6 +330,7 @@ def sparse_attention(
     decode_backend: str = "gather",
     page_size: int = 16,
     timing: bool = False,
+    lean_decode: bool = True,
     **knobs: Any,
 ) -> Iterator[RunStats]:
     """Make ``model`` attend sparsely, and its KV cache forget, inside the block.
@@ -355,6 +366,9 @@ def sparse_attention(
         decode_backend: "gather" (gather the selected pages, then SDPA) or "reference".
         page_size: Cache storage granularity in tokens.
         timing: Time selection and attention per layer (adds a device sync per call).
+        lean_decode: Decode steps of Llama, Mistral and Qwen2 decoder layers run as plain
+            tensor ops (``integration/step.py``: same weights, same cache and attention
+            calls, none of the modules' per-call dispatch); False keeps the modules.
         **knobs: Knobs of ``method`` (single-method form).
 
     Yields:
@@ -381,6 +395,7 @@ def sparse_attention(
         decode_backend=decode_backend,
         page_size=page_size,
         timing=timing,
+        lean_decode=lean_decode,
     )
     layers = attention_layers(model)
     if any(m in _ACTIVE for m in layers):
@@ -420,15 +435,19 @@ def sparse_attention(
         _ACTIVE[layer] = plan
     _LAST_STATS[model] = stats
     handle = decoder.register_forward_pre_hook(bind_cache, with_kwargs=True)
-    installed = None
+    installed = lean = None
     try:
         if sparse_act is not None:  # its decode switch runs after bind_cache has the cache
             installed = install_activation(model, decoder, sparse_act)
             stats.activation = installed.stats
+        if options.lean_decode:
+            lean = install_lean(_decoder_layers(model), sparse_attention_forward, stats.counters)
         for config in configs:
             config._attn_implementation = IMPLEMENTATION
         yield stats
     finally:
+        if lean is not None:
+            lean.remove()
         if installed is not None:
             installed.remove()
         handle.remove()

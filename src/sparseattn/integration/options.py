@@ -30,6 +30,8 @@ class HookOptions:
         decode_backend: "gather" (gather the selected pages, then SDPA) or "reference".
         page_size: Cache storage granularity in tokens (a page view of the cache is free).
         timing: Time selection and attention per layer (synchronizes; off by default).
+        lean_decode: Decode steps of Llama / Mistral / Qwen2 layers run the lean forward of
+            ``integration/step.py`` (the same arithmetic without the modules' dispatch).
     """
 
     dense_layers: frozenset[int] = frozenset()
@@ -38,6 +40,7 @@ class HookOptions:
     decode_backend: str = "gather"
     page_size: int = 16
     timing: bool = False
+    lean_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.prefill_backend not in PREFILL_BACKENDS:
@@ -48,6 +51,8 @@ class HookOptions:
             raise UsageError(
                 f"decode_backend={self.decode_backend!r}; allowed: {list(DECODE_BACKENDS)}"
             )
+        if not isinstance(self.lean_decode, bool):
+            raise UsageError(f"lean_decode={self.lean_decode!r}; allowed: True, False")
         if self.page_size not in PAGE_SIZES:
             raise UsageError(f"page_size={self.page_size!r}; allowed: {list(PAGE_SIZES)}")
         if self.min_length == "auto":
@@ -65,4 +70,6 @@ class HookOptions:
             "decode_backend": self.decode_backend,
             "page_size": self.page_size,
             "timing": self.timing,
+            # named only when off: records and run configs from before it stay comparable
+            **({} if self.lean_decode else {"lean_decode": False}),
         }

@@ -4,11 +4,10 @@ At batch 1 a decode step of a small model is mostly fixed cost: SmolLM2-135M run
 calls per layer (norms, four projections, the MLP and its three linears, the hub-kernel
 wrappers around them), ~25 ops, and their Python dispatch, for 30 layers. Measured on the
 2-core CPU at 16 cached tokens: 43.7 ms per step of which the linear layers are 25.7 ms.
-``lean_layers`` replaces, inside ``sparse_attention``, the forward of every decoder layer of a
-supported family by one function that does the same arithmetic directly: RMSNorm
-(``F.rms_norm``, bitwise equal to the model's float32 formula), the projections as
-``F.linear`` on the modules' own weights (no copies, no fused re-layout: the model's memory
-stays what it was), RoPE with the model's cos/sin, the cache write through the same
+``install_lean`` replaces, inside ``sparse_attention``, the forward of every decoder layer of
+a supported family by one function that does the same arithmetic directly: RMSNorm (the
+model's formula, op for op), the projections as ``F.linear`` on the modules' own weights (no
+copies, no fused re-layout: the model's memory stays what it was), RoPE with the model's cos/sin, the cache write through the same
 ``update`` and the attention through the same registered function (so every decode method and
 eviction policy runs unchanged), the gated MLP.
 
@@ -70,11 +69,13 @@ def supports(layer: nn.Module) -> bool:
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """The model's RMSNorm (variance in float32, weight applied in the input dtype)."""
+    """The model's RMSNorm, op for op (variance in float32, weight applied in the input dtype).
+    ``F.rms_norm`` gives the same bits but its fused CPU kernel costs ~57 us on a 576-wide row
+    against ~15 us for these five small ops (measured on SmolLM2's decode step)."""
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return norm.weight * h.to(x.dtype)
 
 
 def _project(x: torch.Tensor, module: nn.Module) -> torch.Tensor:

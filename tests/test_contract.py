@@ -26,7 +26,9 @@ PREFILL_CALLS = {
 
 # methods that cannot run without a per-model profile get a hand-made one covering these calls
 NEEDS = {
-    "minference": {"profile": str(Path(__file__).parent / "data" / "minference-contract.json")}
+    "minference": {"profile": str(Path(__file__).parent / "data" / "minference-contract.json")},
+    # random gate weights for layer 0 of the calls (4 query / 2 KV heads of 16, tiles of 32)
+    "seer": {"gates": str(Path(__file__).parent / "data" / "seer-contract.safetensors")},
 }
 
 

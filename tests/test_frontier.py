@@ -271,3 +271,19 @@ def test_answer_logprob_is_the_teacher_forced_likelihood(tiny):
     assert fresh.run(Setting(), task)["answer_logprob"] == pytest.approx(
         first["answer_logprob"], abs=1e-4
     )
+
+
+def test_default_method_list_leaves_out_methods_that_cannot_bind(capsys):
+    """A frontier over every registered method leaves out, by name and with the reason, those
+    whose trained file does not exist for the model (seer's gates for a random tiny model)."""
+    from conftest import make_model
+
+    from sparseattn.cli.frontier import bindable
+    from sparseattn.setting import Setting
+
+    model = make_model("llama")
+    settings = [Setting.single("seer"), Setting.single("xattention"), Setting()]
+    kept = bindable(settings, model.config)
+    assert [s.label for s in kept] == [settings[1].label, settings[2].label]
+    err = capsys.readouterr().err
+    assert "seer" in err and "left out" in err

@@ -6,7 +6,7 @@ from .integration.hf import last_stats, sparse_attention
 from .integration.stats import RunStats
 
 # importing the method modules registers the built-in methods
-from .methods import anchor, decode, dhsa, eviction, flexprefill, hip, minference, oracle, pbs, proxyattn, sale, static, xattention  # noqa: F401,E501
+from .methods import anchor, decode, dhsa, eviction, flexprefill, hip, minference, oracle, pbs, proxyattn, sale, seer, static, xattention  # noqa: F401,E501
 from .models import load_model
 from .registry import (
     build_method,

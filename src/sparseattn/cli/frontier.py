@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         help="comma list of methods, each for every phase it supports (default: every registered "
-        "method, or only dense when --decode-methods, --evict or --setting is given)",
+        "method that binds to the model, those lacking a trained file for it left out by name; "
+        "only dense when --decode-methods, --evict or --setting is given)",
     )
     p.add_argument(
         "--decode-methods", help="comma list of decode methods, each after a dense prefill"
@@ -147,8 +149,12 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         reuse_prefill=not args.no_prefill_reuse,
     )
-    prepare_out_dir(Path(args.out), config, args.resume_anyway)  # before loading anything
+    if args.methods:  # named methods: a bad one fails before anything loads
+        prepare_out_dir(Path(args.out), config, args.resume_anyway)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    if not args.methods:  # every registered method: those that cannot bind here are left out
+        config = dataclasses.replace(config, settings=bindable(config.settings, model.config))
+        prepare_out_dir(Path(args.out), config, args.resume_anyway)
     torch.set_grad_enabled(False)
     print(
         f"frontier: {len(settings)} settings x {len(tasks)} tasks x {len(config.lengths)} "
@@ -181,3 +187,24 @@ def run(args: argparse.Namespace) -> int:
     for line in recommendation_lines(rows):
         print("  " + line)
     return 0
+
+
+def bindable(settings: list, model_config) -> list:
+    """The settings whose methods bind to this model; each one left out is named on stderr
+    with the reason (a trained profile or gate file that does not exist for this model)."""
+    from ..errors import UsageError
+    from ..registry import build_method
+
+    kept = []
+    for setting in settings:
+        try:
+            for spec in {
+                setting.prefill.name: setting.prefill,
+                setting.decode.name: setting.decode,
+            }.values():
+                build_method(spec.name, **spec.knobs).bind(model_config)
+        except UsageError as err:
+            print(f"frontier: {setting.label} left out: {err}", file=sys.stderr)
+            continue
+        kept.append(setting)
+    return kept

@@ -2,7 +2,7 @@
 one (``--show F``).
 
 The calibrated kinds run in ``calibrate.py``, DuoAttention's gate optimisation in ``duo.py``,
-activation thresholds in ``activations.py``.
+SeerAttention's gate training in ``seer.py``, activation thresholds in ``activations.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "profile",
         help="per-head profiles: calibrate patterns (minference), thresholds (xattention), "
         "channel rankings (channels), retrieval scores (retrieval), DuoAttention gates (duo) or "
-        "span rules (moa) for a model, activation thresholds (activations), or --show one",
+        "span rules (moa) for a model, SeerAttention gates (seer), activation thresholds "
+        "(activations), or --show one",
     )
     add_model_arg(p)
     p.add_argument(
@@ -31,10 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per head per target recall; channels: each KV head's channels ranked by mean |q_d k_d|; "
         "retrieval: each head's retrieval score on needle copying; moa: a span rule per KV head "
         "per KV budget; duo: a DuoAttention gate per KV head, optimised on generated passkey "
-        "retrieval; activations: per-layer |x| thresholds of every linear input and the MLP "
+        "retrieval; seer: SeerAttention's tile gates, trained by self-distillation (a .safetensors "
+        "file); activations: per-layer |x| thresholds of every linear input and the MLP "
         "activation (cats, teal, rsparse) and rsparse's budget split",
     )
-    p.add_argument("--out", help="the profile to write, FILE.json")
+    p.add_argument("--out", help="the profile to write, FILE.json (seer: FILE.safetensors)")
     p.add_argument(
         "--show",
         metavar="FILE",
@@ -55,9 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--block-size",
         type=int,
-        default=128,
         choices=[16, 32, 64, 128, 256],
-        help="tile size (minference, xattention)",
+        help="tile size (minference, xattention: default 128; seer: default 64)",
     )
     p.add_argument("--stride", type=int, default=8, choices=[4, 8, 16], help="xattention stride")
     p.add_argument(
@@ -68,18 +69,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="minference, xattention: judge each head by (1 - W) x its recall over every query "
         "+ W x its recall over the last query tile (default 0)",
     )
-    duo = p.add_argument_group("duo (DuoAttention gate optimisation)")
+    duo = p.add_argument_group("duo, seer (DuoAttention and SeerAttention gate training)")
     duo.add_argument("--length", default="2k", help="tokens per training sample (default 2k)")
-    duo.add_argument("--steps", type=int, default=150, help="optimisation steps (default 150)")
+    duo.add_argument("--steps", type=int, help="optimisation steps (default: duo 150, seer 200)")
     duo.add_argument("--sink", type=int, default=128, help="streaming sink tokens (default 128)")
     duo.add_argument(
         "--window", type=int, default=256, help="streaming recent tokens (default 256)"
     )
-    duo.add_argument("--lr", type=float, default=0.02, help="peak learning rate (default 0.02)")
+    duo.add_argument("--lr", type=float, help="peak learning rate (default: duo 0.02, seer 0.001)")
     duo.add_argument("--l1", type=float, default=0.05, help="L1 weight on the gates (default 0.05)")
     duo.add_argument("--passkeys", type=int, default=10, help="passkeys per sample (default 10)")
     duo.add_argument("--words", type=int, default=8, help="words per passkey (default 8)")
-    duo.add_argument("--checkpoint", metavar="DIR", help="folder for checkpoints (duo-gates.pt)")
+    duo.add_argument(
+        "--gate-dim", type=int, default=32, help="seer: gate projection size (default 32)"
+    )
+    duo.add_argument(
+        "--checkpoint", metavar="DIR", help="folder for checkpoints (duo-gates.pt, seer-gates.pt)"
+    )
     duo.add_argument(
         "--checkpoint-every", type=int, default=10, help="steps between checkpoints (default 10)"
     )
@@ -119,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
         from .duo import run_duo
 
         return run_duo(args)
+    if args.kind == "seer":
+        from .seer import run_seer
+
+        return run_seer(args)
     if args.kind == "activations":
         from .activations import run_activations
 

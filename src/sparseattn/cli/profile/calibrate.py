@@ -16,6 +16,7 @@ PROFILE_DEFAULTS = {  # kind: (--lengths, --samples) when not given
     "retrieval": ("2k,4k", 6),
     "moa": ("2k,4k", 1),
     "duo": ("2k", 1),  # its own --length and --steps
+    "seer": ("2k", 1),  # its own --length and --steps (cli/profile/seer.py)
     "activations": ("2k", 1),  # cli/profile/activations.py
 }
 
@@ -76,7 +77,7 @@ def run_calibration(args: argparse.Namespace) -> int:
             model,
             tok,
             kind=args.kind,
-            block_size=args.block_size,
+            block_size=args.block_size or 128,
             stride=args.stride,
             last_weight=args.last_weight,
             progress=progress,

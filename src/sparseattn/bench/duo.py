@@ -30,23 +30,17 @@ Choices (the paper's values unless said otherwise):
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from ..errors import UsageError
 from ..integration.gated import gated_attention
-from ..integration.hf import decoder_of
 from ..methods.base import knob, validate_knobs
 from ..profiles import fingerprint
+from .training import FrozenModelTrainer, TrainingKnobs, run_training
 
 CHECKPOINT = "duo-gates.pt"
 _BIG = 2**31 - 1
@@ -56,7 +50,7 @@ Sample = tuple[torch.Tensor, int]
 
 
 @dataclass
-class DuoTraining:
+class DuoTraining(TrainingKnobs):
     """The knobs of a gate optimisation run (validated on creation)."""
 
     name: ClassVar[str] = "duo"
@@ -79,18 +73,8 @@ class DuoTraining:
                 f"{self.length}; otherwise streaming equals full attention and nothing is learnt"
             )
 
-    def recorded(self) -> dict[str, Any]:
-        """The knobs that decide the result (all but how often it is checkpointed)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint_every"}
 
-
-def lr_factor(step: int, steps: int) -> float:
-    """Multiplier of the peak lr at ``step`` (0-based): warm-up and decay over a fifth each."""
-    fifth = max(steps // 5, 1)
-    return min(1.0, max((step + 1) / fifth, 0.1), max((steps - step) / fifth, 0.1))
-
-
-class GateTrainer:
+class GateTrainer(FrozenModelTrainer):
     """The gates, their optimiser and the loss of one (frozen) model.
 
     Args:
@@ -98,22 +82,19 @@ class GateTrainer:
         config: The run's knobs.
     """
 
+    tensors = ("gates",)
+    checkpoint_file = CHECKPOINT
+    progress_label = "duo gates"
+    config: DuoTraining
+    history: list[tuple[float, float]]  # (distill, l1 sum) per step
+
     def __init__(self, model: torch.nn.Module, config: DuoTraining):
-        self.model, self.config = model, config
-        self.decoder = decoder_of(model)
+        super().__init__(model, config)
         fp = fingerprint(model.config)
         device = next(model.parameters()).device
         shape = (fp["num_hidden_layers"], fp["num_key_value_heads"])
         self.gates = torch.ones(shape, device=device, requires_grad=True)  # (layers, Hkv)
-        self.optimizer = torch.optim.AdamW([self.gates], lr=config.lr, weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, config.steps)
-        )
-        self.step = 0
-        self.history: list[tuple[float, float]] = []  # (distill, l1 sum) per step
-        self.sliding_layers: set[int] = set()
-        self.seconds = 0.0  # wall time of the steps
-        self.cpu_seconds = 0.0  # this process's CPU time in them (not inflated by other load)
+        self.start_optimiser()
 
     def gated_rows(self) -> torch.Tensor:
         """(layers,) bool: the layers whose gates are trained (not sliding-window layers)."""
@@ -145,88 +126,36 @@ class GateTrainer:
 
     def train_step(self, ids: torch.Tensor, answer_start: int) -> tuple[float, float]:
         """One optimiser step; returns (distill, l1 sum) before the step."""
-        start, cpu = time.perf_counter(), time.process_time()
-        with torch.enable_grad():  # whatever the caller's grad mode
+
+        def objective() -> tuple[torch.Tensor, tuple[float, float]]:
             distill, reg = self.loss(ids, answer_start)
-            (distill + self.config.l1 * reg).backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            return distill + self.config.l1 * reg, (float(distill.detach()), float(reg.detach()))
+
+        return self.optimise(objective)
+
+    def after_update(self) -> None:
         with torch.no_grad():
             self.gates.clamp_(0.0, 1.0)
-        self.step += 1
-        record = (float(distill.detach()), float(reg.detach()))
-        self.history.append(record)
-        self.seconds += time.perf_counter() - start
-        self.cpu_seconds += time.process_time() - cpu
-        return record
 
-    def state(self) -> dict[str, Any]:
-        """Everything a resumed run needs, copied (safe to keep while training goes on)."""
+    def progress_step(self, sample: Sample) -> dict[str, Any]:
+        """One step on ``sample``; the bar shows the loss, the mean gate and the retrieval heads."""
+        distill, reg = self.train_step(*sample)
+        gates = self.gates.detach()[self.gated_rows()]
         return {
-            "format": 1,
-            "config": self.config.recorded(),
-            "model": fingerprint(self.model.config),
-            "step": self.step,
-            "gates": self.gates.detach().clone().cpu(),
-            "optimizer": _cloned(self.optimizer.state_dict()),
-            "scheduler": dict(self.scheduler.state_dict()),
-            "history": list(self.history),
-            "sliding_layers": sorted(self.sliding_layers),
-            "seconds": self.seconds,
-            "cpu_seconds": self.cpu_seconds,
-            "rng": torch.get_rng_state(),
+            "loss": f"{distill + self.config.l1 * reg:.4f}",
+            "distill": f"{distill:.4f}",
+            "gate": f"{float(gates.mean()):.3f}",
+            "retrieval": int((gates >= 0.5).sum()),
         }
 
-    def load_state(self, state: dict[str, Any], source: str) -> None:
-        """Continue from ``state``; UsageError when it was made with other knobs or model."""
-        want = self.config.recorded()
-        changed = [k for k in want if state["config"].get(k) != want[k]]
-        if changed:
-            diffs = ", ".join(f"{k}={state['config'].get(k)} there, {want[k]} now" for k in changed)
-            raise UsageError(
-                f"checkpoint {source} was made with other settings ({diffs}); resume with the "
-                "same settings or use another --checkpoint folder"
-            )
-        if state["model"] != fingerprint(self.model.config):
-            raise UsageError(f"checkpoint {source} was made for another model: {state['model']}")
-        with torch.no_grad():
-            self.gates.copy_(state["gates"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history = state["step"], [tuple(h) for h in state["history"]]
-        self.sliding_layers, self.seconds = set(state["sliding_layers"]), state["seconds"]
-        self.cpu_seconds = state.get("cpu_seconds", math.nan)  # nan: not recorded
-        torch.set_rng_state(state["rng"])
-
-
-def _cloned(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone().cpu()
-    if isinstance(value, dict):
-        return {k: _cloned(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_cloned(v) for v in value]
-    return value
-
-
-def save_checkpoint(state: dict[str, Any], folder: Path) -> None:
-    """Write ``state`` to folder/duo-gates.pt atomically (a crash never leaves half a file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, folder / CHECKPOINT)
+    @staticmethod
+    def restored_record(record: Any) -> tuple[float, float]:
+        """A checkpoint's (distill, l1 sum) record as a tuple, whatever sequence it was saved as."""
+        return tuple(record)
 
 
 def train_gates(
-    model: torch.nn.Module,
-    data: Callable[[int], Sample],
-    config: DuoTraining,
-    *,
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    on_step: Callable[[GateTrainer], None] | None = None,
+    model: torch.nn.Module, data: Callable[[int], Sample], config: DuoTraining, **options: Any
 ) -> GateTrainer:
     """Optimise the gates of ``model`` for ``config.steps`` steps; returns the trainer.
 
@@ -235,62 +164,7 @@ def train_gates(
             and mode are restored after).
         data: ``data(i)`` gives sample i: (1, L) ids and the first loss position.
         config: The run's knobs.
-        checkpoint: Folder for checkpoints (every ``config.checkpoint_every`` steps, at the end,
-            and at the last finished step when interrupted).
-        resume: Continue from the folder's checkpoint (start at step 0 if it has none).
-        progress: Show a tqdm bar with the loss, the mean gate and the ETA.
-        on_step: Called after every step (and after its checkpoint, if one was due).
-
-    Raises:
-        UsageError: a checkpoint exists and ``resume`` is off, or it was made with other
-            knobs or for another model.
+        **options: ``checkpoint`` (folder), ``resume``, ``progress`` (bar), ``on_step``
+            (callback): ``training.run_training``'s options, with what it raises.
     """
-    from tqdm.auto import tqdm
-
-    trainer = GateTrainer(model, config)
-    folder = Path(checkpoint) if checkpoint is not None else None
-    path = folder / CHECKPOINT if folder is not None else None
-    if path is not None and path.exists():
-        if not resume:
-            raise UsageError(
-                f"{path} already holds a checkpoint; pass --resume to continue it or choose "
-                "another --checkpoint folder"
-            )
-        trainer.load_state(torch.load(path, weights_only=False), str(path))
-    elif resume:
-        print(f"no checkpoint in {folder}: starting at step 0", file=sys.stderr)
-    flags, training = [p.requires_grad for p in model.parameters()], model.training
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()  # no dropout: the gated and the full pass see the same network
-    bar = tqdm(total=config.steps, initial=trainer.step, desc="duo gates", disable=not progress)
-    last = trainer.state()
-    try:
-        while trainer.step < config.steps:
-            ids, answer_start = data(trainer.step)
-            distill, reg = trainer.train_step(ids, answer_start)
-            last = trainer.state()
-            done = trainer.step == config.steps
-            if folder is not None and (trainer.step % config.checkpoint_every == 0 or done):
-                save_checkpoint(last, folder)
-            gates = trainer.gates.detach()[trainer.gated_rows()]
-            bar.set_postfix(
-                loss=f"{distill + config.l1 * reg:.4f}",
-                distill=f"{distill:.4f}",
-                gate=f"{float(gates.mean()):.3f}",
-                retrieval=int((gates >= 0.5).sum()),
-            )
-            bar.update(1)
-            if on_step is not None:
-                on_step(trainer)
-    except KeyboardInterrupt:
-        if folder is not None:  # the last finished step, not a half-done one
-            save_checkpoint(last, folder)
-            print(f"\ninterrupted: step {last['step']} saved in {path}", file=sys.stderr)
-        raise
-    finally:
-        bar.close()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(training)
-    return trainer
+    return run_training(GateTrainer(model, config), data, **options)

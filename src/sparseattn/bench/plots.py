@@ -257,10 +257,10 @@ def recall_curves(records: list[dict], path: str | Path) -> None:
                 by_method[method].append(
                     (sum(d for d, _ in values) / n, sum(r for _, r in values) / n)
                 )
-        for method, xy in sorted(by_method.items()):
+        for index, (method, xy) in enumerate(sorted(by_method.items())):
             xy.sort()
-            style = "--" if "oracle" in method else "-"
-            ax.plot([x for x, _ in xy], [y for _, y in xy], style, marker="o", label=method)
+            line = "--" if "oracle" in method else "-"
+            ax.plot([x for x, _ in xy], [y for _, y in xy], line, label=method, **_style(index))
         ax.set_title(f"{length} tokens")
         ax.set_xlabel("measured density")
         ax.set_ylabel("recall of the true attention mass")

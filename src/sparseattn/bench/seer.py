@@ -27,13 +27,8 @@ Choices:
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -41,14 +36,13 @@ import torch.nn.functional as F
 
 from ..backends.masks import BlockLayout, base_token_mask
 from ..errors import UsageError
-from ..integration.hf import decoder_of
 from ..methods.base import knob, validate_knobs
 from ..methods.estimators import grouped_scores
 from ..methods.seer import gate_logits
 from ..profiles import fingerprint
 from ..types import AttentionContext, Phase
 from .capture import AttentionCall, attention_calls
-from .duo import _cloned, lr_factor
+from .training import FrozenModelTrainer, TrainingKnobs, run_training
 
 CHECKPOINT = "seer-gates.pt"
 INIT_STD = 0.02
@@ -59,7 +53,7 @@ _TARGET_TILES = 4  # query tiles per chunk at most: later key tiles of the chunk
 
 
 @dataclass
-class SeerTraining:
+class SeerTraining(TrainingKnobs):
     """The knobs of a gate training run (validated on creation)."""
 
     name: ClassVar[str] = "seer"
@@ -78,10 +72,6 @@ class SeerTraining:
                 f"seer: length {self.length} must hold at least two tiles of block_size "
                 f"{self.block_size}; otherwise there is nothing to choose"
             )
-
-    def recorded(self) -> dict[str, Any]:
-        """The knobs that decide the result (all but how often it is checkpointed)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint_every"}
 
 
 def call_context(call: AttentionCall) -> AttentionContext:
@@ -155,7 +145,7 @@ def gate_kl(logits: torch.Tensor, target: torch.Tensor, layout: BlockLayout) -> 
     return kl[rows].mean()
 
 
-class SeerTrainer:
+class SeerTrainer(FrozenModelTrainer):
     """The gate projections of every layer of one (frozen) model, their optimiser and loss.
 
     Args:
@@ -163,9 +153,14 @@ class SeerTrainer:
         config: The run's knobs.
     """
 
+    tensors = ("q_proj", "k_proj")
+    checkpoint_file = CHECKPOINT
+    progress_label = "seer gates"
+    config: SeerTraining
+    history: list[float]  # the loss (mean KL) of each step, before it
+
     def __init__(self, model: torch.nn.Module, config: SeerTraining):
-        self.model, self.config = model, config
-        self.decoder = decoder_of(model)
+        super().__init__(model, config)
         fp = fingerprint(model.config)
         device = next(model.parameters()).device
         n, features = fp["num_hidden_layers"], 3 * fp["head_dim"]
@@ -174,16 +169,7 @@ class SeerTrainer:
         shape_k = (n, fp["num_key_value_heads"], features, config.gate_dim)
         self.q_proj = (torch.randn(shape_q, generator=g) * INIT_STD).to(device).requires_grad_()
         self.k_proj = (torch.randn(shape_k, generator=g) * INIT_STD).to(device).requires_grad_()
-        params = [self.q_proj, self.k_proj]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, config.steps)
-        )
-        self.step = 0
-        self.history: list[float] = []  # the loss (mean KL) of each step, before it
-        self.sliding_layers: set[int] = set()
-        self.seconds = 0.0  # wall time of the steps
-        self.cpu_seconds = 0.0  # this process's CPU time in them (not inflated by other load)
+        self.start_optimiser()
 
     def gated_layers(self) -> list[int]:
         """The layers whose gates are trained (every layer but the sliding-window ones)."""
@@ -222,77 +208,24 @@ class SeerTrainer:
 
     def train_step(self, ids: torch.Tensor) -> float:
         """One optimiser step on one sample; returns the loss before the step."""
-        start, cpu = time.perf_counter(), time.process_time()
-        with torch.enable_grad():
+
+        def objective() -> tuple[torch.Tensor, float]:
             loss = self.loss(ids)
-            loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.history.append(float(loss.detach()))
-        self.seconds += time.perf_counter() - start
-        self.cpu_seconds += time.process_time() - cpu
-        return self.history[-1]
+            return loss, float(loss.detach())
 
-    def state(self) -> dict[str, Any]:
-        """Everything a resumed run needs, copied (safe to keep while training goes on)."""
-        return {
-            "format": 1,
-            "config": self.config.recorded(),
-            "model": fingerprint(self.model.config),
-            "step": self.step,
-            "q_proj": self.q_proj.detach().clone().cpu(),
-            "k_proj": self.k_proj.detach().clone().cpu(),
-            "optimizer": _cloned(self.optimizer.state_dict()),
-            "scheduler": dict(self.scheduler.state_dict()),
-            "history": list(self.history),
-            "sliding_layers": sorted(self.sliding_layers),
-            "seconds": self.seconds,
-            "cpu_seconds": self.cpu_seconds,
-            "rng": torch.get_rng_state(),
-        }
+        return self.optimise(objective)
 
-    def load_state(self, state: dict[str, Any], source: str) -> None:
-        """Continue from ``state``; UsageError when it was made with other knobs or model."""
-        want = self.config.recorded()
-        changed = [k for k in want if state["config"].get(k) != want[k]]
-        if changed:
-            diffs = ", ".join(f"{k}={state['config'].get(k)} there, {want[k]} now" for k in changed)
-            raise UsageError(
-                f"checkpoint {source} was made with other settings ({diffs}); resume with the "
-                "same settings or use another --checkpoint folder"
-            )
-        if state["model"] != fingerprint(self.model.config):
-            raise UsageError(f"checkpoint {source} was made for another model: {state['model']}")
-        with torch.no_grad():
-            self.q_proj.copy_(state["q_proj"])
-            self.k_proj.copy_(state["k_proj"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history = state["step"], list(state["history"])
-        self.sliding_layers, self.seconds = set(state["sliding_layers"]), state["seconds"]
-        self.cpu_seconds = state["cpu_seconds"]
-        torch.set_rng_state(state["rng"])
-
-
-def save_checkpoint(state: dict[str, Any], folder: Path) -> None:
-    """Write ``state`` to folder/seer-gates.pt atomically (a crash never leaves half a file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, folder / CHECKPOINT)
+    def progress_step(self, sample: torch.Tensor) -> dict[str, Any]:
+        """One step on ``sample``; the bar shows the KL and the seconds per step."""
+        kl = self.train_step(sample)
+        return {"kl": f"{kl:.4f}", "s_step": f"{self.seconds / self.step:.1f}"}
 
 
 def train_seer_gates(
     model: torch.nn.Module,
     data: Callable[[int], torch.Tensor],
     config: SeerTraining,
-    *,
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    on_step: Callable[[SeerTrainer], None] | None = None,
+    **options: Any,
 ) -> SeerTrainer:
     """Train the gates of ``model`` for ``config.steps`` steps; returns the trainer.
 
@@ -301,55 +234,7 @@ def train_seer_gates(
             and mode are restored after).
         data: ``data(i)`` gives sample i as (1, L) token ids.
         config: The run's knobs.
-        checkpoint: Folder for checkpoints (every ``config.checkpoint_every`` steps, at the end,
-            and at the last finished step when interrupted).
-        resume: Continue from the folder's checkpoint (start at step 0 if it has none).
-        progress: Show a tqdm bar with the loss and the ETA.
-        on_step: Called after every step (and after its checkpoint, if one was due).
-
-    Raises:
-        UsageError: a checkpoint exists and ``resume`` is off, or it was made with other
-            knobs or for another model.
+        **options: ``checkpoint`` (folder), ``resume``, ``progress`` (bar), ``on_step``
+            (callback): ``training.run_training``'s options, with what it raises.
     """
-    from tqdm.auto import tqdm
-
-    trainer = SeerTrainer(model, config)
-    folder = Path(checkpoint) if checkpoint is not None else None
-    path = folder / CHECKPOINT if folder is not None else None
-    if path is not None and path.exists():
-        if not resume:
-            raise UsageError(
-                f"{path} already holds a checkpoint; pass --resume to continue it or choose "
-                "another --checkpoint folder"
-            )
-        trainer.load_state(torch.load(path, weights_only=False), str(path))
-    elif resume:
-        print(f"no checkpoint in {folder}: starting at step 0", file=sys.stderr)
-    flags, training = [p.requires_grad for p in model.parameters()], model.training
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    bar = tqdm(total=config.steps, initial=trainer.step, desc="seer gates", disable=not progress)
-    last = trainer.state()
-    try:
-        while trainer.step < config.steps:
-            kl = trainer.train_step(data(trainer.step))
-            last = trainer.state()
-            done = trainer.step == config.steps
-            if folder is not None and (trainer.step % config.checkpoint_every == 0 or done):
-                save_checkpoint(last, folder)
-            bar.set_postfix(kl=f"{kl:.4f}", s_step=f"{trainer.seconds / trainer.step:.1f}")
-            bar.update(1)
-            if on_step is not None:
-                on_step(trainer)
-    except KeyboardInterrupt:
-        if folder is not None:  # the last finished step, not a half-done one
-            save_checkpoint(last, folder)
-            print(f"\ninterrupted: step {last['step']} saved in {path}", file=sys.stderr)
-        raise
-    finally:
-        bar.close()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(training)
-    return trainer
+    return run_training(SeerTrainer(model, config), data, **options)

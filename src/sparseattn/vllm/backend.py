@@ -172,9 +172,10 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
             check_block_size(self.config, self.block_size)
             prefill, _, _ = self.config.setting.parts
             tp = vllm_config.parallel_config.tensor_parallel_size
-            if tp > 1 and (getattr(prefill, "profile", "") or prefill.name == "minference"):
+            per_head = getattr(prefill, "profile", "") or prefill.name in ("minference", "seer")
+            if tp > 1 and per_head:
                 raise UsageError(
-                    f"sparseattn in vLLM: {prefill.name!r} with a per-head profile is not "
+                    f"sparseattn in vLLM: {prefill.name!r} with per-head profiles or gates is not "
                     f"supported with tensor_parallel_size={tp} (each rank holds a slice of the "
                     "heads; that mapping is not done yet, see docs/vllm.md)"
                 )

@@ -6,26 +6,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ...errors import UsageError
-from ..args import json_out_path, parse_lengths
+from ..args import json_out_path
+from .training import check_resume, load_frozen_model, trainer_options, training_length
 
 
 def run_duo(args: argparse.Namespace) -> int:
     import math
     import time
 
-    from ... import load_model
     from ...bench.duo import DuoTraining, train_gates
     from ...bench.duo_profile import passkey_data, write_duo_profile
 
-    lengths = parse_lengths(args.length)
-    if len(lengths) != 1:
-        raise UsageError(f"--length {args.length!r}: give one length, e.g. 2k")
-    length = lengths[0]
     config = DuoTraining(
         sink=args.sink,
         window=args.window,
-        length=length,
+        length=training_length(args),
         steps=150 if args.steps is None else args.steps,
         lr=0.02 if args.lr is None else args.lr,
         l1=args.l1,
@@ -34,22 +29,13 @@ def run_duo(args: argparse.Namespace) -> int:
         words=args.words,
         checkpoint_every=args.checkpoint_every,
     )
-    if args.resume and not args.checkpoint:
-        raise UsageError("--resume continues the run in --checkpoint DIR; give --checkpoint")
+    check_resume(args)
     out = json_out_path(args.out)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    model.eval()
+    model, tok = load_frozen_model(args)
     start = time.perf_counter()
     data = passkey_data(tok, config, device=next(model.parameters()).device)
     data(0)  # a length too short for the passkeys fails now, not after the model has run
-    trainer = train_gates(
-        model,
-        data,
-        config,
-        checkpoint=args.checkpoint,
-        resume=args.resume,
-        progress=not args.no_progress,
-    )
+    trainer = train_gates(model, data, config, **trainer_options(args))
     profile = write_duo_profile(str(out), trainer, args.model)
     sliding = set(profile["calibration"]["sliding_layers"])
     for layer, row in enumerate(profile["heads"][0.0]):

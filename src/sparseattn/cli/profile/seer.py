@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ...errors import UsageError
-from ..args import parse_lengths
+from .training import check_resume, load_frozen_model, trainer_options, training_length
 
 
 def gate_out_path(text: str) -> Path:
@@ -26,41 +26,26 @@ def gate_out_path(text: str) -> Path:
 def run_seer(args: argparse.Namespace) -> int:
     import time
 
-    from ... import load_model
     from ...bench.seer import CHECKPOINT, SeerTraining, train_seer_gates
     from ...bench.seer_gates import seer_data, write_seer_gates
+    from ...bench.training import refuse_existing
 
-    lengths = parse_lengths(args.length)
-    if len(lengths) != 1:
-        raise UsageError(f"--length {args.length!r}: give one length, e.g. 2k")
     given = {"block_size": args.block_size, "steps": args.steps, "lr": args.lr}
     config = SeerTraining(
-        length=lengths[0],
+        length=training_length(args),
         gate_dim=args.gate_dim,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         **{k: v for k, v in given.items() if v is not None},  # else the trainer's defaults
     )
-    if args.resume and not args.checkpoint:
-        raise UsageError("--resume continues the run in --checkpoint DIR; give --checkpoint")
+    check_resume(args)
     out = gate_out_path(args.out)
-    if args.checkpoint and not args.resume and (Path(args.checkpoint) / CHECKPOINT).exists():
-        raise UsageError(  # before the model loads
-            f"{Path(args.checkpoint) / CHECKPOINT} already holds a checkpoint; pass --resume to "
-            "continue it or choose another --checkpoint folder"
-        )
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    model.eval()
+    if args.checkpoint and not args.resume:
+        refuse_existing(Path(args.checkpoint) / CHECKPOINT)  # before the model loads
+    model, tok = load_frozen_model(args)
     start = time.perf_counter()
     data = seer_data(tok, config, device=next(model.parameters()).device)
-    trainer = train_seer_gates(
-        model,
-        data,
-        config,
-        checkpoint=args.checkpoint,
-        resume=args.resume,
-        progress=not args.no_progress,
-    )
+    trainer = train_seer_gates(model, data, config, **trainer_options(args))
     training = write_seer_gates(out, trainer, args.model)
     steps = max(trainer.step, 1)
     print(

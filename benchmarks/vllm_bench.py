@@ -5,8 +5,9 @@ each (docs/vllm.md). Run it in the vLLM environment (.ci/vllm builds one):
         --out docs/results/vllm_cpu_smollm2.jsonl
 
 Every setting runs in a fresh process (vLLM's own backend for ``dense``: the plugin is not
-loaded) on the same requests: ``--requests`` samples of the niah_single task at
-``--prompt-tokens`` tokens (real text, a needle to find; the answers are scored), greedy,
+loaded) on the same requests: ``--requests`` samples of ``--task`` (default niah_single; e.g.
+variable_tracking) at ``--prompt-tokens`` tokens (samples (seed 0, index i), the same the
+frontier draws; the answers are scored), greedy,
 ``--output-tokens`` each, ``ignore_eos`` so every request generates the same count; prefix
 caching off (every prompt token is computed). All requests arrive at once and the engine is
 stepped here: ``ttft_s`` is the mean over requests of (first token - arrival), queueing behind
@@ -43,7 +44,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from sparseattn.bench.tasks import build_task
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    task = build_task("niah_single")
+    task = build_task(args.task)
     samples = [task.generate(tok, args.prompt_tokens, 0, i) for i in range(args.requests)]
     extra = {}
     if args.setting_spec:
@@ -102,7 +103,10 @@ def run_one(args: argparse.Namespace) -> dict:
         "total_tok_s": round((generated + args.requests * args.prompt_tokens) / wall, 2),
         "ttft_s": round(sum(ttft) / len(ttft), 3) if ttft else None,
         "tpot_s": round(sum(tpot) / len(tpot), 4) if tpot else None,
-        "niah_single_score": sum(scores) / len(scores),
+        "task": args.task,
+        "score": sum(scores) / len(scores),
+        "scores": scores,  # per request: pairs with the HF frontier's samples (seed 0, index i)
+        **({"niah_single_score": sum(scores) / len(scores)} if args.task == "niah_single" else {}),
         "threads": __import__("torch").get_num_threads(),
         "loadavg_1min_after": round(os.getloadavg()[0], 2),  # other work on the machine
     }
@@ -125,6 +129,9 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--batched-tokens", type=int, default=8192)
     parser.add_argument("--min-length", type=int, default=1024)
+    parser.add_argument(
+        "--task", default="niah_single", help="a registered task name, e.g. variable_tracking (scored)"
+    )
     parser.add_argument("--out", help="append the records to this JSONL file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting here
     args = parser.parse_args()

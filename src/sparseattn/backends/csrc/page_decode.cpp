@@ -41,7 +41,33 @@ struct Partial {
 inline void fold(const float* q, int g, int D, int Dv, const float* k, int64_t k_stride,
                  const float* v, int64_t v_stride, int64_t first, int count, float scale,
                  Partial& part, float* acc, float* scores) {
-  for (int s = 0; s < count; ++s) {
+  // four keys at a time: four independent accumulators per row, so the FMA latency of one
+  // dot product does not serialise the loop (one key at a time ran at half the memory rate)
+  int s = 0;
+  for (; s + 4 <= count; s += 4) {
+    const float* k0 = k + (first + s) * k_stride;
+    const float* k1 = k0 + k_stride;
+    const float* k2 = k1 + k_stride;
+    const float* k3 = k2 + k_stride;
+    for (int r = 0; r < g; ++r) {
+      const float* row = q + r * D;
+      float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+      for (int d = 0; d < D; ++d) {
+        const float x = row[d];
+        d0 += x * k0[d];
+        d1 += x * k1[d];
+        d2 += x * k2[d];
+        d3 += x * k3[d];
+      }
+      float* sc = scores + r * count + s;
+      sc[0] = d0 * scale;
+      sc[1] = d1 * scale;
+      sc[2] = d2 * scale;
+      sc[3] = d3 * scale;
+    }
+  }
+  for (; s < count; ++s) {
     const float* key = k + (first + s) * k_stride;
     for (int r = 0; r < g; ++r) {
       const float* row = q + r * D;

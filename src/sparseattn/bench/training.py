@@ -110,8 +110,9 @@ class FrozenModelTrainer:
         """Called after each optimiser update (e.g. to clamp the tensors); nothing here."""
 
     def progress_step(self, sample: Any) -> dict[str, Any]:
-        """One training step on ``sample`` (``data(step)``); returns the progress bar's fields."""
-        raise NotImplementedError
+        """One training step on ``sample`` (``data(step)``); returns the progress bar's fields.
+        Each trainer (duo, seer) defines it: the base class has no loss of its own."""
+        raise NotImplementedError(f"{type(self).__name__} must define progress_step")
 
     @staticmethod
     def restored_record(record: Any) -> Any:

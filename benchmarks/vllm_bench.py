@@ -8,7 +8,8 @@ Every setting runs in a fresh process (vLLM's own backend for ``dense``: the plu
 loaded) on the same requests: ``--requests`` samples of ``--task`` (default niah_single; e.g.
 variable_tracking) at ``--prompt-tokens`` tokens (samples (seed 0, index i), the same the
 frontier draws; the answers are scored), greedy,
-``--output-tokens`` each, ``ignore_eos`` so every request generates the same count; prefix
+``--output-tokens`` each, ``ignore_eos`` so every request generates the same count
+(``--stop-at-eos`` for accuracy runs: stop as the HF frontier does); prefix
 caching off (every prompt token is computed). All requests arrive at once and the engine is
 stepped here: ``ttft_s`` is the mean over requests of (first token - arrival), queueing behind
 other prefills included; ``tpot_s`` the mean of (last token - first token) / (tokens - 1);
@@ -31,6 +32,7 @@ SETTINGS = {
     "tri_shape": "prefill=tri_shape",
     "quest": "decode=quest[budget=1024]",
     "xattention+quest": "prefill=xattention[threshold=0.9];decode=quest[budget=1024]",
+    "tri_shape+quest": "prefill=tri_shape;decode=quest[budget=1024]",
 }
 
 
@@ -63,7 +65,9 @@ def run_one(args: argparse.Namespace) -> dict:
         **extra,
     )
     startup = time.perf_counter() - start
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_tokens, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=args.output_tokens, ignore_eos=not args.stop_at_eos
+    )
     engine = llm.llm_engine
     start = time.perf_counter()
     for i, sample in enumerate(samples):  # every request arrives at start
@@ -95,6 +99,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "requests": args.requests,
         "prompt_tokens": args.prompt_tokens,
         "output_tokens": args.output_tokens,
+        "stop_at_eos": args.stop_at_eos,
         "max_num_batched_tokens": args.batched_tokens,
         "min_length": args.min_length,
         "startup_s": round(startup, 2),
@@ -127,10 +132,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=4096)
     parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument(
+        "--stop-at-eos",
+        action="store_true",
+        help="stop a request at its end-of-sequence token, as the HF frontier does (accuracy "
+        "runs: pass the task's answer length as --output-tokens); default: ignore_eos",
+    )
     parser.add_argument("--batched-tokens", type=int, default=8192)
     parser.add_argument("--min-length", type=int, default=1024)
     parser.add_argument(
-        "--task", default="niah_single", help="a registered task name, e.g. variable_tracking (scored)"
+        "--task",
+        default="niah_single",
+        help="a registered task name, e.g. variable_tracking (scored)",
     )
     parser.add_argument("--out", help="append the records to this JSONL file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting here

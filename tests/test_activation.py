@@ -369,3 +369,104 @@ def test_shipped_profiles_match_the_real_models(name):
     path = models._smollm2_path() if name == "smollm2-135m" else models._gemma3_path()
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     assert shipped_activation_profile_for(SimpleNamespace(config=config)).model["id"] == name
+
+
+# -- TEAL's greedy allocation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_greedy_allocation_meets_each_block_target(family, profiles):
+    """Every layer's parameter-weighted mean sparsity is the stored target; sites reading one
+    input share one sparsity (q/k/v, gate/up); CATS's site is not a linear layer (0)."""
+    from sparseattn.activation.profile import ACT_SITE
+    from sparseattn.activation.sites import decoder_layers, linear_sites
+
+    model = make_model(family)
+    profile = load_activation_profile(profiles(family))
+    assert profile.teal_greedy and sorted(profile.teal_greedy) == [0.25, 0.4, 0.5, 0.6]
+    for target, table in profile.teal_greedy.items():
+        for layer_idx, layer in enumerate(decoder_layers(model)):
+            row = dict(zip(profile.sites, table[layer_idx]))
+            sizes = {s: m.weight.numel() for s, m in linear_sites(layer).items()}
+            mean = sum(sizes[s] * row[s] for s in sizes) / sum(sizes.values())
+            assert mean == pytest.approx(target, abs=1e-3)
+            assert row["self_attn.q_proj"] == row["self_attn.k_proj"] == row["self_attn.v_proj"]
+            assert row["mlp.gate_proj"] == row["mlp.up_proj"]
+            assert row.get(ACT_SITE, 0.0) == 0.0
+
+
+def test_greedy_takes_the_free_steps_first():
+    """A layer whose o_proj is zero has an attention branch that adds nothing: sparsifying any
+    attention input costs no output error, so the greedy search drops attention channels
+    before any MLP channel (hand-derived case)."""
+    from sparseattn.activation.sites import decoder_layers
+    from sparseattn.bench.teal_greedy import capture_layer_inputs, greedy_layer
+
+    model = make_model("llama")
+    layer = decoder_layers(model)[0]
+    layer.self_attn.o_proj.weight.data.zero_()
+    inputs = [(f"r{i}", ids) for i, ids in enumerate(random_ids(2, 64, seed=5))]
+    calls, groups = capture_layer_inputs(model, inputs)
+    assert [sorted(g) for g in groups[0]] == [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    # thresholds: the level's quantile of |x| per site on the captured inputs
+    rows = {}
+
+    def keep(site):
+        def hook(module, args):
+            rows.setdefault(site, args[0].abs().flatten())
+
+        return hook
+
+    with torch.no_grad():
+        for site, linear in layer.named_modules():
+            if isinstance(linear, torch.nn.Linear):
+                handle = linear.register_forward_pre_hook(keep(site))
+                layer(*calls[0][0][0], **calls[0][0][1])
+                handle.remove()
+    quantile = lambda site, level: float(rows[site].quantile(level)) if level > 0 else 0.0
+    found = greedy_layer(layer, calls[0], groups[0], quantile)
+    low = found[0.25]
+    attention = [low[s] for s in low if s.startswith("self_attn")]
+    mlp = [low[s] for s in low if s.startswith("mlp")]
+    assert min(attention) >= max(mlp)
+    assert max(mlp) == 0.0 or min(attention) >= 0.9
+
+
+def test_teal_greedy_knob(profiles, tmp_path):
+    model = make_model("llama")
+    ids = random_ids(1, 30, seed=3)[0]
+    dense = greedy(model, ids)
+    knobs = {"sparsity": 0.0, "allocation": "greedy", "profile": profiles("llama")}
+    with sparseattn.sparse_attention(model, activation="teal", activation_knobs=knobs):
+        assert torch.equal(greedy(model, ids), dense)  # sparsity 0: dense, token for token
+    knobs["sparsity"] = 0.5
+    with sparseattn.sparse_attention(model, activation="teal", activation_knobs=knobs) as stats:
+        greedy(model, ids)
+    by_site = stats.activation.sparsity("projection", rows=True)
+    assert len({round(v, 2) for v in by_site.values()}) > 1  # not one sparsity everywhere
+    assert build_activation("teal", sparsity=0.5, allocation="greedy").label == (
+        "teal[sparsity=0.5,allocation=greedy]"
+    )
+    with pytest.raises(UsageError, match="allocation='nope' is not allowed"):
+        build_activation("teal", allocation="nope")
+    too_high = {**knobs, "sparsity": 0.7}
+    with (
+        pytest.raises(UsageError, match="stored up to sparsity 0.6"),
+        sparseattn.sparse_attention(model, activation="teal", activation_knobs=too_high),
+    ):
+        pass
+    plain = json.loads(Path(profiles("llama")).read_text())
+    del plain["teal_greedy"]
+    bare = tmp_path / "no-greedy.json"
+    bare.write_text(json.dumps(plain))
+    no_table = {**knobs, "profile": str(bare)}
+    with (
+        pytest.raises(UsageError, match="has no greedy allocation"),
+        sparseattn.sparse_attention(model, activation="teal", activation_knobs=no_table),
+    ):
+        pass

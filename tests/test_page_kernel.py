@@ -108,3 +108,28 @@ def test_page_kernel_refuses_bad_inputs(kernel):
         cpp.page_decode(rows, k, v, pages.int(), P, tail, 0.1)
     with pytest.raises(RuntimeError, match="tail outside the held slots"):
         cpp.page_decode(rows, k, v, pages, P, (tail[0], k.shape[2] + 1), 0.1)
+
+
+@pytest.mark.parametrize(
+    "B, Hkv, g, D, held",
+    [(1, 3, 3, 64, 1000), (2, 2, 4, 8, 333), (1, 1, 5, 12, 129), (3, 2, 1, 32, 7)],
+)
+def test_dense_decode_through_the_kernel_equals_sdpa(kernel, monkeypatch, B, Hkv, g, D, held):
+    """Dense decode over every held key (the kernel's tail, in blocks; vector and portable
+    forms by D) equals PyTorch's SDPA on the same cache view."""
+    from sparseattn.backends.sdpa import dense_decode
+
+    gen = torch.Generator().manual_seed(held)
+    k_buf, v_buf = (torch.randn(B, Hkv, held + 50, D, generator=gen) for _ in range(2))
+    k, v = k_buf[:, :, :held], v_buf[:, :, :held]
+    q = torch.randn(B, Hkv * g, 1, D, generator=gen)
+    ctx = context(q, k)
+    with_kernel = dense_decode(q, k, v, ctx, all_visible=True)
+    monkeypatch.setenv("SPARSEATTN_CPP", "0")
+    sdpa = dense_decode(q, k, v, ctx, all_visible=True)
+    torch.testing.assert_close(with_kernel, sdpa, atol=1e-5, rtol=1e-4)
+    tail = (0, held)
+    none = torch.empty(B, Hkv, 0, dtype=torch.long)
+    torch.testing.assert_close(
+        with_kernel, expected(q, k, v, none, 16, tail, ctx.scaling), atol=1e-5, rtol=1e-4
+    )

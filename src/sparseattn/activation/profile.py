@@ -13,7 +13,10 @@ Written by ``sparseattn profile --kind activations`` (``bench/activations.py``).
   levels takes the threshold interpolated linearly between them;
 - ``rsparse``: for each of a few sparsities, ``rsparse[level][layer][site]`` is the share of
   the layer's weight budget R-Sparse spends on exact sparse channels (the rest on a low-rank
-  part), chosen per layer by ``bench/activations.py``.
+  part), chosen per layer by ``bench/activations.py``;
+- ``teal_greedy`` (optional): for each of a few block sparsities, ``teal_greedy[level][layer][site]``
+  is the sparsity TEAL's greedy allocation gives that site (``bench/teal_greedy.py``), read by
+  ``teal[allocation=greedy]``.
 
 Shipped profiles live in ``profiles/activations/<model>-activations.json`` (a folder of their
 own: their tables are per site, not per head).
@@ -62,6 +65,7 @@ class ActivationProfile:
     thresholds: dict[float, list[list[float]]]
     rsparse: dict[float, list[list[float]]]
     source: str
+    teal_greedy: dict[float, list[list[float]]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -105,6 +109,38 @@ class ActivationProfile:
         ]
         for (s0, r0), (s1, r1) in itertools.pairwise(points):
             if sparsity <= s1:
+                return r0 + (sparsity - s0) / (s1 - s0) * (r1 - r0)
+        return points[-1][1]
+
+    def greedy_sparsity(self, layer_idx: int, site: str, sparsity: float) -> float:
+        """The sparsity TEAL's greedy allocation gives ``site`` of layer ``layer_idx`` when the
+        block's is ``sparsity`` (linear between the stored block sparsities, 0 at 0).
+
+        Raises:
+            UsageError: the profile has no greedy table, or ``sparsity`` is above its greatest
+                stored block sparsity.
+        """
+        if not self.teal_greedy:
+            raise UsageError(
+                f"activations profile {self.source} has no greedy allocation (teal_greedy); "
+                "remake it with `sparseattn profile --kind activations`, or use "
+                "allocation=uniform"
+            )
+        top = max(self.teal_greedy)
+        if sparsity > top + 1e-9:
+            raise UsageError(
+                f"teal: allocation=greedy is stored up to sparsity {top:g} in {self.source}; "
+                f"got sparsity={sparsity:g} (allowed: 0 to {top:g}, or allocation=uniform)"
+            )
+        if sparsity <= 0.0:
+            return 0.0
+        column = self._column(site)
+        points = [(0.0, 0.0)] + [
+            (level, float(self.teal_greedy[level][layer_idx][column]))
+            for level in sorted(self.teal_greedy)
+        ]
+        for (s0, r0), (s1, r1) in itertools.pairwise(points):
+            if sparsity <= s1 + 1e-12:
                 return r0 + (sparsity - s0) / (s1 - s0) * (r1 - r0)
         return points[-1][1]
 
@@ -161,8 +197,9 @@ def load_activation_profile(name_or_path: str) -> ActivationProfile:
     sites = tuple(data.get("sites") or ())
     thresholds = {float(k): v for k, v in (data.get("thresholds") or {}).items()}
     rsparse = {float(k): v for k, v in (data.get("rsparse") or {}).items()}
+    greedy = {float(k): v for k, v in (data.get("teal_greedy") or {}).items()}
     layers = data.get("model", {}).get("num_hidden_layers")
-    for name, table in [*thresholds.items(), *rsparse.items()]:
+    for name, table in [*thresholds.items(), *rsparse.items(), *greedy.items()]:
         ok = isinstance(table, list) and len(table) == layers
         ok = ok and all(isinstance(row, list) and len(row) == len(sites) for row in table)
         if not ok:
@@ -180,6 +217,7 @@ def load_activation_profile(name_or_path: str) -> ActivationProfile:
         thresholds=thresholds,
         rsparse=rsparse,
         source=str(path),
+        teal_greedy=greedy or None,
     )
 
 
@@ -192,6 +230,7 @@ def save_activation_profile(
     thresholds: dict[float, list[list[float]]],
     rsparse: dict[float, list[list[float]]],
     summary: dict[str, Any],
+    teal_greedy: dict[float, list[list[float]]] | None = None,
 ) -> None:
     """Write a profile as JSON, one line per level's table."""
 
@@ -207,6 +246,7 @@ def save_activation_profile(
         f'"sites": {json.dumps(list(sites))}',
         f'"thresholds": {tables(thresholds)}',
         f'"rsparse": {tables(rsparse)}',
+        *([f'"teal_greedy": {tables(teal_greedy)}'] if teal_greedy else []),
         f'"summary": {json.dumps(summary)}',
     ]
     Path(path).write_text("{\n" + ",\n".join(parts) + "\n}\n")

@@ -1,8 +1,11 @@
 """Dense attention through PyTorch SDPA, straight on the cache: the baseline every ratio divides.
 
-Decode runs grouped: the g query heads of a KV head are g query rows of one SDPA call against
-that head's keys, so GQA costs no copy of K or V; no mask is built when every held key is
-visible (the common case), and masks come from key positions when some are not.
+Decode runs grouped: the g query heads of a KV head are g query rows of one call against that
+head's keys, so GQA costs no copy of K or V; no mask is built when every held key is visible
+(the common case), and masks come from key positions when some are not. On the CPU in float32
+a decode step whose every held key is visible runs the C++ decode kernel over the whole cache
+(``cpp.page_decode`` with no pages and every slot as its tail), split over the keys across
+threads; SDPA otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..types import AttentionContext
+from . import cpp
 from .gather import attend_rows
 from .masks import base_token_mask, key_positions
 
@@ -47,6 +51,9 @@ def with_key_bias(mask: torch.Tensor | None, ctx: AttentionContext) -> torch.Ten
     return torch.where(mask, bias, float("-inf"))
 
 
+DENSE_BLOCK = 128  # keys per block when the C++ kernel reads the whole cache at decode
+
+
 def dense_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, all_visible: bool
 ) -> torch.Tensor:
@@ -61,6 +68,13 @@ def dense_decode(
     """
     B, Hq, _, D = q.shape
     rows = q.view(B, ctx.num_kv_heads, ctx.groups, D)  # (B, Hkv, g, D)
+    plain = all_visible and ctx.softcap is None and ctx.key_bias is None
+    if plain and cpp.runs_on(q) and cpp.available():
+        # the C++ decode kernel over every held slot as its tail: split over the keys across
+        # threads (SDPA splits over KV heads only: 3 of them on 2 cores leave one idle)
+        none = torch.empty(B, ctx.num_kv_heads, 0, dtype=torch.long, device=q.device)
+        out = cpp.page_decode(rows, k, v, none, DENSE_BLOCK, (0, k.shape[2]), ctx.scaling)
+        return out.reshape(B, Hq, 1, -1).transpose(1, 2)
     mask = None if all_visible else decode_key_mask(ctx)
     out = attend_rows(rows, k, v, with_key_bias(mask, ctx), ctx)  # (B, Hkv, g, Dv)
     return out.reshape(B, Hq, 1, -1).transpose(1, 2)

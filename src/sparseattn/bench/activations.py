@@ -127,6 +127,15 @@ def _interpolate(table: list[float], levels: tuple[float, ...], sparsity: float)
     return table[-1]
 
 
+def _greedy_note() -> str:
+    from .teal_greedy import STEP, TOKENS
+
+    return (
+        f"per layer: steps of {STEP:g} on one input group at a time, the least increase of the "
+        f"layer's squared output error per weight saved, first {TOKENS} tokens of each input"
+    )
+
+
 def _linear_mean(table: list[list[float]], sites: list[str]) -> float:
     """Mean of a per-layer x per-site table over the linear sites (CATS's act site left out)."""
     columns = [k for k, site in enumerate(sites) if site != ACT_SITE]
@@ -143,8 +152,11 @@ def activation_profile(
     tokens_per_input: int = 256,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    teal_greedy: bool = True,
 ) -> dict[str, Any]:
-    """The keyword arguments of ``save_activation_profile`` for ``model`` on ``inputs``."""
+    """The keyword arguments of ``save_activation_profile`` for ``model`` on ``inputs`` (with
+    TEAL's greedy allocation unless ``teal_greedy`` is False)."""
+    inputs = list(inputs)  # read twice: the thresholds, then the greedy allocation
     captured = capture_inputs(model, inputs, tokens_per_input, seed, progress)
     layers = decoder_layers(model)
     sites = list(linear_sites(layers[0]))
@@ -173,6 +185,17 @@ def activation_profile(
             rsparse[level].append([shares[site][k] for site in sites])
         if progress is not None:
             progress(f"rsparse search, layer {i}")
+    greedy = None
+    if teal_greedy:
+        from .teal_greedy import greedy_allocation
+
+        greedy = greedy_allocation(
+            model,
+            inputs,
+            lambda i, site, level: _interpolate(per_layer[i][site], LEVELS, level),
+            sites,
+            progress,
+        )
     rows = next(iter(captured.values())).shape[0]
     summary = {
         f"{level:g}": {
@@ -199,9 +222,11 @@ def activation_profile(
             "thresholds": "quantile of |x| over the sampled rows' entries, dense model",
             "rsparse": "per-layer least ||(W - W_r) x_rest||^2 over shares "
             + ",".join(f"{s:g}" for s in SHARES),
+            **({"teal_greedy": _greedy_note()} if teal_greedy else {}),
         },
         "sites": sites,
         "thresholds": thresholds,
         "rsparse": rsparse,
         "summary": summary,
+        "teal_greedy": greedy,
     }

@@ -19,6 +19,9 @@ from ..types import Phase
 from .peak import PeakMemory
 
 FIDELITY_POSITIONS = 256  # next-token distributions compared over the last positions of the text
+# a setting that changes decode steps (a decode method, an eviction policy, activation sparsity)
+# is compared over this many last positions, each one a decode step of its own
+FIDELITY_DECODE_POSITIONS = 32
 
 
 def versions() -> dict[str, str]:
@@ -129,6 +132,21 @@ def answer_logprob(model, prefilled: Prefilled, cache: Any, answer: list[int]) -
 
 
 @torch.inference_mode()
+def decode_logprobs(
+    model, prefilled: Prefilled, cache: Any, forced: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Log-probabilities (n, V) of the prefill's next token and of one decode step per token of
+    ``forced`` (1, n - 1) teacher-forced over ``cache``, and the seconds per decode step."""
+    rows, times = [prefilled.logprobs], []
+    for k in range(forced.shape[1]):
+        start = timed(forced.device)
+        out = model(input_ids=forced[:, k : k + 1], **cache_kwargs(model, cache), use_cache=True)
+        rows.append(torch.log_softmax(out.logits[0, -1].float(), -1))
+        times.append(timed(forced.device) - start)
+    return torch.stack(rows), per_token_seconds(times)
+
+
+@torch.inference_mode()
 def last_logprobs(model, ids: torch.Tensor, positions: int) -> tuple[torch.Tensor, float]:
     """Log-probabilities (positions, V) of the last positions, and the prefill seconds."""
     start = timed(ids.device)
@@ -168,7 +186,7 @@ class SampleRunner:
         self.ids = torch.tensor([sample.input_ids], device=self.device)
         self._dense_logprobs: torch.Tensor | None = None
         self._dense_logprobs_s = 0.0
-        self._dense_prefill: Prefilled | None = None
+        self._dense_prefill: dict[int, Prefilled] = {}  # prompt length: its dense prefill
 
     def prefills_densely(self, setting: Setting) -> bool:
         """True when ``setting`` runs the prompt exactly as dense does (a dense or decode-only
@@ -181,16 +199,26 @@ class SampleRunner:
             setting.prefill.name == "dense" or not (method.phases & {Phase.PREFILL})
         )
 
-    def _prefilled(self) -> Prefilled:
-        """The dense prefill of this sample, run once (through the hook, as dense runs it)."""
-        if self._dense_prefill is None:
+    def decodes_sparsely(self, setting: Setting) -> bool:
+        """True when ``setting`` changes decode steps: a decode method, an eviction policy or
+        an activation sparsity method (all of which act on decode steps only or mostly)."""
+        _, method, policy = setting.parts
+        decode_method = method.name != "dense" and Phase.DECODE in method.phases
+        return decode_method or policy is not None or setting.activation is not None
+
+    def _prefilled(self, length: int | None = None) -> Prefilled:
+        """The dense prefill of this sample's first ``length`` tokens (all by default), run
+        once (through the hook, as dense runs it)."""
+        length = self.ids.shape[1] if length is None else length
+        if length not in self._dense_prefill:
             with (
                 PeakMemory(self.device) as peak,
                 sparse_attention(self.model, "dense", **self.options.kwargs()),
             ):
-                self._dense_prefill = prefill(self.model, self.ids)
-            self._dense_prefill.peak_mb = peak.peak_mb
-        return self._dense_prefill
+                done = prefill(self.model, self.ids[:, :length])
+            done.peak_mb = peak.peak_mb
+            self._dense_prefill[length] = done
+        return self._dense_prefill[length]
 
     @property
     def is_fidelity(self) -> bool:
@@ -270,7 +298,10 @@ class SampleRunner:
 
     def _run_fidelity(self, setting: Setting) -> dict[str, Any]:
         """The label-free task: next-token distributions of the prompt's last positions against
-        dense's (a setting whose prefill is dense's reuses dense's, exactly)."""
+        dense's (a setting whose prefill is dense's reuses dense's, exactly). A setting that
+        changes decode steps is compared on decode steps (``_run_decode_fidelity``)."""
+        if self.decodes_sparsely(setting):
+            return self._run_decode_fidelity(setting)
         reuse = self.reuse_prefill and self.prefills_densely(setting)
         dense = self._dense_reference()  # outside the setting's block, as for every setting
         with (
@@ -295,5 +326,42 @@ class SampleRunner:
             "peak_memory_method": peak.method,
             "prefill_reused": reuse,
             "answer": "",
-            "extra": extra,
+            "extra": {**extra, "fidelity_mode": "prefill", "positions": self._positions()},
+        }
+
+    def _run_decode_fidelity(self, setting: Setting) -> dict[str, Any]:
+        """Fidelity of a setting that changes decode steps: the prompt less its last n tokens is
+        prefilled (dense's prefill of it reused when the setting's prefill is dense's), then
+        the last n - 1 tokens are teacher-forced one decode step each through the setting's
+        decode path (its selection, its eviction, its activation sparsity); the n next-token
+        distributions are compared with dense's over the same positions."""
+        n = min(FIDELITY_DECODE_POSITIONS, self._positions())
+        dense = self._dense_reference()[-n:]
+        head, forced = self.ids.shape[1] - n, self.ids[:, -n:-1]
+        reuse = self.reuse_prefill and self.prefills_densely(setting)
+        shared = self._prefilled(head) if reuse else None
+        with (
+            sparse_attention(self.model, **setting.hook_kwargs(), **self.options.kwargs()) as stats,
+            PeakMemory(self.device) as peak,
+        ):
+            own = shared if shared is not None else prefill(self.model, self.ids[:, :head])
+            cache = copy.deepcopy(own.cache) if shared is not None else own.cache
+            logprobs, step_s = decode_logprobs(self.model, own, cache, forced)
+            kv_bytes = cache_nbytes(cache)
+            del cache
+        targets = self.ids[0, -n:]
+        extra = fidelity_scores(dense, logprobs, targets)
+        return {
+            "score": float(torch.tensor(-extra["kl"]).exp()),
+            "answer_logprob": None,
+            "prefill_density": 1.0 if reuse else stats.density("prefill"),
+            "decode_density": stats.density("decode"),
+            "prefill_s": own.prefill_s,
+            "decode_s_per_token": step_s,
+            "kv_bytes": kv_bytes,
+            "peak_memory_mb": peak.peak_mb,
+            "peak_memory_method": peak.method,
+            "prefill_reused": reuse,
+            "answer": "",
+            "extra": {**extra, "fidelity_mode": "decode", "positions": n},
         }

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per KV budget; duo: a DuoAttention gate per KV head, optimised on generated passkey "
         "retrieval; seer: SeerAttention's tile gates, trained by self-distillation (a .safetensors "
         "file); activations: per-layer |x| thresholds of every linear input and the MLP "
-        "activation (cats, teal, rsparse) and rsparse's budget split",
+        "activation (cats, teal, rsparse), rsparse's budget split and teal's greedy allocation",
     )
     p.add_argument("--out", help="the profile to write, FILE.json (seer: FILE.safetensors)")
     p.add_argument(

@@ -127,6 +127,16 @@ inline __m256 sums_of_eight(const __m256* a) {
   return _mm256_add_ps(low, high);
 }
 
+constexpr int kAhead = 32;  // rows of keys / values fetched ahead of their use
+
+// Asks for rows [first, last) of a (rows, width) float array with row stride `stride`: one
+// stream of key or value rows per thread does not keep enough reads in flight on its own.
+inline void prefetch_rows(const float* base, int64_t stride, int first, int last, int width) {
+  for (int s = first; s < last; ++s)
+    for (int d = 0; d < width; d += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(base + s * stride + d), _MM_HINT_T0);
+}
+
 // The same fold with AVX2 + FMA for D and Dv multiples of 8: scores eight keys at a time per
 // query row (the keys of a block stay in L1 across the group's rows), and the weighted sum of
 // values with up to three rows' accumulators for 32 value lanes held in registers across the
@@ -143,6 +153,10 @@ inline void fold_avx2(const float* q, int g, int D, int Dv, const float* k, int6
     float* sc = scores + r * count;
     int s = 0;
     for (; s + 8 <= count; s += 8) {
+      if (r == 0) {
+        prefetch_rows(kb, k_stride, s + kAhead, std::min(count, s + 8 + kAhead), D);
+        prefetch_rows(v + first * v_stride, v_stride, s, s + 8, Dv);  // for the value pass
+      }
       __m256 a[8];
       for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
       for (int d = 0; d < D; d += 8) {

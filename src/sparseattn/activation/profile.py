@@ -104,13 +104,7 @@ class ActivationProfile:
         if sparsity <= 0.0 or not self.rsparse:
             return 1.0
         column = self._column(site)
-        points = [(0.0, 1.0)] + [
-            (level, float(self.rsparse[level][layer_idx][column])) for level in sorted(self.rsparse)
-        ]
-        for (s0, r0), (s1, r1) in itertools.pairwise(points):
-            if sparsity <= s1:
-                return r0 + (sparsity - s0) / (s1 - s0) * (r1 - r0)
-        return points[-1][1]
+        return _per_site(self.rsparse, layer_idx, column, sparsity, at_zero=1.0)
 
     def greedy_sparsity(self, layer_idx: int, site: str, sparsity: float) -> float:
         """The sparsity TEAL's greedy allocation gives ``site`` of layer ``layer_idx`` when the
@@ -134,15 +128,7 @@ class ActivationProfile:
             )
         if sparsity <= 0.0:
             return 0.0
-        column = self._column(site)
-        points = [(0.0, 0.0)] + [
-            (level, float(self.teal_greedy[level][layer_idx][column]))
-            for level in sorted(self.teal_greedy)
-        ]
-        for (s0, r0), (s1, r1) in itertools.pairwise(points):
-            if sparsity <= s1 + 1e-12:
-                return r0 + (sparsity - s0) / (s1 - s0) * (r1 - r0)
-        return points[-1][1]
+        return _per_site(self.teal_greedy, layer_idx, self._column(site), sparsity, at_zero=0.0)
 
     def _column(self, site: str) -> int:
         if site not in self.sites:
@@ -151,6 +137,24 @@ class ActivationProfile:
                 f"{', '.join(self.sites)} (made for another architecture?)"
             )
         return self.sites.index(site)
+
+
+def _per_site(
+    table: dict[float, list[list[float]]],
+    layer_idx: int,
+    column: int,
+    sparsity: float,
+    at_zero: float,
+) -> float:
+    """A (layer, site) value of a per-level table at ``sparsity``: linear between the stored
+    levels, ``at_zero`` at sparsity 0, the last level's value beyond it."""
+    points = [(0.0, at_zero)] + [
+        (level, float(table[level][layer_idx][column])) for level in sorted(table)
+    ]
+    for (s0, r0), (s1, r1) in itertools.pairwise(points):
+        if sparsity <= s1 + 1e-12:
+            return r0 + (sparsity - s0) / (s1 - s0) * (r1 - r0)
+    return points[-1][1]
 
 
 def _describe(facts: dict[str, Any]) -> str:

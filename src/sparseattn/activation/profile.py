@@ -39,6 +39,7 @@ from ..profiles.architecture import describe_architecture
 
 FORMAT = 1
 KIND = "activations"
+SKIP_FIRST = 4  # calibration leaves out each input's first positions (attention-sink outliers)
 ACT_SITE = "mlp.act"  # CATS's site: |act(gate_proj(x))|, the up / down projections' channels
 SHIPPED_ACTIVATIONS = SHIPPED_DIR / "activations"
 

@@ -22,13 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..activation.profile import ACT_SITE, model_facts
+from ..activation.profile import ACT_SITE, SKIP_FIRST, model_facts
 from ..activation.rsparse import SHARES, residual_error, split_budget, svd_of
 from ..activation.sites import decoder_layers, gated_mlp, linear_sites
 
 LEVELS = tuple(round(0.025 * i, 3) for i in range(39))  # 0 ... 0.95
 RSPARSE_LEVELS = (0.25, 0.4, 0.5, 0.6, 0.7)
-SKIP_FIRST = 4  # positions left out of the sample
 SUMMARY_LEVELS = (0.25, 0.4, 0.5)
 
 

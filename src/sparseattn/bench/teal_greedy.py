@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..activation.profile import SKIP_FIRST  # positions left out of the error, as of the thresholds
 from ..activation.sites import decoder_layers, linear_sites
-from .activations import SKIP_FIRST  # positions left out of the error, as of the thresholds
 
 TARGETS = (0.25, 0.4, 0.5, 0.6)  # block sparsities the allocation is stored at
 STEP = 0.1  # sparsity one greedy step adds to one group

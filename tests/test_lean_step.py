@@ -10,9 +10,10 @@ from conftest import left_padded_batch, make_model
 
 import sparseattn
 from sparseattn.activation import save_activation_profile
+from sparseattn.backends import cpp
 from sparseattn.bench.activations import activation_profile
 from sparseattn.compat import cache_kwargs, output_cache
-from sparseattn.integration.step import COUNTER
+from sparseattn.integration.step import COUNTER, FUSED
 
 STEPS = 6
 
@@ -32,6 +33,11 @@ def generate(model, ids, mask, lean: bool, **setting):
             return_dict_in_generate=True,
         )
         lean_calls = stats.counter(COUNTER) or 0
+        fused_calls = stats.counter(FUSED) or 0
+        activation = None if stats.activation is None else stats.activation.summary()
+    # the C++ halves run every lean call where the kernels are built (float32 on the CPU)
+    assert fused_calls == (lean_calls if cpp.enabled() and cpp.available() else 0)
+    out.activation = activation
     return out, lean_calls
 
 
@@ -109,6 +115,64 @@ def test_lean_step_composes_with_activation_sparsity(tmp_path):
         lean, calls = generate(model, ids, mask, lean=True, **setting)
         assert calls > 0
         assert_same(modules, lean)
+        assert lean.activation == modules.activation  # the same channels read, step by step
+
+
+def test_python_step_where_the_kernels_are_off(monkeypatch):
+    """SPARSEATTN_CPP=0: the lean step runs its Python ops (no C++ halves), same tokens."""
+    model = make_model("qwen2")  # q/k/v biases
+    ids, mask = left_padded_batch([30, 21], seed=6)
+    with_kernels, _ = generate(model, ids, mask, lean=True)
+    monkeypatch.setenv("SPARSEATTN_CPP", "0")
+    without, calls = generate(model, ids, mask, lean=True)  # asserts no fused call
+    assert calls == (STEPS - 1) * model.config.num_hidden_layers
+    assert_same(with_kernels, without)
+
+
+@pytest.mark.skipif(not cpp.available(), reason="the C++ kernels could not be built here")
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_halves_equal_the_ops_they_fuse(bias):
+    """decode_qkv / decode_mlp against the layer's arithmetic written as torch ops (RMSNorm,
+    projections, rotate-half RoPE, residuals, SiLU-gated MLP), two rows, random weights."""
+    g = torch.Generator().manual_seed(0)
+    B, E, I, Hq, Hkv, D = 2, 96, 160, 6, 2, 16
+
+    def rand(*shape):  # weights scaled by 1/sqrt(fan-in): outputs of order one
+        return torch.randn(*shape, generator=g) / (shape[-1] ** 0.5 if len(shape) == 2 else 1)
+
+    def lin(x, w, b):
+        return x @ w.T + (b if b.numel() else 0)
+
+    def norm(x, w, eps=1e-5):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rope(t, cos, sin):
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
+
+    h, n1, n2 = rand(B, 1, E), rand(E), rand(E)
+    w = [rand(Hq * D, E), rand(Hkv * D, E), rand(Hkv * D, E)]
+    b = [rand(m.shape[0]) if bias else torch.empty(0) for m in w]
+    cos, sin = rand(B, 1, D), rand(B, 1, D)
+    empty, zeros = [torch.empty(0)] * 3, [0.0] * 3
+    q, k, v = torch.ops.sparseattn.decode_qkv(h, n1, 1e-5, w, empty, b, zeros, empty, cos, sin, D)
+    x = norm(h, n1)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    expect = [lin(x, w[i], b[i]).view(B, 1, -1, D).transpose(1, 2) for i in range(3)]
+    torch.testing.assert_close(q, rope(expect[0], c, s), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, rope(expect[1], c, s), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v, expect[2])
+
+    attn = rand(B, Hq, 1, D).transpose(1, 2)  # (B, 1, Hq, D), strided as attention returns it
+    m = [rand(E, Hq * D), rand(I, E), rand(I, E), rand(E, I)]
+    mb = [rand(E) if bias else torch.empty(0)] + [torch.empty(0)] * 3
+    out = torch.ops.sparseattn.decode_mlp(
+        h, attn, n2, 1e-5, m, [torch.empty(0)] * 4, mb, [0.0] * 4, [torch.empty(0)] * 4, -1.0
+    )
+    mid = h + lin(attn.reshape(B, 1, -1), m[0], mb[0])
+    x = norm(mid, n2)
+    expect = mid + (torch.nn.functional.silu(x @ m[1].T) * (x @ m[2].T)) @ m[3].T
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
 def test_leaving_the_block_restores_every_layer():

@@ -34,14 +34,16 @@ from .masks import BlockLayout
 
 SOURCES = [
     Path(__file__).with_name("csrc") / f
-    for f in ("block_sparse.cpp", "page_decode.cpp", "sparse_linear.cpp")
+    for f in ("block_sparse.cpp", "page_decode.cpp", "sparse_linear.cpp", "decode_step.cpp")
 ]
-HEADERS = [Path(__file__).with_name("csrc") / "softmax_exp.h"]  # included by both sources
+HEADERS = [Path(__file__).with_name("csrc") / f for f in ("softmax_exp.h", "sparse_linear.h")]
 OPS = (
     "block_sparse_attention",
     "page_decode_attention",
     "sparse_input_linear",  # activation sparsity (sparse_linear.py)
     "sparse_output_linear",
+    "decode_qkv",  # the lean decode step's halves (integration/step.py)
+    "decode_mlp",
 )
 # -fopenmp: at::parallel_for is a header template whose OpenMP branch compiles only with it;
 # without it every kernel call ran on one thread whatever torch.get_num_threads() said

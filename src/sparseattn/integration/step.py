@@ -1,23 +1,30 @@
-"""The lean decode step: a decoder layer's one-token forward as plain tensor ops.
+"""The lean decode step: a decoder layer's one-token forward as two C++ calls around the
+cache update and the attention method.
 
 At batch 1 a decode step of a small model is mostly fixed cost: SmolLM2-135M runs ~12 module
 calls per layer (norms, four projections, the MLP and its three linears, the hub-kernel
 wrappers around them), ~25 ops, and their Python dispatch, for 30 layers. Measured on the
 2-core CPU at 16 cached tokens: 43.7 ms per step of which the linear layers are 25.7 ms.
 ``install_lean`` replaces, inside ``sparse_attention``, the forward of every decoder layer of
-a supported family by one function that does the same arithmetic directly: RMSNorm (the
-model's formula, op for op), the projections as ``F.linear`` on the modules' own weights (no
-copies, no fused re-layout: the model's memory stays what it was), RoPE with the model's cos/sin, the cache write through the same
-``update`` and the attention through the same registered function (so every decode method and
-eviction policy runs unchanged), the gated MLP.
+a supported family by one function that does the same arithmetic directly:
+
+- ``decode_qkv`` (C++, ``backends/csrc/decode_step.cpp``): RMSNorm, the q/k/v projections on
+  the modules' own weights (no copies: the model's memory stays what it was), RoPE;
+- the cache write through the same ``update`` and the attention through the same registered
+  function, in Python (so every decode method and eviction policy runs unchanged);
+- ``decode_mlp`` (C++): o projection, residual, RMSNorm, the SiLU-gated MLP, residual.
+
+TEAL's stand-ins (input thresholds, weights re-laid once) and CATS's MLP run inside the two
+calls with their own kernels and counters; R-Sparse's low-rank stand-ins, other activations,
+other dtypes, or kernels that cannot be built take the same steps as Python ops (RMSNorm op
+for op, ``F.linear``, the stand-ins called as modules). Together the two calls save ~40 Python
+ops per layer (about 5-9 ms a step on SmolLM2 at 4K on the 2-core CPU).
 
 The lean forward runs only where it is exact: one token per row, a cache whose layer is
-sparseattn's, no gradient, keyword arguments only, a module that is still the family's own
-(an activation method's stand-in for the MLP or a projection is called as a module, so
-activation sparsity composes). Anything else (prompts, other caches, training) calls the
-layer's original forward. Families: Llama (SmolLM2), Mistral, Qwen2 (their attention layers
-differ only in biases and in which sliding window they pass); Gemma 3's layers (extra norms,
-q/k norms, scaled embeddings) keep their own forward.
+sparseattn's, no gradient, keyword arguments only. Anything else (prompts, other caches,
+training) calls the layer's original forward. Families: Llama (SmolLM2), Mistral, Qwen2 (their
+attention layers differ only in biases and in which sliding window they pass); Gemma 3's
+layers (extra norms, q/k norms, scaled embeddings) keep their own forward.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from torch import nn
 from ..cache import KVLayer
 
 COUNTER = "lean_decode_layers"
+FUSED = "fused_decode_layers"  # lean calls that ran the C++ halves
 
 
 def _no_window(attention: nn.Module) -> int | None:
@@ -90,6 +98,106 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass(frozen=True)
+class FusedArgs:
+    """A layer's weights as the C++ halves take them (``decode_qkv`` / ``decode_mlp``): per
+    linear layer its weight, its weight re-laid out for input sparsity (empty: dense), bias
+    (empty: none), threshold and counters; activation stand-ins' decode switches and counters
+    (their ``calls`` go up by one per fused call, as when they run as modules)."""
+
+    qkv: tuple  # norm weight, eps, weights, re-laid weights, biases, thresholds, counts
+    mlp: tuple  # norm weight, eps, weights, re-laid weights, biases, thresholds, counts, cats
+    switches: tuple  # the stand-ins' DecodeSwitch objects (all must say decoding)
+    counters: tuple  # the stand-ins' SiteCounter objects
+
+
+_NONE = torch.empty(0)
+
+
+def _modules(layer: nn.Module) -> tuple[nn.Module, ...]:
+    attention, mlp = layer._modules["self_attn"], layer._modules["mlp"]
+    linears = attention._modules
+    return (
+        linears["q_proj"],
+        linears["k_proj"],
+        linears["v_proj"],
+        linears["o_proj"],
+        mlp,
+        layer._modules["input_layernorm"],
+        layer._modules["post_attention_layernorm"],
+    )
+
+
+def _spec(linear: nn.Module, switches: list, counters: list) -> tuple | None:
+    """(weight, re-laid weight, bias, threshold, counts) of a plain nn.Linear (dense) or of a
+    TEAL stand-in without a low-rank part; None for anything else."""
+    from ..activation.modules import SparseLinear
+
+    bias = _NONE if linear.bias is None else linear.bias
+    if type(linear) is nn.Linear:
+        return (linear.weight, _NONE, bias, 0.0, _NONE)
+    if type(linear) is SparseLinear and linear._low_rank is None:
+        if linear._wt is None:  # what the stand-in makes at its first decode call
+            linear._wt = linear.weight.detach().t().contiguous()
+        switches.append(linear._switch)
+        counters.append(linear._counter)
+        return (linear.weight, linear._wt, bias, linear.threshold, linear._counter.counts)
+    return None
+
+
+def _fused_args(layer: nn.Module, mlp_class: str) -> FusedArgs | None:
+    """The C++ halves' arguments, or None where they do not apply: the kernels unavailable,
+    weights not float32 on the CPU, an activation other than SiLU, a stand-in the halves do
+    not take (R-Sparse's low-rank part), an MLP that is neither the family's own nor CATS's."""
+    from ..activation.modules import CatsMLP
+    from ..backends import cpp
+
+    q, k, v, o, mlp, norm1, norm2 = _modules(layer)
+    names = ("gate_proj", "up_proj", "down_proj")
+    gate, up, down = (getattr(mlp, n, None) for n in names)
+    own, cats = type(mlp).__name__ == mlp_class, type(mlp) is CatsMLP
+    act = type(getattr(mlp, "act_fn", None)).__name__
+    if not (own or cats) or act not in ("SiLU", "SiLUActivation") or down is None:
+        return None
+    switches: list = []
+    counters: list = []
+    specs = [_spec(m, switches, counters) for m in (q, k, v, o, gate, up, down)]
+    if any(spec is None for spec in specs):
+        return None
+    if cats:  # the stand-in's own kernels: dense gate, sparse up rows and down columns
+        if mlp._down_t is None:
+            mlp._down_t = down.weight.detach().t().contiguous()
+        switches.append(mlp._switch)
+        counters += [mlp._up_counter, mlp._down_counter]
+        specs[5] = (up.weight, _NONE, specs[5][2], 0.0, mlp._up_counter.counts)
+        specs[6] = (down.weight, mlp._down_t, specs[6][2], 0.0, mlp._down_counter.counts)
+    tensors = [spec[0] for spec in specs] + [norm1.weight, norm2.weight]
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return None
+    if not (cpp.enabled() and cpp.available()):
+        return None
+    eps1, eps2 = (float(getattr(n, "variance_epsilon", None) or n.eps) for n in (norm1, norm2))
+
+    def columns(part: list[tuple]) -> tuple:
+        return tuple(list(column) for column in zip(*part))
+
+    qkv = (norm1.weight, eps1, *columns(specs[:3]))
+    threshold = mlp.threshold if cats else -1.0
+    mlp_args = (norm2.weight, eps2, *columns(specs[3:]), threshold)
+    return FusedArgs(qkv, mlp_args, tuple(switches), tuple(counters))
+
+
+def _fused_takes(h: torch.Tensor, embeddings: tuple, fused: FusedArgs) -> bool:
+    """Whether this call runs the C++ halves: float32 rows, and every activation stand-in in
+    its decode mode (a one-token prompt runs them, and so the layer, as modules)."""
+    return (
+        h.dtype == torch.float32
+        and h.is_contiguous()
+        and embeddings[0].dtype == torch.float32
+        and all(switch.decoding for switch in fused.switches)
+    )
+
+
 @dataclass
 class LeanLayer:
     """One decoder layer's lean one-token forward (installed as the module's ``forward``)."""
@@ -100,6 +208,16 @@ class LeanLayer:
     window: Callable[[nn.Module], int | None]
     mlp_class: str
     counters: dict[str, Any]  # the run's counters: ``lean_decode_layers`` counts lean calls
+    _fused: FusedArgs | None = None
+    _seen: tuple[nn.Module, ...] | None = None  # the modules ``_fused`` was built for
+
+    @property
+    def fused(self) -> FusedArgs | None:
+        """The C++ halves' arguments for the layer's current modules (None: the Python ops)."""
+        modules = _modules(self.layer)
+        if modules != self._seen:
+            self._fused, self._seen = _fused_args(self.layer, self.mlp_class), modules
+        return self._fused
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -125,14 +243,23 @@ class LeanLayer:
         layer, attention = self.layer, self.layer.self_attn
         B = h.shape[0]
         D = attention.head_dim
-        x = _rms_norm(h, layer.input_layernorm)
-        q = _project(x, attention.q_proj).view(B, 1, -1, D).transpose(1, 2)
-        k = _project(x, attention.k_proj).view(B, 1, -1, D).transpose(1, 2)
-        v = _project(x, attention.v_proj).view(B, 1, -1, D).transpose(1, 2)
-        cos, sin = embeddings
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        fused = self.fused
+        if fused is not None and not _fused_takes(h, embeddings, fused):
+            fused = None
+        if fused is not None:
+            self.counters[FUSED] = self.counters.get(FUSED, 0) + 1
+            for counter in fused.counters:
+                counter.calls += 1
+            q, k, v = torch.ops.sparseattn.decode_qkv(h, *fused.qkv, *embeddings, D)
+        else:
+            x = _rms_norm(h, layer.input_layernorm)
+            q = _project(x, attention.q_proj).view(B, 1, -1, D).transpose(1, 2)
+            k = _project(x, attention.k_proj).view(B, 1, -1, D).transpose(1, 2)
+            v = _project(x, attention.v_proj).view(B, 1, -1, D).transpose(1, 2)
+            cos, sin = embeddings
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
         k, v = cache.update(k, v, attention.layer_idx)
         out, _ = self.attention_fn(
             attention,
@@ -144,6 +271,8 @@ class LeanLayer:
             scaling=attention.scaling,
             sliding_window=self.window(attention),
         )
+        if fused is not None:
+            return torch.ops.sparseattn.decode_mlp(h, out, *fused.mlp)
         h = h + _project(out.reshape(B, 1, -1), attention.o_proj)
         x = _rms_norm(h, layer.post_attention_layernorm)
         mlp = layer.mlp

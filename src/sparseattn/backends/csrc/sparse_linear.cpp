@@ -28,6 +28,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "sparse_linear.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -148,6 +150,10 @@ void output_rows(const float* __restrict wp, const int64_t* __restrict idx,
   }
 }
 
+}  // namespace
+
+namespace sparseattn {
+
 at::Tensor sparse_input_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias,
                                double threshold_d, const at::Tensor& counts) {
   check_common(x, wt, bias, counts, "sparse_input_linear");
@@ -247,7 +253,7 @@ at::Tensor sparse_output_linear(const at::Tensor& x, const at::Tensor& w, const 
   return h;
 }
 
-}  // namespace
+}  // namespace sparseattn
 
 TORCH_LIBRARY_FRAGMENT(sparseattn, m) {
   m.def(
@@ -256,6 +262,6 @@ TORCH_LIBRARY_FRAGMENT(sparseattn, m) {
   m.def(
       "sparse_output_linear(Tensor x, Tensor w, Tensor gate, Tensor bias, float threshold, "
       "Tensor(a!) counts) -> Tensor");
-  m.impl("sparse_input_linear", c10::DispatchKey::CPU, &sparse_input_linear);
-  m.impl("sparse_output_linear", c10::DispatchKey::CPU, &sparse_output_linear);
+  m.impl("sparse_input_linear", c10::DispatchKey::CPU, &sparseattn::sparse_input_linear);
+  m.impl("sparse_output_linear", c10::DispatchKey::CPU, &sparseattn::sparse_output_linear);
 }

@@ -295,6 +295,10 @@ def page_decode(
     """
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     pages, g = pages.contiguous(), rows.shape[2]
+    if g <= PAGE_DECODE_ROWS:  # one call (every model with at most 16 query heads per KV head)
+        return torch.ops.sparseattn.page_decode_attention(
+            rows.contiguous(), k, v, pages, page_size, tail[0], tail[1], scale
+        )
     chunks = [
         torch.ops.sparseattn.page_decode_attention(
             rows[:, :, first : first + PAGE_DECODE_ROWS].contiguous(),  # (B, Hkv, <= 16, D)

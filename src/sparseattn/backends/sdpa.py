@@ -52,6 +52,15 @@ def with_key_bias(mask: torch.Tensor | None, ctx: AttentionContext) -> torch.Ten
 
 
 DENSE_BLOCK = 128  # keys per block when the C++ kernel reads the whole cache at decode
+_NO_PAGES: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _no_pages(batch: int, kv_heads: int) -> torch.Tensor:
+    """(B, Hkv, 0) long CPU page list (every slot is the kernel's tail), made once per shape."""
+    pages = _NO_PAGES.get((batch, kv_heads))
+    if pages is None:
+        pages = _NO_PAGES[(batch, kv_heads)] = torch.empty(batch, kv_heads, 0, dtype=torch.long)
+    return pages
 
 
 def dense_decode(
@@ -72,7 +81,7 @@ def dense_decode(
     if plain and cpp.runs_on(q) and cpp.available():
         # the C++ decode kernel over every held slot as its tail: split over the keys across
         # threads (SDPA splits over KV heads only: 3 of them on 2 cores leave one idle)
-        none = torch.empty(B, ctx.num_kv_heads, 0, dtype=torch.long, device=q.device)
+        none = _no_pages(B, ctx.num_kv_heads)
         out = cpp.page_decode(rows, k, v, none, DENSE_BLOCK, (0, k.shape[2]), ctx.scaling)
         return out.reshape(B, Hq, 1, -1).transpose(1, 2)
     mask = None if all_visible else decode_key_mask(ctx)

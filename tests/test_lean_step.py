@@ -99,6 +99,21 @@ def test_lean_step_runs_decode_methods_and_eviction_unchanged(setting):
     assert_same(modules, lean)
 
 
+def test_lean_step_runs_head_groups(tmp_path):
+    """DuoAttention's layers hold their heads in groups (full and streaming): the lean step
+    runs them through the same cache update and attention function as the modules do."""
+    from test_head_policies import profiles
+
+    model = make_model("llama")
+    knobs = {"profile": profiles(model, tmp_path)["duo"], "prefill_streaming": False}
+    ids, mask = left_padded_batch([40, 27], seed=8)
+    setting = {"evict": "duo", "evict_knobs": knobs}
+    modules, _ = generate(model, ids, mask, lean=False, **setting)
+    lean, calls = generate(model, ids, mask, lean=True, **setting)
+    assert calls == (STEPS - 1) * model.config.num_hidden_layers
+    assert_same(modules, lean)
+
+
 def test_lean_step_composes_with_activation_sparsity(tmp_path):
     """An activation method's stand-ins (teal wraps every projection, cats the MLP) are called
     as modules by the lean step: same tokens and the same channels skipped."""

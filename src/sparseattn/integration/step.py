@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVLayer
+from ..cache import HeadGroupsLayer, KVLayer
 
 COUNTER = "lean_decode_layers"
 FUSED = "fused_decode_layers"  # lean calls that ran the C++ halves
@@ -230,7 +230,7 @@ class LeanLayer:
             and cache is not None
             and not torch.is_grad_enabled()
             and not self.layer.training
-            and isinstance(_layer_of(cache, attention.layer_idx), KVLayer)
+            and isinstance(_layer_of(cache, attention.layer_idx), (KVLayer, HeadGroupsLayer))
         )
         if not lean:
             return self.original(hidden_states, *args, **kwargs)

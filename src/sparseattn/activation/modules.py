@@ -64,14 +64,19 @@ class SparseLinear(nn.Module):
             f"{self.in_features}, {self.out_features}, threshold={self.threshold:.4g}, rank={rank}"
         )
 
+    def relaid_weight(self) -> torch.Tensor:
+        """W^T (in, out), made at the first decode call (the kernel's layout)."""
+        if self._wt is None:
+            self._wt = self.weight.detach().t().contiguous()
+        return self._wt
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._switch.decoding:
             return F.linear(x, self.weight, self.bias)
-        if self._wt is None:
-            self._wt = self.weight.detach().t().contiguous()  # (in, out)
+        wt = self.relaid_weight()
         rows = x.reshape(-1, self.in_features)  # (R, in)
         self._counter.calls += 1
-        y = sparse_input_linear(rows, self._wt, self.bias, self.threshold, self._counter.counts)
+        y = sparse_input_linear(rows, wt, self.bias, self.threshold, self._counter.counts)
         if self._low_rank is not None:
             down, up = self._low_rank  # (in, r), (r, out)
             rest = torch.where(rows.abs() >= self.threshold, 0.0, rows)  # (R, in)
@@ -107,11 +112,16 @@ class CatsMLP(nn.Module):
     def extra_repr(self) -> str:
         return f"threshold={self.threshold:.4g}"
 
+    def down_transposed(self) -> torch.Tensor:
+        """down_proj's W^T (I, H), made at the first decode call (the kernel's layout)."""
+        if self._down_t is None:
+            self._down_t = self.down_proj.weight.detach().t().contiguous()
+        return self._down_t
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._switch.decoding:
             return self._mlp(x)
-        if self._down_t is None:
-            self._down_t = self.down_proj.weight.detach().t().contiguous()  # (I, H)
+        down_t = self.down_transposed()
         rows = x.reshape(-1, x.shape[-1])  # (R, H)
         gate = self.act_fn(self.gate_proj(rows))  # (R, I), dense
         self._up_counter.calls += 1
@@ -121,6 +131,6 @@ class CatsMLP(nn.Module):
             rows, up.weight, gate, up.bias, self.threshold, self._up_counter.counts
         )  # (R, I), zero off the kept channels
         out = sparse_input_linear(
-            hidden, self._down_t, self.down_proj.bias, 0.0, self._down_counter.counts
+            hidden, down_t, self.down_proj.bias, 0.0, self._down_counter.counts
         )  # (R, H)
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -137,11 +137,10 @@ def _spec(linear: nn.Module, switches: list, counters: list) -> tuple | None:
     if type(linear) is nn.Linear:
         return (linear.weight, _NONE, bias, 0.0, _NONE)
     if type(linear) is SparseLinear and linear._low_rank is None:
-        if linear._wt is None:  # what the stand-in makes at its first decode call
-            linear._wt = linear.weight.detach().t().contiguous()
         switches.append(linear._switch)
         counters.append(linear._counter)
-        return (linear.weight, linear._wt, bias, linear.threshold, linear._counter.counts)
+        wt = linear.relaid_weight()
+        return (linear.weight, wt, bias, linear.threshold, linear._counter.counts)
     return None
 
 
@@ -165,12 +164,10 @@ def _fused_args(layer: nn.Module, mlp_class: str) -> FusedArgs | None:
     if any(spec is None for spec in specs):
         return None
     if cats:  # the stand-in's own kernels: dense gate, sparse up rows and down columns
-        if mlp._down_t is None:
-            mlp._down_t = down.weight.detach().t().contiguous()
         switches.append(mlp._switch)
         counters += [mlp._up_counter, mlp._down_counter]
         specs[5] = (up.weight, _NONE, specs[5][2], 0.0, mlp._up_counter.counts)
-        specs[6] = (down.weight, mlp._down_t, specs[6][2], 0.0, mlp._down_counter.counts)
+        specs[6] = (down.weight, mlp.down_transposed(), specs[6][2], 0.0, mlp._down_counter.counts)
     tensors = [spec[0] for spec in specs] + [norm1.weight, norm2.weight]
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         return None

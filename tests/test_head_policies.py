@@ -497,3 +497,25 @@ def test_positions_of_streaming_heads_never_hold_padding(tmp_path):
             for b, n in enumerate(LENGTHS):
                 kept = positions[b][positions[b] != EMPTY_POSITION]
                 assert bool((kept >= width - n).all())
+
+
+def test_head_group_counts_stay_on_the_host_and_spread_when_read():
+    """A head group's host counts (one number per head of the group) land on its heads only:
+    hand-computed totals for two groups of a 4-head layer, with a device-counted call mixed in."""
+    from sparseattn.integration.stats import LayerStats
+
+    stats = LayerStats(0)
+    first, second = torch.tensor([0, 1]), torch.tensor([2, 3])
+    for _ in range(2):
+        stats.add("dense", 10.0, 20.0, heads=(first, 4))
+        stats.add("streaming", 5.0, 20.0, heads=(second, 4))
+    assert stats.computed is None  # nothing counted on a device yet
+    computed, visible = stats.totals()
+    assert computed.tolist() == [20.0, 20.0, 10.0, 10.0]
+    assert visible.tolist() == [40.0, 40.0, 40.0, 40.0]
+    # a call that counted on the device, per row and head of the group
+    stats.add("quest", torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 3.0]]), heads=(first, 4))
+    computed, visible = stats.totals()
+    assert computed.tolist() == [21.0, 22.0, 10.0, 10.0]
+    assert visible.tolist() == [43.0, 43.0, 40.0, 40.0]
+    assert stats.head_density == pytest.approx([21 / 43, 22 / 43, 0.25, 0.25])

@@ -30,6 +30,9 @@ class LayerStats:
         host_computed: Pairs per head computed by calls that counted them on the host (every
             head and row alike: dense calls, fixed-budget reads of an all-visible cache).
         host_visible: The visible pairs per head of those calls.
+        group_host: Host counts of head-group calls (DuoAttention's full and streaming
+            heads): per group's head-index tensor, [computed, visible] per head of the group,
+            spread over the layer's heads only when read (no tensor work per decode call).
     """
 
     layer_idx: int
@@ -39,6 +42,7 @@ class LayerStats:
     visible: torch.Tensor | None = None
     host_computed: float = 0.0
     host_visible: float = 0.0
+    group_host: dict[torch.Tensor, list] = field(default_factory=dict)
     select_s: float = 0.0
     attend_s: float = 0.0
 
@@ -70,6 +74,12 @@ class LayerStats:
         self.calls += 1
         self.select_s += select_s
         self.attend_s += attend_s
+        host = not isinstance(computed, torch.Tensor) and not isinstance(visible, torch.Tensor)
+        if heads is not None and host:
+            entry = self.group_host.setdefault(heads[0], [0.0, 0.0, heads[1]])
+            entry[0] += float(computed)
+            entry[1] += float(visible)
+            return
         if heads is not None:
             computed, visible = (_spread(x, *heads) for x in (computed, visible))
         if not isinstance(computed, torch.Tensor) and not isinstance(visible, torch.Tensor):
@@ -88,10 +98,17 @@ class LayerStats:
     def totals(self, num_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(H,) computed and visible pairs per head, device counters and host numbers together."""
         if self.computed is None:
-            heads = num_heads or 1
+            groups = [entry[2] for entry in self.group_host.values()]
+            heads = groups[0] if groups else num_heads or 1
             computed = torch.full((heads,), self.host_computed, dtype=torch.float64)
-            return computed, torch.full((heads,), self.host_visible, dtype=torch.float64)
-        return self.computed + self.host_computed, self.visible + self.host_visible
+            visible = torch.full((heads,), self.host_visible, dtype=torch.float64)
+        else:
+            computed = self.computed + self.host_computed
+            visible = self.visible + self.host_visible
+        for index, (c, v, heads) in self.group_host.items():
+            computed = computed + _spread(c, index, heads).sum(0).to(computed.device)
+            visible = visible + _spread(v, index, heads).sum(0).to(visible.device)
+        return computed, visible
 
     @property
     def density(self) -> float:

@@ -115,8 +115,9 @@ def test_lean_step_runs_head_groups(tmp_path):
 
 
 def test_lean_step_composes_with_activation_sparsity(tmp_path):
-    """An activation method's stand-ins (teal wraps every projection, cats the MLP) are called
-    as modules by the lean step: same tokens and the same channels skipped."""
+    """An activation method's stand-ins (teal and rsparse wrap every projection, cats the MLP)
+    run inside the lean step's C++ halves: same tokens and the same channels skipped as when
+    they run as modules."""
     model = make_model("llama")
     g = torch.Generator().manual_seed(2)
     inputs = [(f"r{i}", torch.randint(1, 128, (1, 96), generator=g)) for i in range(3)]
@@ -124,7 +125,7 @@ def test_lean_step_composes_with_activation_sparsity(tmp_path):
     path = tmp_path / "act.json"
     save_activation_profile(path, **made)
     ids, mask = left_padded_batch([24, 24], seed=4)
-    for name in ("teal", "cats"):
+    for name in ("teal", "cats", "rsparse"):
         setting = {"activation": name, "activation_knobs": {"sparsity": 0.5, "profile": str(path)}}
         modules, _ = generate(model, ids, mask, lean=False, **setting)
         lean, calls = generate(model, ids, mask, lean=True, **setting)
@@ -170,7 +171,9 @@ def test_decode_halves_equal_the_ops_they_fuse(bias):
     b = [rand(m.shape[0]) if bias else torch.empty(0) for m in w]
     cos, sin = rand(B, 1, D), rand(B, 1, D)
     empty, zeros = [torch.empty(0)] * 3, [0.0] * 3
-    q, k, v = torch.ops.sparseattn.decode_qkv(h, n1, 1e-5, w, empty, b, zeros, empty, cos, sin, D)
+    q, k, v = torch.ops.sparseattn.decode_qkv(
+        h, n1, 1e-5, w, empty, b, zeros, empty, empty, empty, cos, sin, D
+    )
     x = norm(h, n1)
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     expect = [lin(x, w[i], b[i]).view(B, 1, -1, D).transpose(1, 2) for i in range(3)]
@@ -181,8 +184,9 @@ def test_decode_halves_equal_the_ops_they_fuse(bias):
     attn = rand(B, Hq, 1, D).transpose(1, 2)  # (B, 1, Hq, D), strided as attention returns it
     m = [rand(E, Hq * D), rand(I, E), rand(I, E), rand(E, I)]
     mb = [rand(E) if bias else torch.empty(0)] + [torch.empty(0)] * 3
+    none = [torch.empty(0)] * 4  # re-laid weights, counts, low-rank factors: none (dense)
     out = torch.ops.sparseattn.decode_mlp(
-        h, attn, n2, 1e-5, m, [torch.empty(0)] * 4, mb, [0.0] * 4, [torch.empty(0)] * 4, -1.0
+        h, attn, n2, 1e-5, m, none, mb, [0.0] * 4, none, none, none, -1.0
     )
     mid = h + lin(attn.reshape(B, 1, -1), m[0], mb[0])
     x = norm(mid, n2)

@@ -14,10 +14,10 @@ a supported family by one function that does the same arithmetic directly:
   function, in Python (so every decode method and eviction policy runs unchanged);
 - ``decode_mlp`` (C++): o projection, residual, RMSNorm, the SiLU-gated MLP, residual.
 
-TEAL's stand-ins (input thresholds, weights re-laid once) and CATS's MLP run inside the two
-calls with their own kernels and counters; R-Sparse's low-rank stand-ins, other activations,
-other dtypes, or kernels that cannot be built take the same steps as Python ops (RMSNorm op
-for op, ``F.linear``, the stand-ins called as modules). Together the two calls save ~40 Python
+TEAL's and R-Sparse's stand-ins (input thresholds on weights re-laid once, R-Sparse's low-rank
+part) and CATS's MLP run inside the two calls with their own kernels and counters; other
+activations, other dtypes, or kernels that cannot be built take the same steps as Python ops
+(RMSNorm op for op, ``F.linear``, the stand-ins called as modules). Together the two calls save ~40 Python
 ops per layer (about 5-9 ms a step on SmolLM2 at 4K on the 2-core CPU).
 
 The lean forward runs only where it is exact: one token per row, a cache whose layer is
@@ -102,11 +102,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class FusedArgs:
     """A layer's weights as the C++ halves take them (``decode_qkv`` / ``decode_mlp``): per
     linear layer its weight, its weight re-laid out for input sparsity (empty: dense), bias
-    (empty: none), threshold and counters; activation stand-ins' decode switches and counters
+    (empty: none), threshold, counters and R-Sparse's low-rank factors (empty: none), each a
+    list over the half's linear layers; activation stand-ins' decode switches and counters
     (their ``calls`` go up by one per fused call, as when they run as modules)."""
 
-    qkv: tuple  # norm weight, eps, weights, re-laid weights, biases, thresholds, counts
-    mlp: tuple  # norm weight, eps, weights, re-laid weights, biases, thresholds, counts, cats
+    qkv: tuple  # norm weight, eps, then the seven per-linear lists (q, k, v)
+    mlp: tuple  # norm weight, eps, the seven lists (o, gate, up, down), CATS's threshold or -1
     switches: tuple  # the stand-ins' DecodeSwitch objects (all must say decoding)
     counters: tuple  # the stand-ins' SiteCounter objects
 
@@ -129,25 +130,26 @@ def _modules(layer: nn.Module) -> tuple[nn.Module, ...]:
 
 
 def _spec(linear: nn.Module, switches: list, counters: list) -> tuple | None:
-    """(weight, re-laid weight, bias, threshold, counts) of a plain nn.Linear (dense) or of a
-    TEAL stand-in without a low-rank part; None for anything else."""
+    """(weight, re-laid weight, bias, threshold, counts, low-rank down, low-rank up) of a plain
+    nn.Linear (dense) or of a TEAL / R-Sparse stand-in; None for anything else."""
     from ..activation.modules import SparseLinear
 
     bias = _NONE if linear.bias is None else linear.bias
     if type(linear) is nn.Linear:
-        return (linear.weight, _NONE, bias, 0.0, _NONE)
-    if type(linear) is SparseLinear and linear._low_rank is None:
+        return (linear.weight, _NONE, bias, 0.0, _NONE, _NONE, _NONE)
+    if type(linear) is SparseLinear:
         switches.append(linear._switch)
         counters.append(linear._counter)
         wt = linear.relaid_weight()
-        return (linear.weight, wt, bias, linear.threshold, linear._counter.counts)
+        down, up = linear._low_rank or (_NONE, _NONE)
+        return (linear.weight, wt, bias, linear.threshold, linear._counter.counts, down, up)
     return None
 
 
 def _fused_args(layer: nn.Module, mlp_class: str) -> FusedArgs | None:
     """The C++ halves' arguments, or None where they do not apply: the kernels unavailable,
-    weights not float32 on the CPU, an activation other than SiLU, a stand-in the halves do
-    not take (R-Sparse's low-rank part), an MLP that is neither the family's own nor CATS's."""
+    weights not float32 on the CPU, an activation other than SiLU, a module the halves do not
+    know, an MLP that is neither the family's own nor CATS's."""
     from ..activation.modules import CatsMLP
     from ..backends import cpp
 
@@ -166,8 +168,9 @@ def _fused_args(layer: nn.Module, mlp_class: str) -> FusedArgs | None:
     if cats:  # the stand-in's own kernels: dense gate, sparse up rows and down columns
         switches.append(mlp._switch)
         counters += [mlp._up_counter, mlp._down_counter]
-        specs[5] = (up.weight, _NONE, specs[5][2], 0.0, mlp._up_counter.counts)
-        specs[6] = (down.weight, mlp.down_transposed(), specs[6][2], 0.0, mlp._down_counter.counts)
+        counts = (mlp._up_counter.counts, mlp._down_counter.counts)
+        specs[5] = (up.weight, _NONE, specs[5][2], 0.0, counts[0], _NONE, _NONE)
+        specs[6] = (down.weight, mlp.down_transposed(), specs[6][2], 0.0, counts[1], _NONE, _NONE)
     tensors = [spec[0] for spec in specs] + [norm1.weight, norm2.weight]
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         return None

@@ -8,11 +8,14 @@
 //
 // decode_mlp: h' = h + attn Wo^T (+bo); x = RMSNorm(h'); returns h' + (silu(x Wg^T) * x Wu^T) Wd^T.
 //
-// The projections run at::linear (what F.linear runs: the same BLAS call, the same bits); the
-// norm and RoPE are plain loops with the model's arithmetic (the mean of squares in float32,
-// then x * rsqrt(mean + eps), then weight * that), so the outputs match the Python step to
-// float32 rounding of the reduction order. What the call saves is the Python dispatch of ~40
-// small ops per layer (about 10 ms a step on SmolLM2's 30 layers on the 2-core CPU).
+// The projections run at::linear (what F.linear runs: the same BLAS call, the same bits), or,
+// under activation sparsity, what the stand-in modules run: TEAL's input thresholds and
+// R-Sparse's low-rank part through sparse_input_linear, CATS's MLP through
+// sparse_output_linear (sparse_linear.cpp). The norm and RoPE are plain loops with the model's
+// arithmetic (the mean of squares in float32, then x * rsqrt(mean + eps), then weight * that),
+// so the outputs match the Python step to float32 rounding of the reduction order. What the
+// call saves is the Python dispatch of ~40 small ops per layer (5-9 ms a step on SmolLM2's 30
+// layers on the 2-core CPU).
 //
 // Shapes: h (B, 1, E) float32 contiguous; cos, sin (B, 1, D) or (1, 1, D) (the model's
 // position embeddings); attn (B, 1, Hq, D) in any strides; biases empty when the layer has none.
@@ -22,7 +25,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/silu.h>
 #include <torch/library.h>
 
@@ -82,27 +87,44 @@ void check_rows(const at::Tensor& h, const char* name) {
               ": h must be (B, 1, E) contiguous");
 }
 
-// One linear layer of the step: dense (at::linear on w) when wt is empty, else TEAL-style
-// input sparsity through the re-laid weight wt = W^T (sparse_input_linear, counts added to).
-at::Tensor project(const at::Tensor& x, at::TensorList w, at::TensorList wt, at::TensorList b,
-                   at::ArrayRef<double> t, at::TensorList counts, size_t i) {
-  if (wt[i].numel() == 0) return at::linear(x, w[i], bias_of(b[i]));
-  return sparseattn::sparse_input_linear(x, wt[i], b[i], t[i], counts[i]);
-}
+// The step's linear layers, one entry per layer in each list: the weight W (out, in); TEAL's
+// re-laid weight wt = W^T (empty: dense); the bias (empty: none); the input threshold; the
+// counters (int64, 4) the sparse kernel adds to; R-Sparse's low-rank factors V_r (in, r) and
+// (U_r S_r)^T (r, out) for the inputs below the threshold (empty: none).
+struct Specs {
+  at::TensorList w, wt, b;
+  at::ArrayRef<double> t;
+  at::TensorList counts, down, up;
 
-void check_specs(at::TensorList w, at::TensorList wt, at::TensorList b, at::ArrayRef<double> t,
-                 at::TensorList counts, size_t n, const char* name) {
-  TORCH_CHECK(w.size() == n && wt.size() == n && b.size() == n && t.size() == n &&
-                  counts.size() == n,
-              name, ": expected ", n, " weights, re-laid weights, biases, thresholds, counts");
-}
+  void check(size_t n, const char* name) const {
+    TORCH_CHECK(w.size() == n && wt.size() == n && b.size() == n && t.size() == n &&
+                    counts.size() == n && down.size() == n && up.size() == n,
+                name, ": expected ", n, " entries in every per-layer list");
+  }
+
+  // y = x W^T + b, dense or reading only the kept input channels, plus the low-rank part.
+  at::Tensor project(const at::Tensor& x, size_t i) const {
+    if (wt[i].numel() == 0) return at::linear(x, w[i], bias_of(b[i]));
+    at::Tensor y = sparseattn::sparse_input_linear(x, wt[i], b[i], t[i], counts[i]);
+    if (down[i].numel() == 0) return y;
+    const at::Tensor xc = x.contiguous();
+    at::Tensor rest = at::empty_like(xc);  // the inputs the kernel dropped
+    const float* xp = xc.data_ptr<float>();
+    float* rp = rest.data_ptr<float>();
+    const float threshold = static_cast<float>(t[i]);
+    for (int64_t j = 0; j < xc.numel(); ++j) rp[j] = std::fabs(xp[j]) >= threshold ? 0.0f : xp[j];
+    return y.add_(at::matmul(at::matmul(rest, down[i]), up[i]));
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_qkv(
     const at::Tensor& h, const at::Tensor& norm_w, double eps, at::TensorList w,
     at::TensorList wt, at::TensorList b, at::ArrayRef<double> t, at::TensorList counts,
-    const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
+    at::TensorList down, at::TensorList up, const at::Tensor& cos, const at::Tensor& sin,
+    int64_t head_dim) {
   check_rows(h, "decode_qkv");
-  check_specs(w, wt, b, t, counts, 3, "decode_qkv");
+  const Specs specs{w, wt, b, t, counts, down, up};
+  specs.check(3, "decode_qkv");
   TORCH_CHECK(head_dim % 2 == 0 && head_dim <= 1024, "decode_qkv: head_dim ", head_dim,
               " must be even and at most 1024");
   const int64_t B = h.size(0);
@@ -111,9 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_qkv(
               "decode_qkv: cos and sin must be (B, 1, head_dim) or (1, 1, head_dim)");
   const int64_t row = c.numel() == head_dim ? 0 : head_dim;  // one row for all: stride 0
   const at::Tensor x = rms_norm_rows(h, norm_w, eps);
-  at::Tensor q = project(x, w, wt, b, t, counts, 0);
-  at::Tensor k = project(x, w, wt, b, t, counts, 1);
-  at::Tensor v = project(x, w, wt, b, t, counts, 2);
+  at::Tensor q = specs.project(x, 0);
+  at::Tensor k = specs.project(x, 1);
+  at::Tensor v = specs.project(x, 2);
   const int64_t Hq = q.size(1) / head_dim, Hkv = k.size(1) / head_dim;
   rope_rows(q, c.data_ptr<float>(), s.data_ptr<float>(), row, B, Hq, head_dim);
   rope_rows(k, c.data_ptr<float>(), s.data_ptr<float>(), row, B, Hkv, head_dim);
@@ -123,11 +145,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_qkv(
 
 at::Tensor decode_mlp(const at::Tensor& h, const at::Tensor& attn, const at::Tensor& norm_w,
                       double eps, at::TensorList w, at::TensorList wt, at::TensorList b,
-                      at::ArrayRef<double> t, at::TensorList counts, double cats) {
+                      at::ArrayRef<double> t, at::TensorList counts, at::TensorList down,
+                      at::TensorList up, double cats) {
   check_rows(h, "decode_mlp");
-  check_specs(w, wt, b, t, counts, 4, "decode_mlp");
+  const Specs specs{w, wt, b, t, counts, down, up};
+  specs.check(4, "decode_mlp");
   const int64_t B = h.size(0), E = h.size(2);
-  at::Tensor mid = project(attn.reshape({B, -1}), w, wt, b, t, counts, 0);  // (B, E)
+  at::Tensor mid = specs.project(attn.reshape({B, -1}), 0);  // (B, E)
   float* mp = mid.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   for (int64_t i = 0; i < B * E; ++i) mp[i] = hp[i] + mp[i];  // h' = h + o, in mid
@@ -137,10 +161,10 @@ at::Tensor decode_mlp(const at::Tensor& h, const at::Tensor& attn, const at::Ten
     const at::Tensor gate = at::silu(at::linear(x, w[1], bias_of(b[1])));
     hidden = sparseattn::sparse_output_linear(x, w[2], gate, b[2], cats, counts[2]);
   } else {
-    hidden = at::silu(project(x, w, wt, b, t, counts, 1));
-    hidden.mul_(project(x, w, wt, b, t, counts, 2));
+    hidden = at::silu(specs.project(x, 1));
+    hidden.mul_(specs.project(x, 2));
   }
-  at::Tensor out = project(hidden, w, wt, b, t, counts, 3);
+  at::Tensor out = specs.project(hidden, 3);
   float* op = out.data_ptr<float>();
   for (int64_t i = 0; i < B * E; ++i) op[i] = mp[i] + op[i];
   return out.view({B, 1, E});
@@ -151,11 +175,12 @@ at::Tensor decode_mlp(const at::Tensor& h, const at::Tensor& attn, const at::Ten
 TORCH_LIBRARY_FRAGMENT(sparseattn, m) {
   m.def(
       "decode_qkv(Tensor h, Tensor norm_w, float eps, Tensor[] w, Tensor[] wt, Tensor[] b, "
-      "float[] t, Tensor[] counts, Tensor cos, Tensor sin, int head_dim) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float[] t, Tensor[] counts, Tensor[] down, Tensor[] up, Tensor cos, Tensor sin, "
+      "int head_dim) -> (Tensor, Tensor, Tensor)");
   m.def(
       "decode_mlp(Tensor h, Tensor attn, Tensor norm_w, float eps, Tensor[] w, Tensor[] wt, "
-      "Tensor[] b, float[] t, Tensor[] counts, float cats) -> Tensor");
+      "Tensor[] b, float[] t, Tensor[] counts, Tensor[] down, Tensor[] up, float cats) "
+      "-> Tensor");
   m.impl("decode_qkv", c10::DispatchKey::CPU, &decode_qkv);
   m.impl("decode_mlp", c10::DispatchKey::CPU, &decode_mlp);
 }

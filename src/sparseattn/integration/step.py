@@ -17,8 +17,8 @@ a supported family by one function that does the same arithmetic directly:
 TEAL's and R-Sparse's stand-ins (input thresholds on weights re-laid once, R-Sparse's low-rank
 part) and CATS's MLP run inside the two calls with their own kernels and counters; other
 activations, other dtypes, or kernels that cannot be built take the same steps as Python ops
-(RMSNorm op for op, ``F.linear``, the stand-ins called as modules). Together the two calls save ~40 Python
-ops per layer (about 5-9 ms a step on SmolLM2 at 4K on the 2-core CPU).
+(RMSNorm op for op, ``F.linear``, the stand-ins called as modules). Together the two calls
+save ~40 Python ops per layer (about 5-9 ms a step on SmolLM2 at 4K on the 2-core CPU).
 
 The lean forward runs only where it is exact: one token per row, a cache whose layer is
 sparseattn's, no gradient, keyword arguments only. Anything else (prompts, other caches,

@@ -295,21 +295,15 @@ def page_decode(
     """
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     pages, g = pages.contiguous(), rows.shape[2]
-    if g <= PAGE_DECODE_ROWS:  # one call (every model with at most 16 query heads per KV head)
+
+    def run(part: torch.Tensor) -> torch.Tensor:  # (B, Hkv, <= 16, D) -> (B, Hkv, <= 16, Dv)
         return torch.ops.sparseattn.page_decode_attention(
-            rows.contiguous(), k, v, pages, page_size, tail[0], tail[1], scale
+            part.contiguous(), k, v, pages, page_size, tail[0], tail[1], scale
         )
+
+    if g <= PAGE_DECODE_ROWS:  # one call, no list (every model with <= 16 heads per KV head)
+        return run(rows)
     chunks = [
-        torch.ops.sparseattn.page_decode_attention(
-            rows[:, :, first : first + PAGE_DECODE_ROWS].contiguous(),  # (B, Hkv, <= 16, D)
-            k,
-            v,
-            pages,
-            page_size,
-            tail[0],
-            tail[1],
-            scale,
-        )
-        for first in range(0, g, PAGE_DECODE_ROWS)
+        run(rows[:, :, first : first + PAGE_DECODE_ROWS]) for first in range(0, g, PAGE_DECODE_ROWS)
     ]
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2)  # (B, Hkv, g, Dv)
+    return torch.cat(chunks, 2)  # (B, Hkv, g, Dv)

@@ -74,18 +74,18 @@ class LayerStats:
         self.calls += 1
         self.select_s += select_s
         self.attend_s += attend_s
-        host = not isinstance(computed, torch.Tensor) and not isinstance(visible, torch.Tensor)
-        if heads is not None and host:
-            entry = self.group_host.setdefault(heads[0], [0.0, 0.0, heads[1]])
-            entry[0] += float(computed)
-            entry[1] += float(visible)
+        if not isinstance(computed, torch.Tensor) and not isinstance(visible, torch.Tensor):
+            # counted on the host: no device work (a head group's, spread when read)
+            if heads is None:
+                self.host_computed += float(computed)
+                self.host_visible += float(visible)
+            else:
+                entry = self.group_host.setdefault(heads[0], [0.0, 0.0, heads[1]])
+                entry[0] += float(computed)
+                entry[1] += float(visible)
             return
         if heads is not None:
             computed, visible = (_spread(x, *heads) for x in (computed, visible))
-        if not isinstance(computed, torch.Tensor) and not isinstance(visible, torch.Tensor):
-            self.host_computed += float(computed)  # counted on the host: no device work
-            self.host_visible += float(visible)
-            return
         if not isinstance(computed, torch.Tensor):
             computed = torch.full_like(visible, float(computed) / visible.shape[0])
         computed = computed.sum(0)  # (B, H) -> (H,)

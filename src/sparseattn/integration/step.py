@@ -184,7 +184,8 @@ def _fused_args(layer: nn.Module, mlp_class: str) -> FusedArgs | None:
     qkv = (norm1.weight, eps1, *columns(specs[:3]))
     threshold = mlp.threshold if cats else -1.0
     mlp_args = (norm2.weight, eps2, *columns(specs[3:]), threshold)
-    return FusedArgs(qkv, mlp_args, tuple(switches), tuple(counters))
+    # every stand-in of one install shares its switch: check each distinct one once per call
+    return FusedArgs(qkv, mlp_args, tuple({id(s): s for s in switches}.values()), tuple(counters))
 
 
 def _fused_takes(h: torch.Tensor, embeddings: tuple, fused: FusedArgs) -> bool:

@@ -13,12 +13,15 @@ from sparseattn.activation import save_activation_profile
 from sparseattn.backends import cpp
 from sparseattn.bench.activations import activation_profile
 from sparseattn.compat import cache_kwargs, output_cache
-from sparseattn.integration.step import COUNTER, FUSED
+from sparseattn.integration import hf
+from sparseattn.integration.step import COUNTER, FUSED, LANE, DecodeSpec
 
 STEPS = 6
 
 
-def generate(model, ids, mask, lean: bool, **setting):
+def generate(model, ids, mask, lean: bool, steps: int = STEPS, **setting):
+    """Greedy tokens and scores, with the run's activation summary, dense-lane calls and
+    decode densities attached; and the lean calls."""
     with (
         torch.inference_mode(),
         sparseattn.sparse_attention(model, min_length=0, lean_decode=lean, **setting) as stats,
@@ -26,18 +29,19 @@ def generate(model, ids, mask, lean: bool, **setting):
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            max_new_tokens=STEPS,
-            min_new_tokens=STEPS,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
             do_sample=False,
             output_scores=True,
             return_dict_in_generate=True,
         )
         lean_calls = stats.counter(COUNTER) or 0
         fused_calls = stats.counter(FUSED) or 0
-        activation = None if stats.activation is None else stats.activation.summary()
+        out.activation = None if stats.activation is None else stats.activation.summary()
+        out.lane = stats.counter(LANE) or 0
+        out.density = (stats.layer_density("decode"), stats.head_density("decode"))
     # the C++ halves run every lean call where the kernels are built (float32 on the CPU)
     assert fused_calls == (lean_calls if cpp.enabled() and cpp.available() else 0)
-    out.activation = activation
     return out, lean_calls
 
 
@@ -69,6 +73,39 @@ def test_lean_step_equals_transformers_own_generate():
     lean, calls = generate(model, ids, mask, lean=True)
     assert calls > 0
     assert torch.equal(own, lean.sequences)
+
+
+@pytest.mark.skipif(not cpp.available(), reason="the C++ kernels could not be built here")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_dense_lane_equals_the_general_path(family, monkeypatch):
+    """Dense decode of an unpadded batch takes the lane on every lean call of a full-attention
+    layer (windowed layers hold a ring: the general path); tokens, scores and the decode stats
+    are the general path's. With padding the lane is never taken."""
+    model = make_model(family)
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4)
+    )
+    mask = torch.ones_like(ids)
+    steps = 12  # 16 + 12 keys: past the tiny models' window of 24
+    lane, lean_calls = generate(model, ids, mask, lean=True, steps=steps)
+    monkeypatch.setattr(hf, "lean_dense_attention", lambda *args: None)
+    general, lean_again = generate(model, ids, mask, lean=True, steps=steps)
+    assert_same(lane, general)
+    assert lane.density == general.density
+    assert general.lane == 0
+    assert lean_calls == lean_again == (steps - 1) * model.config.num_hidden_layers
+    # windowed layers keep a ring of slots (a RingLayer): they take the general path
+    if family == "llama":
+        full = model.config.num_hidden_layers
+    elif family == "qwen2":
+        full = model.config.layer_types.count("full_attention")  # 1 of 2
+    else:
+        full = 0  # Mistral: every layer windowed
+    assert lane.lane == (steps - 1) * full
+    monkeypatch.undo()
+    ids, mask = left_padded_batch([30, 21], seed=3)
+    padded, padded_lean = generate(model, ids, mask, lean=True, steps=4)
+    assert padded.lane == 0 and padded_lean > 0
 
 
 def test_gemma3_layers_keep_their_forward():
@@ -170,10 +207,9 @@ def test_decode_halves_equal_the_ops_they_fuse(bias):
     w = [rand(Hq * D, E), rand(Hkv * D, E), rand(Hkv * D, E)]
     b = [rand(m.shape[0]) if bias else torch.empty(0) for m in w]
     cos, sin = rand(B, 1, D), rand(B, 1, D)
-    empty, zeros = [torch.empty(0)] * 3, [0.0] * 3
-    q, k, v = torch.ops.sparseattn.decode_qkv(
-        h, n1, 1e-5, w, empty, b, zeros, empty, empty, empty, cos, sin, D
-    )
+    empty = torch.empty(0)
+    qkv = DecodeSpec(n1, 1e-5, [(w[i], empty, b[i], 0.0, empty, empty, empty) for i in range(3)])
+    q, k, v = torch.ops.sparseattn.decode_qkv(h, qkv.id, cos, sin, D)
     x = norm(h, n1)
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     expect = [lin(x, w[i], b[i]).view(B, 1, -1, D).transpose(1, 2) for i in range(3)]
@@ -184,14 +220,51 @@ def test_decode_halves_equal_the_ops_they_fuse(bias):
     attn = rand(B, Hq, 1, D).transpose(1, 2)  # (B, 1, Hq, D), strided as attention returns it
     m = [rand(E, Hq * D), rand(I, E), rand(I, E), rand(E, I)]
     mb = [rand(E) if bias else torch.empty(0)] + [torch.empty(0)] * 3
-    none = [torch.empty(0)] * 4  # re-laid weights, counts, low-rank factors: none (dense)
-    out = torch.ops.sparseattn.decode_mlp(
-        h, attn, n2, 1e-5, m, none, mb, [0.0] * 4, none, none, none, -1.0
-    )
+    # re-laid weights, counts, low-rank factors: none (dense)
+    mlp = DecodeSpec(n2, 1e-5, [(m[i], empty, mb[i], 0.0, empty, empty, empty) for i in range(4)])
+    out = torch.ops.sparseattn.decode_mlp(h, attn, mlp.id)
     mid = h + lin(attn.reshape(B, 1, -1), m[0], mb[0])
     x = norm(mid, n2)
     expect = mid + (torch.nn.functional.silu(x @ m[1].T) * (x @ m[2].T)) @ m[3].T
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpp.available(), reason="the C++ kernels could not be built here")
+def test_a_spec_is_let_go_of_with_its_object_and_misuse_is_named():
+    """The registry entry lives as long as its DecodeSpec; a freed or wrong-sized spec is an
+    error that names the number, not a read of freed weights."""
+    import gc
+
+    E, D = 8, 4
+    empty = torch.empty(0)
+    weights = [torch.randn(E, E) for _ in range(3)]
+    spec = DecodeSpec(
+        torch.ones(E), 1e-6, [(w, empty, empty, 0.0, empty, empty, empty) for w in weights]
+    )
+    h, cos, sin = torch.randn(1, 1, E), torch.ones(1, 1, D), torch.zeros(1, 1, D)
+    q, _, _ = torch.ops.sparseattn.decode_qkv(h, spec.id, cos, sin, D)
+    x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(q.reshape(1, E), (x @ weights[0].T).reshape(1, E))  # cos 1, sin 0
+    with pytest.raises(RuntimeError, match="has 3 linear layers, expected 4"):
+        torch.ops.sparseattn.decode_mlp(h, torch.randn(1, 1, 2, D), spec.id)
+    number = spec.id
+    del spec
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"no weights registered as {number}"):
+        torch.ops.sparseattn.decode_qkv(h, number, cos, sin, D)
+    with pytest.raises(RuntimeError, match="expected 3 entries in every per-layer list"):
+        torch.ops.sparseattn.decode_spec(
+            torch.ones(E),
+            1e-6,
+            weights,
+            [empty] * 2,
+            [empty] * 3,
+            [0.0] * 3,
+            [empty] * 3,
+            [empty] * 3,
+            [empty] * 3,
+            -1.0,
+        )
 
 
 def test_leaving_the_block_restores_every_layer():

@@ -42,7 +42,9 @@ OPS = (
     "page_decode_attention",
     "sparse_input_linear",  # activation sparsity (sparse_linear.py)
     "sparse_output_linear",
-    "decode_qkv",  # the lean decode step's halves (integration/step.py)
+    "decode_spec",  # the lean decode step's halves (integration/step.py)
+    "decode_spec_free",
+    "decode_qkv",
     "decode_mlp",
 )
 # -fopenmp: at::parallel_for is a header template whose OpenMP branch compiles only with it;

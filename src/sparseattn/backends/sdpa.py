@@ -63,6 +63,17 @@ def _no_pages(batch: int, kv_heads: int) -> torch.Tensor:
     return pages
 
 
+def kernel_decode(
+    rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Every held slot visible to every query row: (B, Hkv, g, D) -> (B, Hkv, g, Dv) with the C++
+    decode kernel over all slots as its tail (call ``cpp.runs_on`` / ``cpp.available`` first).
+    It splits over the keys across threads (SDPA splits over KV heads only: 3 of them on 2 cores
+    leave one idle)."""
+    none = _no_pages(rows.shape[0], rows.shape[1])
+    return cpp.page_decode(rows, k, v, none, DENSE_BLOCK, (0, k.shape[2]), scaling)
+
+
 def dense_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, all_visible: bool
 ) -> torch.Tensor:
@@ -79,10 +90,7 @@ def dense_decode(
     rows = q.view(B, ctx.num_kv_heads, ctx.groups, D)  # (B, Hkv, g, D)
     plain = all_visible and ctx.softcap is None and ctx.key_bias is None
     if plain and cpp.runs_on(q) and cpp.available():
-        # the C++ decode kernel over every held slot as its tail: split over the keys across
-        # threads (SDPA splits over KV heads only: 3 of them on 2 cores leave one idle)
-        none = _no_pages(B, ctx.num_kv_heads)
-        out = cpp.page_decode(rows, k, v, none, DENSE_BLOCK, (0, k.shape[2]), ctx.scaling)
+        out = kernel_decode(rows, k, v, ctx.scaling)
         return out.reshape(B, Hq, 1, -1).transpose(1, 2)
     mask = None if all_visible else decode_key_mask(ctx)
     out = attend_rows(rows, k, v, with_key_bias(mask, ctx), ctx)  # (B, Hkv, g, Dv)

@@ -27,6 +27,7 @@ from ..methods.base import Method
 from ..methods.eviction import EvictionPolicy
 from ..registry import build_method, build_policy
 from ..types import Phase
+from .decode import dense_lane
 from .execute import CallInput, run_layer
 from .options import HookOptions
 from .plan import SparsePlan
@@ -206,6 +207,22 @@ def sparse_attention_forward(
         softcap=softcap,
     )
     return run_layer(plan, call).contiguous(), None
+
+
+def lean_dense_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layer: Any,
+    sliding_window: int | None,
+) -> torch.Tensor | None:
+    """The lean decode step's shortcut for the plain dense case (``decode.dense_lane``):
+    (B, 1, Hq, Dv), or None where ``sparse_attention_forward`` must run."""
+    plan = _plan_of(module)
+    return dense_lane(
+        plan, module.layer_idx, query, key, value, layer, sliding_window, module.scaling
+    )
 
 
 AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
@@ -441,7 +458,12 @@ def sparse_attention(
             installed = install_activation(model, decoder, sparse_act)
             stats.activation = installed.stats
         if options.lean_decode:
-            lean = install_lean(_decoder_layers(model), sparse_attention_forward, stats.counters)
+            lean = install_lean(
+                _decoder_layers(model),
+                sparse_attention_forward,
+                stats.counters,
+                lean_dense_attention,
+            )
         for config in configs:
             config._attn_implementation = IMPLEMENTATION
         yield stats

@@ -30,6 +30,7 @@ layers (extra norms, q/k norms, scaled embeddings) keep their own forward.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from ..cache import HeadGroupsLayer, KVLayer
 
 COUNTER = "lean_decode_layers"
 FUSED = "fused_decode_layers"  # lean calls that ran the C++ halves
+LANE = "dense_lane_layers"  # lean calls whose attention took the plain dense shortcut
 
 
 def _no_window(attention: nn.Module) -> int | None:
@@ -98,16 +100,36 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class DecodeSpec:
+    """One half's weights registered with the C++ halves (``decode_spec``), named by the
+    integer each step passes instead of the ~25 tensors (a Python list of tensors costs ~15 us
+    a call to hand to an op). The registry holds references to the module's own tensors (no
+    copies); the entry is let go of when this object is collected.
+
+    Args:
+        norm_weight, eps: The half's RMSNorm.
+        specs: Per linear layer (weight, re-laid weight, bias, threshold, counts, low-rank
+            down, low-rank up), empty tensors where absent.
+        cats: CATS's threshold on |silu(gate)| (the MLP half), or -1.
+    """
+
+    def __init__(
+        self, norm_weight: torch.Tensor, eps: float, specs: list[tuple], cats: float = -1.0
+    ) -> None:
+        columns = [list(column) for column in zip(*specs)]
+        self.id = int(torch.ops.sparseattn.decode_spec(norm_weight, eps, *columns, cats))
+        done = weakref.finalize(self, torch.ops.sparseattn.decode_spec_free, self.id)
+        done.atexit = False  # at exit the whole registry goes with the library
+
+
 @dataclass(frozen=True)
 class FusedArgs:
-    """A layer's weights as the C++ halves take them (``decode_qkv`` / ``decode_mlp``): per
-    linear layer its weight, its weight re-laid out for input sparsity (empty: dense), bias
-    (empty: none), threshold, counters and R-Sparse's low-rank factors (empty: none), each a
-    list over the half's linear layers; activation stand-ins' decode switches and counters
-    (their ``calls`` go up by one per fused call, as when they run as modules)."""
+    """A layer's weights as the C++ halves take them (``decode_qkv`` / ``decode_mlp``), and the
+    activation stand-ins' decode switches and counters (their ``calls`` go up by one per fused
+    call, as when they run as modules)."""
 
-    qkv: tuple  # norm weight, eps, then the seven per-linear lists (q, k, v)
-    mlp: tuple  # norm weight, eps, the seven lists (o, gate, up, down), CATS's threshold or -1
+    qkv: DecodeSpec  # input norm; q, k, v
+    mlp: DecodeSpec  # post-attention norm; o, gate, up, down; CATS's threshold or -1
     switches: tuple  # the stand-ins' DecodeSwitch objects (all must say decoding)
     counters: tuple  # the stand-ins' SiteCounter objects
 
@@ -177,15 +199,11 @@ def _fused_args(layer: nn.Module, mlp_class: str) -> FusedArgs | None:
     if not (cpp.enabled() and cpp.available()):
         return None
     eps1, eps2 = (float(getattr(n, "variance_epsilon", None) or n.eps) for n in (norm1, norm2))
-
-    def columns(part: list[tuple]) -> tuple:
-        return tuple(list(column) for column in zip(*part))
-
-    qkv = (norm1.weight, eps1, *columns(specs[:3]))
-    threshold = mlp.threshold if cats else -1.0
-    mlp_args = (norm2.weight, eps2, *columns(specs[3:]), threshold)
+    qkv = DecodeSpec(norm1.weight, eps1, specs[:3])
+    mlp_spec = DecodeSpec(norm2.weight, eps2, specs[3:], mlp.threshold if cats else -1.0)
     # every stand-in of one install shares its switch: check each distinct one once per call
-    return FusedArgs(qkv, mlp_args, tuple({id(s): s for s in switches}.values()), tuple(counters))
+    switches = tuple({id(s): s for s in switches}.values())
+    return FusedArgs(qkv, mlp_spec, switches, tuple(counters))
 
 
 def _fused_takes(h: torch.Tensor, embeddings: tuple, fused: FusedArgs) -> bool:
@@ -209,6 +227,8 @@ class LeanLayer:
     window: Callable[[nn.Module], int | None]
     mlp_class: str
     counters: dict[str, Any]  # the run's counters: ``lean_decode_layers`` counts lean calls
+    # the hook's shortcut for plain dense decode (None: always the attention function)
+    lane: Callable[..., torch.Tensor | None] | None = None
     _fused: FusedArgs | None = None
     _seen: tuple[nn.Module, ...] | None = None  # the modules ``_fused`` was built for
 
@@ -251,7 +271,7 @@ class LeanLayer:
             self.counters[FUSED] = self.counters.get(FUSED, 0) + 1
             for counter in fused.counters:
                 counter.calls += 1
-            q, k, v = torch.ops.sparseattn.decode_qkv(h, *fused.qkv, *embeddings, D)
+            q, k, v = torch.ops.sparseattn.decode_qkv(h, fused.qkv.id, *embeddings, D)
         else:
             x = _rms_norm(h, layer.input_layernorm)
             q = _project(x, attention.q_proj).view(B, 1, -1, D).transpose(1, 2)
@@ -262,18 +282,25 @@ class LeanLayer:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
         k, v = cache.update(k, v, attention.layer_idx)
-        out, _ = self.attention_fn(
-            attention,
-            q,
-            k,
-            v,
-            kwargs.get("attention_mask"),
-            dropout=0.0,
-            scaling=attention.scaling,
-            sliding_window=self.window(attention),
-        )
+        out = None
+        if self.lane is not None:
+            layer_kv = _layer_of(cache, attention.layer_idx)
+            out = self.lane(attention, q, k, v, layer_kv, self.window(attention))
+            if out is not None:
+                self.counters[LANE] = self.counters.get(LANE, 0) + 1
+        if out is None:
+            out, _ = self.attention_fn(
+                attention,
+                q,
+                k,
+                v,
+                kwargs.get("attention_mask"),
+                dropout=0.0,
+                scaling=attention.scaling,
+                sliding_window=self.window(attention),
+            )
         if fused is not None:
-            return torch.ops.sparseattn.decode_mlp(h, out, *fused.mlp)
+            return torch.ops.sparseattn.decode_mlp(h, out, fused.mlp.id)
         h = h + _project(out.reshape(B, 1, -1), attention.o_proj)
         x = _rms_norm(h, layer.post_attention_layernorm)
         mlp = layer.mlp
@@ -301,15 +328,21 @@ class LeanInstall:
 
 
 def install_lean(
-    layers: list[nn.Module], attention_fn: Callable[..., Any], counters: dict[str, Any]
+    layers: list[nn.Module],
+    attention_fn: Callable[..., Any],
+    counters: dict[str, Any],
+    lane: Callable[..., torch.Tensor | None] | None = None,
 ) -> LeanInstall:
     """Give every supported layer of ``layers`` the lean decode forward (others unchanged);
-    each lean call adds one to ``counters["lean_decode_layers"]``."""
+    each lean call adds one to ``counters["lean_decode_layers"]``. ``lane(attention, q, k, v,
+    cache_layer, window)`` may answer a call's attention first (None: ``attention_fn`` runs)."""
     done: list[nn.Module] = []
     for layer in layers:
         if not supports(layer) or "forward" in layer.__dict__:
             continue
         mlp_class, window = FAMILIES[type(layer).__name__]
-        layer.forward = LeanLayer(layer, layer.forward, attention_fn, window, mlp_class, counters)
+        layer.forward = LeanLayer(
+            layer, layer.forward, attention_fn, window, mlp_class, counters, lane
+        )
         done.append(layer)
     return LeanInstall(done)

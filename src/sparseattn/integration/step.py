@@ -11,8 +11,13 @@ a supported family by one function that does the same arithmetic directly:
 - ``decode_qkv`` (C++, ``backends/csrc/decode_step.cpp``): RMSNorm, the q/k/v projections on
   the modules' own weights (no copies: the model's memory stays what it was), RoPE;
 - the cache write through the same ``update`` and the attention through the same registered
-  function, in Python (so every decode method and eviction policy runs unchanged);
+  function, in Python (so every decode method and eviction policy runs unchanged); plain dense
+  decode (no eviction, a plain cache layer, every key visible) takes the hook's shortcut
+  (``decode.dense_lane``: the same kernel call and stats without the general path's context);
 - ``decode_mlp`` (C++): o projection, residual, RMSNorm, the SiLU-gated MLP, residual.
+
+Each half's weights are registered with the C++ side once (``DecodeSpec``) and named by a
+number per call.
 
 TEAL's and R-Sparse's stand-ins (input thresholds on weights re-laid once, R-Sparse's low-rank
 part) and CATS's MLP run inside the two calls with their own kernels and counters; other

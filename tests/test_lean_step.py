@@ -40,6 +40,7 @@ def generate(model, ids, mask, lean: bool, steps: int = STEPS, **setting):
         out.activation = None if stats.activation is None else stats.activation.summary()
         out.lane = stats.counter(LANE) or 0
         out.density = (stats.layer_density("decode"), stats.head_density("decode"))
+        out.seconds = stats.seconds("decode")
     # the C++ halves run every lean call where the kernels are built (float32 on the CPU)
     assert fused_calls == (lean_calls if cpp.enabled() and cpp.available() else 0)
     return out, lean_calls
@@ -106,6 +107,10 @@ def test_dense_lane_equals_the_general_path(family, monkeypatch):
     ids, mask = left_padded_batch([30, 21], seed=3)
     padded, padded_lean = generate(model, ids, mask, lean=True, steps=4)
     assert padded.lane == 0 and padded_lean > 0
+    if family == "llama":  # timing=True: the lane times its attention as the general path does
+        timed_run, _ = generate(model, ids[:, -16:], mask[:, -16:], lean=True, steps=4, timing=True)
+        assert timed_run.lane > 0 and timed_run.seconds["attend_s"] > 0
+        assert lane.seconds == {"select_s": 0.0, "attend_s": 0.0}
 
 
 def test_gemma3_layers_keep_their_forward():

@@ -249,6 +249,7 @@ class LeanLayer:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         embeddings = kwargs.get("position_embeddings")
         attention = self.layer.self_attn
+        held = None if cache is None else _layer_of(cache, attention.layer_idx)
         lean = (
             not args
             and hidden_states.shape[1] == 1
@@ -256,16 +257,18 @@ class LeanLayer:
             and cache is not None
             and not torch.is_grad_enabled()
             and not self.layer.training
-            and isinstance(_layer_of(cache, attention.layer_idx), (KVLayer, HeadGroupsLayer))
+            and isinstance(held, (KVLayer, HeadGroupsLayer))
         )
         if not lean:
             return self.original(hidden_states, *args, **kwargs)
         self.counters[COUNTER] = self.counters.get(COUNTER, 0) + 1
-        return self._forward(hidden_states, cache, embeddings, kwargs)
+        return self._forward(hidden_states, cache, held, embeddings, kwargs)
 
     def _forward(
-        self, h: torch.Tensor, cache: Any, embeddings: tuple, kwargs: dict
+        self, h: torch.Tensor, cache: Any, held: Any, embeddings: tuple, kwargs: dict
     ) -> torch.Tensor:
+        """The layer's one-token forward; ``held`` is the cache's layer for it (updated in
+        place by ``cache.update``)."""
         layer, attention = self.layer, self.layer.self_attn
         B = h.shape[0]
         D = attention.head_dim
@@ -289,8 +292,7 @@ class LeanLayer:
         k, v = cache.update(k, v, attention.layer_idx)
         out = None
         if self.lane is not None:
-            layer_kv = _layer_of(cache, attention.layer_idx)
-            out = self.lane(attention, q, k, v, layer_kv, self.window(attention))
+            out = self.lane(attention, q, k, v, held, self.window(attention))
             if out is not None:
                 self.counters[LANE] = self.counters.get(LANE, 0) + 1
         if out is None:
